@@ -1,0 +1,30 @@
+"""The job: python -m jobs.run [Hydra overrides], e.g. model=opt125m data.limit=100 engine.batch_size=32."""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from splitwiser.config import UserError, register_configs, to_job_config
+from splitwiser.job import run
+
+log = logging.getLogger("splitwiser")
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        manifest = run(to_job_config(cfg))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    last = manifest["runs"][-1]
+    log.info("done: %d rows ok, %d failed, %d generated this run at %s tokens/s; wrote %s",
+             manifest["rows"]["ok"], manifest["rows"]["failed"], last["rows_generated"],
+             last["generated_tokens_per_s"], manifest["config"]["output"]["dir"])
+
+
+if __name__ == "__main__":
+    main()

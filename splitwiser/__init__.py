@@ -1,0 +1,1 @@
+"""Splitwiser: batch offline LLM inference over a dataset, written to Parquet."""

