@@ -40,6 +40,8 @@ def read_dataset(cfg: DataConfig) -> Dataset:
             ds = load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:  # a user's file that the reader rejects: say why, in one line
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "corresponds to no data" in reason:  # what datasets says of a file with a header only
+                raise UserError(f"data.path={cfg.path}: the dataset has no rows") from None
             raise UserError(f"data.path={cfg.path}: cannot be read as {builder}: {reason}") from None
     if len(ds) == 0:
         raise UserError(f"data.path={cfg.path}: the dataset has no rows")

@@ -1,0 +1,134 @@
+"""End to end on the real default model: rows add up, schemas, greedy equality, resume."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import torch
+
+from conftest import ROOT, job_config, sample_rows, write_csv
+from splitwiser.job import run
+from splitwiser.output import ERROR_SCHEMA, GENERATION_SCHEMA, TIMING_SCHEMA
+
+
+def read(out, name):
+    return pq.read_table(out / name)
+
+
+def test_rows_add_up_and_files_have_their_schemas(tmp_path, messy_csv):
+    out = tmp_path / "out"
+    manifest = run(job_config(f"data.path={messy_csv}", f"output.dir={out}", "engine.max_new_tokens=8",
+                              "engine.batch_size=4"))
+    generations, timing, errors = (read(out, n) for n in ("generations.parquet", "timing.parquet", "errors.parquet"))
+    assert generations.schema.equals(GENERATION_SCHEMA)
+    assert timing.schema.equals(TIMING_SCHEMA)
+    assert errors.schema.equals(ERROR_SCHEMA)
+    assert generations.num_rows == 6 and errors.num_rows == 4
+    assert sorted(generations["id"].to_pylist()) == sorted(timing["id"].to_pylist())
+    reasons = dict(zip(errors["id"].to_pylist(), errors["error"].to_pylist()))
+    assert reasons["RAD-00001"].startswith("duplicate id")
+    assert reasons["row:7"] == "missing id"
+    assert reasons["EMPTY-1"] == reasons["BLANK-1"] == "empty or missing findings"
+
+    rows = generations.to_pylist()
+    assert all(r["generation"] and 1 <= r["generated_tokens"] <= 8 for r in rows)
+    assert all(r["finish_reason"] in ("stop", "length") for r in rows)
+    assert all(r["generated_tokens"] == len(r["output_token_ids"]) for r in rows)
+    assert all(r["reference"] for r in rows)
+    for t in timing.to_pylist():
+        assert 0 < t["enqueue_ms"] <= t["prefill_start_ms"] < t["first_token_ms"] <= t["finish_ms"]
+
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest, default=str))
+    assert on_disk["rows"] == {"input": 10, "ok": 6, "failed": 4}
+    assert on_disk["runs"][0]["generated_tokens"] == sum(r["generated_tokens"] for r in rows)
+    assert on_disk["environment"]["device"] == "cpu" and on_disk["weights"] == "pretrained"
+    assert not list((out / "parts").iterdir())
+
+
+def test_outputs_equal_plain_generate_token_for_token(tmp_path, default_model):
+    """Batched, padded, length-sorted generation gives what generate() gives each prompt alone."""
+    out = tmp_path / "out"
+    run(job_config("data.limit=8", f"output.dir={out}", "engine.max_new_tokens=20", "engine.batch_size=3"))
+    model, tokenizer = default_model.model, default_model.tokenizer
+    for row in read(out, "generations.parquet").to_pylist():
+        ids = tokenizer(row["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
+        assert ids.shape[1] == row["prompt_tokens"]
+        with torch.inference_mode():
+            expected = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+        assert row["output_token_ids"] == expected, row["id"]
+        assert row["finish_reason"] == ("stop" if expected[-1] == tokenizer.eos_token_id else "length")
+
+
+def test_rerun_resumes_without_redoing_or_duplicating(tmp_path):
+    out = tmp_path / "out"
+    data = write_csv(tmp_path / "d.csv", sample_rows(7))
+    common = [f"data.path={data}", f"output.dir={out}", "engine.max_new_tokens=4"]
+    run(job_config(*common, "data.limit=3"))
+    first = {r["id"]: r for r in read(out, "timing.parquet").to_pylist()}
+    manifest = run(job_config(*common))
+    timing = {r["id"]: r for r in read(out, "timing.parquet").to_pylist()}
+    assert len(timing) == 7 and read(out, "generations.parquet").num_rows == 7
+    assert all(timing[i] == first[i] for i in first)  # the first run's rows were not redone
+    assert {timing[i]["run"] for i in timing if i not in first} == {1}
+    assert [r["rows_generated"] for r in manifest["runs"]] == [3, 4]
+    assert manifest["runs"][1]["rows_skipped_done"] == 3
+    # A third run has nothing left to do.
+    assert run(job_config(*common))["runs"][2]["rows_generated"] == 0
+
+
+def test_killed_job_resumes_from_its_finished_batches(tmp_path):
+    """SIGKILL a real job mid-way: its finished batches survive, the rerun completes every row once."""
+    out = tmp_path / "out"
+    data = write_csv(tmp_path / "d.csv", sample_rows(12))
+    args = [f"data.path={data}", f"output.dir={out}", "engine.batch_size=2", "engine.max_new_tokens=24"]
+    job = subprocess.Popen([sys.executable, "-m", "jobs.run", *args], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list((out / "parts").glob("*.parquet"))) < 2 and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    survived = len(list((out / "parts").glob("*.parquet")))
+    assert 2 <= survived < 6, "the job should have been killed part-way"
+    assert not (out / "generations.parquet").exists()
+
+    manifest = run(job_config(*args))
+    generations = read(out, "generations.parquet")
+    assert sorted(generations["id"].to_pylist()) == sorted(r["id"] for r in sample_rows(12))
+    assert manifest["runs"][-1]["rows_skipped_done"] == 2 * survived
+    assert manifest["rows"] == {"input": 12, "ok": 12, "failed": 0}
+
+
+def test_random_weights_with_ignore_eos_generate_fixed_lengths(tmp_path):
+    out = tmp_path / "out"
+    manifest = run(job_config("data.limit=4", f"output.dir={out}", "model.weights=random",
+                              "engine.ignore_eos=true", "engine.max_new_tokens=6"))
+    rows = read(out, "generations.parquet").to_pylist()
+    assert [r["generated_tokens"] for r in rows] == [6] * 4
+    assert {r["finish_reason"] for r in rows} == {"length"}
+    assert manifest["weights"] == "random"
+
+
+def test_opt_architecture_offline_with_random_weights(tmp_path, default_model):
+    """model=opt125m offline: OPT's default config (= opt-125m) and a tokenizer given by path."""
+    out = tmp_path / "out"
+    manifest = run(job_config("model=opt125m", "model.weights=random", f"model.tokenizer={default_model.source}",
+                              "data.limit=2", f"output.dir={out}", "engine.max_new_tokens=3", "engine.ignore_eos=true",
+                              "prompt.style=plain"))
+    assert manifest["rows"]["ok"] == 2
+    prompts = read(out, "generations.parquet")["prompt"].to_pylist()
+    assert all(p.startswith("### findings: ") and p.endswith("### impressions:") for p in prompts)
+
+
+def test_cli_runs_the_default_job_and_reports(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "jobs.run", "data.limit=2", "engine.max_new_tokens=4",
+                             f"output.dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "done: 2 rows ok, 0 failed" in result.stderr
+    assert "2/2" in result.stderr  # the progress bar
+    assert (out / "generations.parquet").exists()
