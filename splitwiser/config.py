@@ -84,13 +84,18 @@ class PromptConfig:
 
 @dataclass
 class EngineConfig:
-    batch_size: int = 16
+    # continuous: KV slots + continuous batching + CUDA graphs; generate: transformers' generate.
+    kind: str = "continuous"
+    batch_size: int = 16  # continuous: KV slots (the running batch); generate: requests per batch
     max_new_tokens: int = 64
     ignore_eos: bool = False  # always generate max_new_tokens (fixed-length timing runs)
+    prefill_tokens: int = 8192  # continuous: padded prompt tokens per prefill forward
+    cuda_graphs: bool = True  # continuous on CUDA: replay the decode step as a CUDA graph
     shard_rows: int = 256  # rows per Arrow shard: the unit of work handed to a worker
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_new_tokens", "shard_rows"):
+        _check_choice("engine.kind", self.kind, ("continuous", "generate"))
+        for name in ("batch_size", "max_new_tokens", "prefill_tokens", "shard_rows"):
             _check_positive(f"engine.{name}", getattr(self, name))
 
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from splitwiser.config import JobConfig, to_plain_dict
 from splitwiser.data import load_unit, prepare_requests, read_dataset, write_shards
-from splitwiser.engine import Engine
+from splitwiser.engine import Generation, make_engine
 from splitwiser.models import LoadedModel, load_model
 from splitwiser.output import OutputDir
 
@@ -54,33 +54,40 @@ class Progress:
         self.bar.close()
 
 
-def generate_units(engine: Engine, shards: Path, units: list[int], unit_count: int, out: OutputDir,
-                   worker: int, run_index: int, job_start_ns: int, progress) -> int:
-    """Generates every request in the given work units, one part file per batch; returns tokens generated."""
-    tokenizer, batch_size = engine.tokenizer, engine.cfg.batch_size
-    batches_per_unit = -(-engine.cfg.shard_rows // batch_size)
-    generated = 0
-    for unit in units:
-        requests = load_unit(shards, unit_count, unit)
-        for start in range(0, len(requests), batch_size):
-            batch = requests[start:start + batch_size]
-            enqueue_ns = time.perf_counter_ns()
-            results = engine.generate(batch["input_ids"])
-            texts = tokenizer.batch_decode([r.token_ids for r in results], skip_special_tokens=True)
-            ms = lambda ns: (ns - job_start_ns) / 1e6  # noqa: E731 (times relative to the run's start)
-            rows = [{
-                "id": batch["id"][i], "reference": batch.get("reference", [None] * len(results))[i],
-                "prompt": batch["prompt"][i], "generation": texts[i].strip(),
-                "prompt_tokens": batch["prompt_tokens"][i], "generated_tokens": len(r.token_ids),
-                "output_token_ids": r.token_ids, "finish_reason": r.finish_reason,
-                "worker": worker, "batch": unit * batches_per_unit + start // batch_size, "run": run_index,
-                "batch_size": len(results), "enqueue_ms": ms(enqueue_ns), "prefill_start_ms": ms(r.prefill_start_ns),
-                "first_token_ms": ms(r.first_token_ns), "finish_ms": ms(r.finish_ns),
-            } for i, r in enumerate(results)]
-            out.write_part(rows)
-            tokens = sum(len(r.token_ids) for r in results)
-            generated += tokens
-            progress(len(results), tokens)
+def generate_units(engine, shards: Path, units: list[int], unit_count: int, out: OutputDir,
+                   worker: int, run_index: int, job_start_ns: int, progress: Progress) -> int:
+    """Streams the requests of the given work units through the engine, writing a part file every
+    engine.batch_size finished rows; returns the number of tokens generated."""
+    pending: dict[int, dict] = {}  # requests handed to the engine, by their index in the stream
+
+    def prompts():
+        requests = (row for unit in units for row in load_unit(shards, unit_count, unit))
+        for index, row in enumerate(requests):
+            pending[index] = row
+            yield row["input_ids"]
+
+    def flush(finished: list[tuple[dict, Generation]]) -> None:
+        texts = engine.tokenizer.batch_decode([g.token_ids for _, g in finished], skip_special_tokens=True)
+        ms = lambda ns: (ns - job_start_ns) / 1e6  # noqa: E731 (times relative to the run's start)
+        out.write_part([{
+            "id": row["id"], "reference": row.get("reference"), "prompt": row["prompt"], "generation": text.strip(),
+            "prompt_tokens": row["prompt_tokens"], "generated_tokens": len(g.token_ids),
+            "output_token_ids": g.token_ids, "finish_reason": g.finish_reason, "worker": worker, "batch": g.batch,
+            "run": run_index, "batch_size": g.batch_size, "enqueue_ms": ms(g.enqueue_ns),
+            "prefill_start_ms": ms(g.prefill_start_ns), "first_token_ms": ms(g.first_token_ns),
+            "finish_ms": ms(g.finish_ns),
+        } for (row, g), text in zip(finished, texts)])
+        progress(len(finished), sum(len(g.token_ids) for _, g in finished))
+
+    finished, generated = [], 0
+    for index, generation in engine.run(prompts()):
+        finished.append((pending.pop(index), generation))
+        generated += len(generation.token_ids)
+        if len(finished) >= engine.cfg.batch_size:
+            flush(finished)
+            finished = []
+    if finished:
+        flush(finished)
     return generated
 
 
@@ -116,7 +123,7 @@ def run(job: JobConfig) -> dict:
 
     previous = out.previous_manifest() or {}
     runs = previous.get("runs", [])
-    engine = Engine(loaded, job.engine)
+    engine = make_engine(loaded, job.engine, max(requests["prompt_tokens"], default=1))
     generate_start = time.perf_counter()
     with Progress(len(requests), job.output.progress) as progress:
         generated = generate_units(engine, shards, list(range(unit_count)), unit_count, out,

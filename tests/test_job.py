@@ -7,6 +7,7 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from conftest import ROOT, job_config, sample_rows, write_csv
@@ -49,18 +50,34 @@ def test_rows_add_up_and_files_have_their_schemas(tmp_path, messy_csv):
     assert not list((out / "parts").iterdir())
 
 
-def test_outputs_equal_plain_generate_token_for_token(tmp_path, default_model):
-    """Batched, padded, length-sorted generation gives what generate() gives each prompt alone."""
+@pytest.mark.parametrize("engine", ["engine.kind=continuous engine.batch_size=3 engine.prefill_tokens=300",
+                                    "engine.kind=continuous engine.batch_size=16",
+                                    "engine.kind=generate engine.batch_size=3"])
+def test_outputs_equal_plain_generate_token_for_token(tmp_path, default_model, engine):
+    """Whatever the engine and batch size (slots reused, several prefill groups, padding), each
+    row's tokens are what generate() gives its prompt alone."""
     out = tmp_path / "out"
-    run(job_config("data.limit=8", f"output.dir={out}", "engine.max_new_tokens=20", "engine.batch_size=3"))
+    run(job_config("data.limit=8", f"output.dir={out}", "engine.max_new_tokens=20", *engine.split()))
     model, tokenizer = default_model.model, default_model.tokenizer
-    for row in read(out, "generations.parquet").to_pylist():
+    rows = read(out, "generations.parquet").to_pylist()
+    assert len(rows) == 8
+    for row in rows:
         ids = tokenizer(row["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
         assert ids.shape[1] == row["prompt_tokens"]
+        assert row["output_token_ids"] == reference_generation(model, ids, 20), row["id"]
+        assert row["finish_reason"] == ("stop" if row["output_token_ids"][-1] == tokenizer.eos_token_id else "length")
+
+
+_references: dict = {}
+
+
+def reference_generation(model, ids, max_new_tokens):
+    key = (id(model), tuple(ids[0].tolist()), max_new_tokens)
+    if key not in _references:
         with torch.inference_mode():
-            expected = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
-        assert row["output_token_ids"] == expected, row["id"]
-        assert row["finish_reason"] == ("stop" if expected[-1] == tokenizer.eos_token_id else "length")
+            output = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        _references[key] = output[0, ids.shape[1]:].tolist()
+    return _references[key]
 
 
 def test_rerun_resumes_without_redoing_or_duplicating(tmp_path):
@@ -114,14 +131,19 @@ def test_random_weights_with_ignore_eos_generate_fixed_lengths(tmp_path):
 
 
 def test_opt_architecture_offline_with_random_weights(tmp_path, default_model):
-    """model=opt125m offline: OPT's default config (= opt-125m) and a tokenizer given by path."""
-    out = tmp_path / "out"
-    manifest = run(job_config("model=opt125m", "model.weights=random", f"model.tokenizer={default_model.source}",
-                              "data.limit=2", f"output.dir={out}", "engine.max_new_tokens=3", "engine.ignore_eos=true",
-                              "prompt.style=plain"))
-    assert manifest["rows"]["ok"] == 2
-    prompts = read(out, "generations.parquet")["prompt"].to_pylist()
+    """model=opt125m offline: OPT's default config (= opt-125m), a tokenizer given by path, the paper's
+    plain prompt; both engines agree token for token."""
+    outputs = []
+    for kind in ("continuous", "generate"):
+        out = tmp_path / kind
+        manifest = run(job_config("model=opt125m", "model.weights=random", f"model.tokenizer={default_model.source}",
+                                  "data.limit=5", f"output.dir={out}", "engine.max_new_tokens=6", "engine.ignore_eos=true",
+                                  "prompt.style=plain", f"engine.kind={kind}", "engine.batch_size=2"))
+        assert manifest["rows"]["ok"] == 5
+        outputs.append(read(out, "generations.parquet").to_pylist())
+    prompts = [r["prompt"] for r in outputs[0]]
     assert all(p.startswith("### findings: ") and p.endswith("### impressions:") for p in prompts)
+    assert [r["output_token_ids"] for r in outputs[0]] == [r["output_token_ids"] for r in outputs[1]]
 
 
 def test_cli_runs_the_default_job_and_reports(tmp_path):

@@ -1,0 +1,176 @@
+"""A model runner over a pool of KV-cache slots, built from a transformers model's own modules.
+
+The KV cache is allocated once: per layer, keys and values of shape [slots, kv_heads, max_len,
+head_dim]. A request owns one slot from its prefill to its last token. `prefill` runs a group of
+prompts (right-padded, causal attention) and writes their keys/values into their slots;
+`decode` feeds one token per slot, attends over the slot's cache up to its position, and
+returns the greedy next token. Both reuse the model's linear layers, norms, MLPs and rotary
+embedding, so the arithmetic is the model's own; decode has static shapes and no host
+synchronisation, so it can be captured in a CUDA graph.
+
+Supported: Llama-style models (Llama, SmolLM2, Mistral without sliding window, Qwen2) and OPT.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UnsupportedModel(Exception):
+    pass
+
+
+class Architecture:
+    """How one model family computes a layer; subclasses name the modules."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        config = model.config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.lm_head = model.get_output_embeddings()
+
+    def qkv(self, layer, x, positions):
+        """x [B, T, hidden] → q [B, H, T, D], k and v [B, Hkv, T, D]."""
+        raise NotImplementedError
+
+    def split_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.view(*x.shape[:2], heads, self.head_dim).transpose(1, 2)
+
+
+class Llama(Architecture):
+    def __init__(self, model):
+        super().__init__(model)
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True):
+            raise UnsupportedModel("sliding-window attention")
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        self.apply_rotary = apply_rotary_pos_emb
+        self.scaling = self.head_dim ** -0.5
+
+    def embed(self, tokens, positions):
+        return self.inner.embed_tokens(tokens)
+
+    def attention_input(self, layer, x):
+        return layer.input_layernorm(x)
+
+    def qkv(self, layer, x, positions):
+        attn = layer.self_attn
+        q = self.split_heads(attn.q_proj(x), self.num_heads)
+        k = self.split_heads(attn.k_proj(x), self.num_kv_heads)
+        v = self.split_heads(attn.v_proj(x), self.num_kv_heads)
+        cos, sin = self.inner.rotary_emb(x, positions)
+        q, k = self.apply_rotary(q, k, cos, sin)
+        return q, k, v
+
+    def attention_output(self, layer, x):
+        return layer.self_attn.o_proj(x)
+
+    def mlp(self, layer, x):
+        return layer.mlp(layer.post_attention_layernorm(x))
+
+    def final(self, x):
+        return self.inner.norm(x)
+
+
+class OPT(Architecture):
+    def __init__(self, model):
+        super().__init__(model)
+        self.decoder = model.model.decoder
+        self.layers = list(self.decoder.layers)
+        if not model.config.do_layer_norm_before:
+            raise UnsupportedModel("OPT with post-layer-norm (opt-350m)")
+        self.scaling = 1.0  # OPT scales the queries before attention, as transformers does
+
+    def embed(self, tokens, positions):
+        x = self.decoder.embed_tokens(tokens)
+        if self.decoder.project_in is not None:
+            x = self.decoder.project_in(x)
+        return x + self.decoder.embed_positions.weight[positions + self.decoder.embed_positions.offset]
+
+    def attention_input(self, layer, x):
+        return layer.self_attn_layer_norm(x)
+
+    def qkv(self, layer, x, positions):
+        attn = layer.self_attn
+        q = self.split_heads(attn.q_proj(x) * attn.scaling, self.num_heads)
+        return q, self.split_heads(attn.k_proj(x), self.num_heads), self.split_heads(attn.v_proj(x), self.num_heads)
+
+    def attention_output(self, layer, x):
+        return layer.self_attn.out_proj(x)
+
+    def mlp(self, layer, x):
+        return layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
+
+    def final(self, x):
+        x = self.decoder.final_layer_norm(x) if self.decoder.final_layer_norm is not None else x
+        return self.decoder.project_out(x) if self.decoder.project_out is not None else x
+
+
+ARCHITECTURES = {"llama": Llama, "mistral": Llama, "qwen2": Llama, "opt": OPT}
+
+
+class SlotRunner:
+    def __init__(self, model: nn.Module, slots: int, max_len: int):
+        model_type = model.config.model_type
+        if model_type not in ARCHITECTURES:
+            raise UnsupportedModel(f"model type {model_type}")
+        self.arch = ARCHITECTURES[model_type](model)
+        self.slots, self.max_len = slots, max_len
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        shape = (slots, self.arch.num_kv_heads, max_len, self.arch.head_dim)
+        self.keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.arch.layers]
+        self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.arch.layers]
+        self.group = self.arch.num_heads // self.arch.num_kv_heads  # query heads per kv head
+
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """tokens [G, T] right-padded prompts of `lengths`, for `slots` → first generated token [G]."""
+        arch = self.arch
+        positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
+        x = arch.embed(tokens, positions)
+        for layer, keys, values in zip(arch.layers, self.keys, self.values):
+            q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions)
+            keys[slots, :, :tokens.shape[1]] = k
+            values[slots, :, :tokens.shape[1]] = v
+            # Right padding: a real query only sees real keys before it, so causal is enough.
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=arch.scaling,
+                                                  enable_gqa=self.group > 1)
+            x = x + arch.attention_output(layer, attn.transpose(1, 2).flatten(2))
+            x = x + arch.mlp(layer, x)
+        last = x[torch.arange(len(lengths), device=self.device), lengths - 1]
+        return arch.lm_head(arch.final(last)).argmax(-1)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step for slots 0..B-1: tokens [B] at positions [B] → next tokens [B]. Static shapes."""
+        arch, batch = self.arch, tokens.shape[0]
+        rows = torch.arange(batch, device=self.device)
+        visible = torch.arange(self.max_len, device=self.device) <= positions[:, None]  # [B, L]
+        bias = torch.zeros(visible.shape, device=self.device, dtype=torch.float32).masked_fill(~visible, -math.inf)
+        x = arch.embed(tokens[:, None], positions[:, None])
+        for layer, keys, values in zip(arch.layers, self.keys, self.values):
+            q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions[:, None])
+            keys[rows, :, positions] = k[:, :, 0]
+            values[rows, :, positions] = v[:, :, 0]
+            attn = self._attend(q, keys[:batch], values[:batch], bias)
+            x = x + arch.attention_output(layer, attn)
+            x = x + arch.mlp(layer, x)
+        return arch.lm_head(arch.final(x[:, 0])).argmax(-1)
+
+    def _attend(self, q, keys, values, bias):
+        """q [B, H, 1, D] over keys/values [B, Hkv, L, D]; each kv head serves `group` query heads
+        without copying the cache. Returns [B, 1, H*D]."""
+        batch, heads, _, dim = q.shape
+        q = q.view(batch, self.arch.num_kv_heads, self.group, dim)
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.arch.scaling + bias[:, None, None, :]
+        weights = scores.softmax(-1).to(values.dtype)
+        return torch.matmul(weights, values).view(batch, 1, heads * dim)
