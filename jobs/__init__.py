@@ -1,0 +1,20 @@
+"""Command-line entry points (Hydra). Thin: the work is in splitwiser/."""
+
+import functools
+import sys
+
+from splitwiser.config import UserError, register_configs
+
+register_configs()
+
+
+def user_errors_in_one_line(main):
+    """A UserError ends the command with `error: ...` on stderr and exit status 2, no traceback."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper

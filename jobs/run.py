@@ -1,25 +1,21 @@
 """The job: python -m jobs.run [Hydra overrides], e.g. model=opt125m data.limit=100 engine.batch_size=32."""
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from splitwiser.config import UserError, register_configs, to_job_config
+from jobs import user_errors_in_one_line
+from splitwiser.config import to_job_config
 from splitwiser.job import run
 
 log = logging.getLogger("splitwiser")
-register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@user_errors_in_one_line
 def main(cfg: DictConfig) -> None:
-    try:
-        manifest = run(to_job_config(cfg))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    manifest = run(to_job_config(cfg))
     last = manifest["runs"][-1]
     log.info("done: %d rows ok, %d failed, %d generated this run at %s tokens/s; wrote %s",
              manifest["rows"]["ok"], manifest["rows"]["failed"], last["rows_generated"],

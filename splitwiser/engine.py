@@ -65,9 +65,10 @@ class StepClock:
 
 
 class GenerateEngine:
-    def __init__(self, loaded: LoadedModel, cfg: EngineConfig):
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, **generate_kwargs):
         self.model, self.tokenizer, self.device, self.cfg = loaded.model, loaded.tokenizer, loaded.device, cfg
         self.eos_ids = eos_ids(loaded)
+        self.generate_kwargs = generate_kwargs  # e.g. cache_implementation="static" (the benchmark's baseline)
 
     def run(self, prompts: Iterable[list[int]]) -> Iterator[tuple[int, Generation]]:
         source = iter(prompts)
@@ -90,6 +91,7 @@ class GenerateEngine:
             **batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=None if self.cfg.ignore_eos else sorted(self.eos_ids), streamer=clock,
+            **self.generate_kwargs,
         )
         results = []
         for tokens in output[:, batch["input_ids"].shape[1]:].tolist():

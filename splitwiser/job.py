@@ -9,7 +9,7 @@ import platform
 import subprocess
 import time
 from datetime import datetime, timezone
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -91,6 +91,13 @@ def generate_units(engine, shards: Path, units: list[int], unit_count: int, out:
     return generated
 
 
+def installed_version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:  # e.g. run from a checkout on PYTHONPATH
+        return None
+
+
 def environment(loaded: LoadedModel) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -101,7 +108,7 @@ def environment(loaded: LoadedModel) -> dict:
     return {
         "device": str(loaded.device), "device_name": device, "dtype": str(loaded.dtype).removeprefix("torch."),
         "git_commit": commit, "python": platform.python_version(),
-        **{name: version(name) for name in ("splitwiser", "torch", "transformers", "datasets", "pyarrow")},
+        **{name: installed_version(name) for name in ("splitwiser", "torch", "transformers", "datasets", "pyarrow")},
     }
 
 

@@ -1,0 +1,68 @@
+"""The benchmark: python -m jobs.bench [preset=quick|full] (see conf/bench.yaml, splitwiser/bench.py).
+
+Writes bench/results/<date>-<device>.parquet (one row per model x length x system, with the
+command, commit, device and versions), bench/RESULTS.md and plots beside it.
+"""
+
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import hydra
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from jobs import user_errors_in_one_line
+from splitwiser.bench import System, measure, workload
+from splitwiser.config import DataConfig, ModelConfig, PromptConfig
+from splitwiser.job import environment
+from splitwiser.models import load_model
+from splitwiser.report import write_report
+
+log = logging.getLogger("splitwiser.bench")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@user_errors_in_one_line
+def main(cfg: DictConfig) -> None:
+    preset = cfg.preset
+    systems = [System(**s) for s in OmegaConf.to_container(preset.systems)]
+    grid = [(m, n, s) for m in cfg.models for n in preset.max_new_tokens for s in systems]
+    command = " ".join(["python -m jobs.bench", *sys.argv[1:]])
+    stamp = datetime.now(timezone.utc)
+    rows, loaded_name, env = [], None, None
+    for model_name, max_new_tokens, system in tqdm(grid, desc="benchmark", unit="run"):
+        if loaded_name != model_name:
+            model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                        OmegaConf.load(Path(__file__).parents[1] / "conf/model" / f"{model_name}.yaml"))
+            model_cfg.path = cfg.model_paths.get(model_name, model_cfg.path)
+            model_cfg.tokenizer = cfg.tokenizer or model_cfg.tokenizer
+            model_cfg.weights, model_cfg.dtype = "random", cfg.dtype
+            loaded, loaded_name = load_model(OmegaConf.to_object(model_cfg)), model_name
+            env = environment(loaded)
+            style = "chat" if loaded.tokenizer.chat_template and model_name != "opt125m" else "plain"
+            prompts = workload(loaded, DataConfig(path=cfg.data), PromptConfig(style=style), preset.requests)
+        try:
+            result = measure(system, loaded, prompts, max_new_tokens)
+        except Exception as e:  # a baseline that fails here is a result too; say why
+            log.warning("%s failed: %s", system, e)
+            result = {"system": system.name, "batch_size": system.batch_size, "cuda_graphs": system.cuda_graphs,
+                      "max_new_tokens": max_new_tokens, "error": f"{type(e).__name__}: {e}"[:300]}
+        result.update(model=model_name, preset=preset.name, date=stamp.date().isoformat(), command=command,
+                      prompt_tokens_mean=round(sum(map(len, prompts)) / len(prompts), 1), **env)
+        log.info("%s", {k: result.get(k) for k in ("model", "system", "batch_size", "max_new_tokens",
+                                                  "tokens_per_s", "warmup_s", "run_s", "error")})
+        rows.append(result)
+    device = env["device_name"].replace(" ", "-")
+    results = Path(cfg.results_dir) / f"{stamp:%Y-%m-%d}-{device}-{preset.name}.parquet"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), results)
+    write_report(rows, Path(cfg.report), results)
+    log.info("wrote %s and %s", results, cfg.report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The benchmark's report: a markdown table per model and output length, and a throughput plot."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLUMNS = ["system", "batch_size", "cuda_graphs", "requests", "tokens_per_s", "vs_paper", "warmup_s", "run_s",
+           "job_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms", "peak_memory_gb"]
+
+
+def label(row: dict) -> str:
+    graphs = "" if row.get("cuda_graphs", True) or row["system"] != "continuous" else " eager"
+    return f"{row['system']} b{row['batch_size']}{graphs}"
+
+
+def write_report(rows: list[dict], path: Path, results: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first = rows[0]
+    lines = [
+        "# Benchmark results", "",
+        f"`{first['command']}` on {first['device_name']}, {first['date']}; commit {first['git_commit']}; "
+        f"torch {first['torch']}, transformers {first['transformers']}; data in `{results}`.",
+        "", "Random weights, EOS ignored (every request generates max_new_tokens), greedy. "
+        "`vs_paper`: tokens/s over the paper's baseline (`generate` batch 20) in the same table. "
+        "`job_s`: warm-up plus the run scaled to the preset's request count (what one job would take "
+        "after model load). Latency and time to first token count from the run's start: every request "
+        "is there at once, as in a batch job.", "",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["max_new_tokens"]), []).append(row)
+    for (model, new_tokens), group in groups.items():
+        ok = [r for r in group if "error" not in r or r.get("error") is None]
+        paper = next((r["tokens_per_s"] for r in ok if r["system"] == "generate" and r["batch_size"] == 20), None)
+        full = max(r.get("requests", 0) for r in ok) if ok else 0
+        lines += [f"## {model}, {new_tokens} new tokens, prompts of {group[0]['prompt_tokens_mean']} tokens on average",
+                  "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+        for row in group:
+            if row.get("error"):
+                lines.append(f"| {row['system']} | {row['batch_size']} | failed: {row['error']} |")
+                continue
+            derived = {"vs_paper": f"{row['tokens_per_s'] / paper:.1f}x" if paper else "",
+                       "job_s": round(row["warmup_s"] + row["run_s"] * full / row["requests"], 2)}
+            lines.append("| " + " | ".join(str(derived.get(c, row.get(c, ""))) for c in COLUMNS) + " |")
+        lines.append("")
+        plot = path.parent / f"throughput-{model}-{new_tokens}.png"
+        figure, axes = plt.subplots(figsize=(8, 0.4 * len(ok) + 1.2))
+        axes.barh([label(r) for r in ok], [r["tokens_per_s"] for r in ok], color="tab:blue")
+        axes.set_xscale("log")
+        axes.set_xlabel("generated tokens/s (log scale)")
+        axes.set_title(f"{model}, {new_tokens} new tokens, {first['device_name']}")
+        figure.tight_layout()
+        figure.savefig(plot, dpi=100)
+        plt.close(figure)
+        lines += [f"![throughput]({plot.name})", ""]
+    path.write_text("\n".join(lines))

@@ -1,0 +1,58 @@
+"""The CUDA paths (CUDA graphs, fp16): run on the GPU machine, skipped without a GPU.
+
+On the device: SPLITWISER_MODEL_DIR=<dir with config.json + tokenizer> python -m pytest tests/test_gpu.py
+(random weights: the device has no model wheel). Here, the default model's cached directory serves.
+"""
+
+import os
+
+import pytest
+import torch
+
+from conftest import job_config
+from splitwiser.bench import workload
+from splitwiser.config import DataConfig, EngineConfig, ModelConfig, PromptConfig
+from splitwiser.engine import ContinuousEngine, GenerateEngine
+from splitwiser.models import load_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+
+
+def model_dir() -> str:
+    return os.environ.get("SPLITWISER_MODEL_DIR") or load_model(ModelConfig(device="cpu")).source
+
+
+def both_engines(model: ModelConfig, requests: int, max_new_tokens: int, slots: int):
+    loaded = load_model(model)
+    prompts = workload(loaded, DataConfig(), PromptConfig(style="plain"), requests)
+    cfg = EngineConfig(batch_size=slots, max_new_tokens=max_new_tokens, ignore_eos=True)
+    fast = dict(ContinuousEngine(loaded, cfg, max(map(len, prompts))).run(prompts))
+    reference = dict(GenerateEngine(loaded, cfg).run(prompts))
+    return [fast[i].token_ids for i in range(requests)], [reference[i].token_ids for i in range(requests)]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "opt"])
+def test_cuda_graph_engine_equals_generate_in_float32(architecture):
+    model = ModelConfig(path=model_dir(), weights="random", dtype="float32", device="cuda") if architecture == "llama" \
+        else ModelConfig(name="opt125m", path="facebook/opt-125m", architecture="opt", tokenizer=model_dir(),
+                         weights="random", dtype="float32", device="cuda")
+    fast, reference = both_engines(model, requests=40, max_new_tokens=16, slots=16)
+    matches = sum(f == r for f, r in zip(fast, reference))
+    print(f"{architecture} float32: {matches}/40 requests identical")
+    assert matches == 40
+
+
+def test_float16_match_rate_is_reported_and_high():
+    model = ModelConfig(path=model_dir(), weights="random", dtype="float16", device="cuda")
+    fast, reference = both_engines(model, requests=64, max_new_tokens=32, slots=32)
+    same_tokens = sum(a == b for f, r in zip(fast, reference) for a, b in zip(f, r))
+    identical = sum(f == r for f, r in zip(fast, reference))
+    print(f"float16: {identical}/64 requests identical, {same_tokens}/{64 * 32} tokens")
+    assert identical >= 0.8 * 64
+
+
+def test_job_on_gpu_writes_parquet(tmp_path):
+    from splitwiser.job import run
+    manifest = run(job_config(f"model.path={model_dir()}", "model.weights=random", "data.limit=50",
+                              f"output.dir={tmp_path}", "engine.batch_size=32", "engine.ignore_eos=true"))
+    assert manifest["rows"]["ok"] == 50 and manifest["environment"]["device"].startswith("cuda")
