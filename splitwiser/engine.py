@@ -104,14 +104,6 @@ class GenerateEngine:
         return results
 
 
-@dataclass
-class Running:
-    """A request that holds a KV slot."""
-    index: int
-    generation: Generation
-    length: int  # tokens in the sequence so far, prompt and generated: the last one sits at length - 1
-
-
 class ContinuousEngine:
     # Admit new prompts once this fraction of the slots is free (or nothing is running): fewer,
     # larger prefills, each one launch-bound like a decode step.
@@ -119,12 +111,21 @@ class ContinuousEngine:
 
     def __init__(self, loaded: LoadedModel, cfg: EngineConfig, max_prompt_tokens: int):
         self.cfg, self.device, self.tokenizer = cfg, loaded.device, loaded.tokenizer
+        slots, device = cfg.batch_size, loaded.device
+        max_len = -(-(max_prompt_tokens + cfg.max_new_tokens) // 16) * 16  # aligned rows for attention kernels
+        self.runner = SlotRunner(loaded.model, slots=slots, max_len=max_len)
+        # Per-slot state lives on the device, so that a decode step (bookkeeping included) is one
+        # CUDA graph and the host reads back only which slots finished.
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # last token: the next input
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # where that token sits
+        self.generated = torch.zeros(slots, dtype=torch.long, device=device)
+        self.active = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.finished = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.output = torch.zeros(slots, cfg.max_new_tokens, dtype=torch.long, device=device)
         self.eos_ids = set() if cfg.ignore_eos else eos_ids(loaded)
-        self.runner = SlotRunner(loaded.model, slots=cfg.batch_size, max_len=max_prompt_tokens + cfg.max_new_tokens)
-        self.tokens = torch.zeros(cfg.batch_size, dtype=torch.long, device=self.device)  # decode inputs, per slot
-        self.positions = torch.zeros(cfg.batch_size, dtype=torch.long, device=self.device)
-        self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.eos = torch.tensor(sorted(self.eos_ids) or [-1], device=device)
+        self.use_graphs = cfg.cuda_graphs and device.type == "cuda"
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.prefill_groups = 0
 
@@ -132,33 +133,36 @@ class ContinuousEngine:
         source = enumerate(prompts)
         waiting: deque[tuple[int, list[int], int]] = deque()
         free = list(range(self.cfg.batch_size))  # a heap: the lowest free slot first keeps decode batches small
-        running: dict[int, Running] = {}
+        running: dict[int, tuple[int, Generation]] = {}  # slot → (request index, its generation so far)
         admit_at = max(1, int(self.cfg.batch_size * self.ADMIT_FRACTION))
         while True:
             for index, prompt in islice(source, len(free) - len(waiting)):
                 waiting.append((index, prompt, time.perf_counter_ns()))
             if waiting and (len(free) >= admit_at or not running):
                 admitted = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-                yield from self._prefill(admitted, free, running)
+                for group in self._prefill_groups(admitted):
+                    self._prefill(group, free, running)
+                    yield from self._collect(free, running)
             if not running:
                 if waiting:
                     continue
                 return
-            yield from self._decode_step(free, running)
+            self._decode(self._bucket(max(running) + 1))
+            yield from self._collect(free, running)
 
-    def _prefill(self, admitted, free, running) -> Iterator[tuple[int, Generation]]:
-        """Prefills the admitted prompts in groups of at most engine.prefill_tokens padded tokens."""
+    def _prefill_groups(self, admitted: list) -> Iterator[list]:
+        """Splits the admitted prompts (shortest first) into groups of at most engine.prefill_tokens padded tokens."""
         admitted.sort(key=lambda item: len(item[1]))
         group: list = []
-        for item in admitted + [None]:
-            longest = len(item[1]) if item else 0
-            if group and (item is None or (len(group) + 1) * max(longest, len(group[-1][1])) > self.cfg.prefill_tokens):
-                yield from self._prefill_group(group, free, running)
+        for item in admitted:
+            if group and (len(group) + 1) * len(item[1]) > self.cfg.prefill_tokens:
+                yield group
                 group = []
-            if item:
-                group.append(item)
+            group.append(item)
+        if group:
+            yield group
 
-    def _prefill_group(self, group, free, running) -> Iterator[tuple[int, Generation]]:
+    def _prefill(self, group: list, free: list[int], running: dict) -> None:
         start = time.perf_counter_ns()
         slots = [heapq.heappop(free) for _ in group]
         lengths = [len(prompt) for _, prompt, _ in group]
@@ -168,64 +172,70 @@ class ContinuousEngine:
         slot_ids = torch.tensor(slots, device=self.device)
         first = self.runner.prefill(padded.to(self.device), torch.tensor(lengths, device=self.device), slot_ids)
         self.tokens[slot_ids] = first
-        first_tokens, now = first.tolist(), time.perf_counter_ns()
+        self.positions[slot_ids] = torch.tensor(lengths, device=self.device)
+        self.generated[slot_ids] = 1
+        self.output[slot_ids, 0] = first
+        self.finished[slot_ids] = (self.generated[slot_ids] >= self.cfg.max_new_tokens) | torch.isin(first, self.eos)
+        self.active[slot_ids] = ~self.finished[slot_ids]
+        now = time.perf_counter_ns()
+        for slot, (index, _, enqueued) in zip(slots, group):
+            running[slot] = (index, Generation([], batch=self.prefill_groups, batch_size=len(group),
+                                               enqueue_ns=enqueued, prefill_start_ns=start, first_token_ns=now))
         self.prefill_groups += 1
-        for slot, (index, _, enqueued), length, token in zip(slots, group, lengths, first_tokens):
-            generation = Generation([], batch=self.prefill_groups - 1, batch_size=len(group),
-                                    enqueue_ns=enqueued, prefill_start_ns=start, first_token_ns=now)
-            running[slot] = Running(index, generation, length=length)
-            yield from self._append(slot, token, now, free, running)
 
-    def _append(self, slot: int, token: int, now: int, free, running) -> Iterator[tuple[int, Generation]]:
-        request = running[slot]
-        generation = request.generation
-        generation.token_ids.append(token)
-        request.length += 1
-        stopped = token in self.eos_ids
-        if stopped or len(generation.token_ids) == self.cfg.max_new_tokens:
-            generation.finish_reason, generation.finish_ns = ("stop" if stopped else "length"), now
-            del running[slot]
+    def _step(self, batch: int) -> None:
+        """Decode slots 0..batch-1 and update their state, on the device only (capturable)."""
+        active = self.active[:batch]
+        next_tokens = self.runner.decode(self.tokens[:batch], self.positions[:batch])
+        generated = self.generated[:batch]
+        # Free slots in the batch compute too (static shapes); their results land nowhere that is read.
+        self.output[torch.arange(batch, device=self.device), generated.clamp(max=self.cfg.max_new_tokens - 1)] = next_tokens
+        generated += active
+        self.positions[:batch] += active
+        self.tokens[:batch] = next_tokens
+        finished = active & ((generated >= self.cfg.max_new_tokens) | torch.isin(next_tokens, self.eos))
+        self.finished[:batch] = finished
+        self.active[:batch] = active & ~finished
+
+    def _collect(self, free: list[int], running: dict) -> Iterator[tuple[int, Generation]]:
+        """Hands out the requests that finished (the step's one host synchronisation) and frees their slots."""
+        slots = self.finished.nonzero().flatten().tolist()
+        if not slots:
+            return
+        now = time.perf_counter_ns()
+        self.finished[slots] = False
+        outputs, counts = self.output[slots].tolist(), self.generated[slots].tolist()
+        for slot, tokens, count in zip(slots, outputs, counts):
+            index, generation = running.pop(slot)
+            generation.token_ids = tokens[:count]
+            generation.finish_reason = "stop" if tokens[count - 1] in self.eos_ids else "length"
+            generation.finish_ns = now
             heapq.heappush(free, slot)
-            yield request.index, generation
-
-    def _decode_step(self, free, running) -> Iterator[tuple[int, Generation]]:
-        batch = self._bucket(max(running) + 1)
-        positions = [0] * batch  # free slots inside the batch compute on position 0, harmlessly
-        for slot, request in running.items():
-            positions[slot] = request.length - 1
-        self.positions[:batch].copy_(torch.tensor(positions), non_blocking=True)
-        next_tokens = self._decode(batch)
-        self.tokens[:batch].copy_(next_tokens)
-        tokens, now = next_tokens.tolist(), time.perf_counter_ns()
-        for slot in list(running):
-            yield from self._append(slot, tokens[slot], now, free, running)
+            yield index, generation
 
     def _bucket(self, needed: int) -> int:
         """Decode batch sizes come in powers of two (one CUDA graph each), capped at the slot count."""
         return min(self.cfg.batch_size, max(8, 1 << (needed - 1).bit_length()))
 
-    def _decode(self, batch: int) -> torch.Tensor:
+    def _decode(self, batch: int) -> None:
         if not self.use_graphs:
-            return self.runner.decode(self.tokens[:batch], self.positions[:batch])
+            return self._step(batch)
         if batch not in self.graphs:
             self.graphs[batch] = self._capture(batch)
-        graph, output = self.graphs[batch]
-        graph.replay()
-        return output
+        self.graphs[batch].replay()
 
-    def _capture(self, batch: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm-up on a side stream, as CUDA graph capture requires. Running the step early is
-        # harmless: it writes the same keys/values the replay that follows writes.
-        inputs = (self.tokens[:batch], self.positions[:batch])
+    def _capture(self, batch: int) -> torch.cuda.CUDAGraph:
+        # CUDA graph capture wants a warm-up on a side stream first. The warm-up must not change
+        # the state, so it runs the model alone: it writes the same keys/values the replay writes.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.runner.decode(*inputs)
+            self.runner.decode(self.tokens[:batch], self.positions[:batch])
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            output = self.runner.decode(*inputs)
-        return graph, output
+            self._step(batch)
+        return graph
 
 
 def make_engine(loaded: LoadedModel, cfg: EngineConfig, max_prompt_tokens: int):

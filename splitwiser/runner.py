@@ -11,8 +11,6 @@ synchronisation, so it can be captured in a CUDA graph.
 Supported: Llama-style models (Llama, SmolLM2, Mistral without sliding window, Qwen2) and OPT.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -155,22 +153,16 @@ class SlotRunner:
         arch, batch = self.arch, tokens.shape[0]
         rows = torch.arange(batch, device=self.device)
         visible = torch.arange(self.max_len, device=self.device) <= positions[:, None]  # [B, L]
-        bias = torch.zeros(visible.shape, device=self.device, dtype=torch.float32).masked_fill(~visible, -math.inf)
         x = arch.embed(tokens[:, None], positions[:, None])
         for layer, keys, values in zip(arch.layers, self.keys, self.values):
             q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions[:, None])
             keys[rows, :, positions] = k[:, :, 0]
             values[rows, :, positions] = v[:, :, 0]
-            attn = self._attend(q, keys[:batch], values[:batch], bias)
-            x = x + arch.attention_output(layer, attn)
+            # The query heads that share a kv head go where SDPA expects query positions: they see
+            # the same keys under the same mask, and the cache is read once, never copied.
+            q = q.reshape(batch, arch.num_kv_heads, self.group, arch.head_dim)
+            attn = F.scaled_dot_product_attention(q, keys[:batch], values[:batch], attn_mask=visible[:, None, None, :],
+                                                  scale=arch.scaling)
+            x = x + arch.attention_output(layer, attn.reshape(batch, 1, arch.num_heads * arch.head_dim))
             x = x + arch.mlp(layer, x)
         return arch.lm_head(arch.final(x[:, 0])).argmax(-1)
-
-    def _attend(self, q, keys, values, bias):
-        """q [B, H, 1, D] over keys/values [B, Hkv, L, D]; each kv head serves `group` query heads
-        without copying the cache. Returns [B, 1, H*D]."""
-        batch, heads, _, dim = q.shape
-        q = q.view(batch, self.arch.num_kv_heads, self.group, dim)
-        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.arch.scaling + bias[:, None, None, :]
-        weights = scores.softmax(-1).to(values.dtype)
-        return torch.matmul(weights, values).view(batch, 1, heads * dim)
