@@ -3,8 +3,8 @@
 The KV cache is allocated once: per layer, keys and values of shape [slots, kv_heads, max_len,
 head_dim]. A request owns one slot from its prefill to its last token. `prefill` runs a group of
 prompts (right-padded, causal attention) and writes their keys/values into their slots;
-`decode` feeds one token per slot, attends over the slot's cache up to its position, and
-returns the greedy next token. Both reuse the model's linear layers, norms, MLPs and rotary
+`decode` feeds one token per slot, attends over the slot's cache up to its position (on CUDA
+with kernels.py, which reads only the live keys), and returns the greedy next token. Both reuse the model's linear layers, norms, MLPs and rotary
 embedding, so the arithmetic is the model's own; decode has static shapes and no host
 synchronisation, so it can be captured in a CUDA graph.
 
@@ -14,6 +14,8 @@ Supported: Llama-style models (Llama, SmolLM2, Mistral without sliding window, Q
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from splitwiser import kernels
 
 
 class UnsupportedModel(Exception):
@@ -125,6 +127,8 @@ class SlotRunner:
         self.keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.arch.layers]
         self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.arch.layers]
         self.group = self.arch.num_heads // self.arch.num_kv_heads  # query heads per kv head
+        head_dim = self.arch.head_dim
+        self.live_attention = kernels.available(self.device) and head_dim & (head_dim - 1) == 0
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -152,7 +156,7 @@ class SlotRunner:
         """One step for slots 0..B-1: tokens [B] at positions [B] → next tokens [B]. Static shapes."""
         arch, batch = self.arch, tokens.shape[0]
         rows = torch.arange(batch, device=self.device)
-        visible = torch.arange(self.max_len, device=self.device) <= positions[:, None]  # [B, L]
+        visible = torch.arange(self.max_len, device=self.device) <= positions[:, None]  # [B, L], for SDPA
         x = arch.embed(tokens[:, None], positions[:, None])
         for layer, keys, values in zip(arch.layers, self.keys, self.values):
             q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions[:, None])
@@ -161,8 +165,11 @@ class SlotRunner:
             # The query heads that share a kv head go where SDPA expects query positions: they see
             # the same keys under the same mask, and the cache is read once, never copied.
             q = q.reshape(batch, arch.num_kv_heads, self.group, arch.head_dim)
-            attn = F.scaled_dot_product_attention(q, keys[:batch], values[:batch], attn_mask=visible[:, None, None, :],
-                                                  scale=arch.scaling)
+            if self.live_attention:  # reads only each slot's live keys
+                attn = kernels.decode_attention(q.contiguous(), keys, values, positions, arch.scaling)
+            else:
+                attn = F.scaled_dot_product_attention(q, keys[:batch], values[:batch],
+                                                      attn_mask=visible[:, None, None, :], scale=arch.scaling)
             x = x + arch.attention_output(layer, attn.reshape(batch, 1, arch.num_heads * arch.head_dim))
             x = x + arch.mlp(layer, x)
         return arch.lm_head(arch.final(x[:, 0])).argmax(-1)
