@@ -50,7 +50,7 @@ def main(cfg: DictConfig) -> None:
         except Exception as e:  # a baseline that fails here is a result too; say why
             log.warning("%s failed: %s", system, e)
             result = {"system": system.name, "batch_size": system.batch_size, "cuda_graphs": system.cuda_graphs,
-                      "max_new_tokens": max_new_tokens, "error": f"{type(e).__name__}: {e}"[:300]}
+                      "attention": system.attention, "max_new_tokens": max_new_tokens, "error": f"{type(e).__name__}: {e}"[:300]}
         result.update(model=model_name, preset=preset.name, date=stamp.date().isoformat(), command=command,
                       prompt_tokens_mean=round(sum(map(len, prompts)) / len(prompts), 1), **env)
         log.info("%s", {k: result.get(k) for k in ("model", "system", "batch_size", "max_new_tokens",

@@ -33,6 +33,7 @@ class System:
     batch_size: int = 256
     requests: int | None = None  # fewer than the preset's, for the slow baselines
     cuda_graphs: bool = True
+    attention: str = "sdpa"  # continuous: sdpa | live
 
 
 class GenerateBatchEngine:
@@ -56,7 +57,8 @@ class GenerateBatchEngine:
 
 def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, max_prompt_tokens: int):
     cfg = EngineConfig(kind="generate" if system.name != "continuous" else "continuous", batch_size=system.batch_size,
-                       max_new_tokens=max_new_tokens, ignore_eos=True, cuda_graphs=system.cuda_graphs)
+                       max_new_tokens=max_new_tokens, ignore_eos=True, cuda_graphs=system.cuda_graphs,
+                       attention=system.attention)
     if system.name == "generate":
         return GenerateEngine(loaded, cfg)
     if system.name == "generate_static":
@@ -102,7 +104,7 @@ def measure(system: System, loaded: LoadedModel, prompts: list[list[int]], max_n
     del engine
     return {
         "system": system.name, "batch_size": system.batch_size, "cuda_graphs": system.cuda_graphs,
-        "requests": len(prompts), "max_new_tokens": max_new_tokens, "generated_tokens": tokens,
+        "attention": system.attention, "requests": len(prompts), "max_new_tokens": max_new_tokens, "generated_tokens": tokens,
         "all_lengths_full": all(len(g.token_ids) == max_new_tokens for g in results),
         "warmup_s": round(warmup_s, 3), "run_s": round(run_s, 3), "tokens_per_s": round(tokens / run_s, 1),
         "latency_p50_ms": round(percentile(latency, 50), 1), "latency_p99_ms": round(percentile(latency, 99), 1),

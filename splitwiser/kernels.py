@@ -3,7 +3,7 @@
 SDPA over a slot pool reads every slot's whole max_len whatever its length; decode is bound by
 exactly those reads. This kernel stops at each slot's own position: one program per (slot,
 kv head) walks the keys in blocks with an online softmax, serving all the query heads that share
-the kv head (GQA) from one read. Arithmetic in float32.
+the kv head (GQA) from one read, on the matrix units; softmax in float32.
 """
 
 import torch
@@ -23,12 +23,14 @@ if triton is not None:
     @triton.jit
     def _decode_attention(q_ptr, k_ptr, v_ptr, out_ptr, positions_ptr, scale,
                           stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_ob, stride_oh,
-                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr):
+                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+                          PRECISION: tl.constexpr):
         slot, head = tl.program_id(0), tl.program_id(1)
         length = tl.load(positions_ptr + slot) + 1
         rows, dims, cols = tl.arange(0, GROUP_PAD), tl.arange(0, DIM), tl.arange(0, BLOCK)
+        # The query rows are padded to the matrix units' minimum of 16; the padding rows are dropped.
         q = tl.load(q_ptr + slot * stride_qb + head * stride_qh + rows[:, None] * DIM + dims[None, :],
-                    mask=rows[:, None] < GROUP, other=0.0).to(tl.float32)  # [GROUP_PAD, DIM]
+                    mask=rows[:, None] < GROUP, other=0.0)  # [GROUP_PAD, DIM]
         k_base = k_ptr + slot * stride_kb + head * stride_kh
         v_base = v_ptr + slot * stride_kb + head * stride_kh
         best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -37,15 +39,15 @@ if triton is not None:
         for start in range(0, length, BLOCK):
             live = (start + cols) < length
             offsets = (start + cols)[:, None] * stride_kl + dims[None, :]
-            k = tl.load(k_base + offsets, mask=live[:, None], other=0.0).to(tl.float32)  # [BLOCK, DIM]
-            v = tl.load(v_base + offsets, mask=live[:, None], other=0.0).to(tl.float32)
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BLOCK]
+            k = tl.load(k_base + offsets, mask=live[:, None], other=0.0)  # [BLOCK, DIM]
+            v = tl.load(v_base + offsets, mask=live[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK], float32
             scores = tl.where(live[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, axis=1))
             weights = tl.exp(scores - new_best[:, None])
             rescale = tl.exp(best - new_best)
             total = total * rescale + tl.sum(weights, axis=1)
-            acc = acc * rescale[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
+            acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
             best = new_best
         out = acc / total[:, None]
         tl.store(out_ptr + slot * stride_ob + head * stride_oh + rows[:, None] * DIM + dims[None, :],
@@ -58,11 +60,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     last live index per slot) → [B, Hkv, G, D]."""
     batch, kv_heads, group, dim = q.shape
     out = torch.empty_like(q)
-    group_pad = triton.next_power_of_2(group)
-    block = max(16, 64 // group_pad)  # keeps the [group, block, dim] product within registers
     _decode_attention[(batch, kv_heads)](
         q, keys, values, out, positions, scale,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, DIM=dim, BLOCK=block, num_warps=4,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )
     return out

@@ -7,13 +7,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLUMNS = ["system", "batch_size", "cuda_graphs", "requests", "tokens_per_s", "vs_paper", "warmup_s", "run_s",
+COLUMNS = ["system", "batch_size", "cuda_graphs", "attention", "requests", "tokens_per_s", "vs_paper", "warmup_s", "run_s",
            "job_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms", "peak_memory_gb"]
 
 
 def label(row: dict) -> str:
-    graphs = "" if row.get("cuda_graphs", True) or row["system"] != "continuous" else " eager"
-    return f"{row['system']} b{row['batch_size']}{graphs}"
+    if row["system"] != "continuous":
+        return f"{row['system']} b{row['batch_size']}"
+    graphs = "" if row.get("cuda_graphs", True) else " eager"
+    return f"{row['system']} b{row['batch_size']} {row.get('attention', 'sdpa')}{graphs}"
 
 
 def write_report(rows: list[dict], path: Path, results: Path) -> None:

@@ -115,7 +115,7 @@ ARCHITECTURES = {"llama": Llama, "mistral": Llama, "qwen2": Llama, "opt": OPT}
 
 
 class SlotRunner:
-    def __init__(self, model: nn.Module, slots: int, max_len: int):
+    def __init__(self, model: nn.Module, slots: int, max_len: int, live_attention: bool = False):
         model_type = model.config.model_type
         if model_type not in ARCHITECTURES:
             raise UnsupportedModel(f"model type {model_type}")
@@ -128,7 +128,7 @@ class SlotRunner:
         self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.arch.layers]
         self.group = self.arch.num_heads // self.arch.num_kv_heads  # query heads per kv head
         head_dim = self.arch.head_dim
-        self.live_attention = kernels.available(self.device) and head_dim & (head_dim - 1) == 0
+        self.live_attention = live_attention and kernels.available(self.device) and head_dim & (head_dim - 1) == 0
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
