@@ -56,11 +56,11 @@ def main(cfg: DictConfig) -> None:
         log.info("%s", {k: result.get(k) for k in ("model", "system", "batch_size", "max_new_tokens",
                                                   "tokens_per_s", "warmup_s", "run_s", "error")})
         rows.append(result)
-    device = env["device_name"].replace(" ", "-")
-    results = Path(cfg.results_dir) / f"{stamp:%Y-%m-%d}-{device}-{preset.name}.parquet"
-    results.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), results)
-    write_report(rows, Path(cfg.report), results)
+        # Written after every run, so that a grid cut short still leaves what it measured.
+        results = Path(cfg.results_dir) / f"{stamp:%Y-%m-%d}-{env['device_name'].replace(' ', '-')}-{preset.name}.parquet"
+        results.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), results)
+        write_report(rows, Path(cfg.report), results)
     log.info("wrote %s and %s", results, cfg.report)
 
 

@@ -5,6 +5,7 @@
 """
 
 import logging
+import os
 import platform
 import subprocess
 import time
@@ -99,11 +100,13 @@ def installed_version(package: str) -> str | None:
 
 
 def environment(loaded: LoadedModel) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = os.environ.get("SPLITWISER_GIT_COMMIT")  # where the code runs from a copy without git history
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        except OSError:
+            commit = None
     device = torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else platform.processor() or "cpu"
     return {
         "device": str(loaded.device), "device_name": device, "dtype": str(loaded.dtype).removeprefix("torch."),

@@ -22,32 +22,36 @@ def model_dir() -> str:
     return os.environ.get("SPLITWISER_MODEL_DIR") or load_model(ModelConfig(device="cpu")).source
 
 
-def both_engines(model: ModelConfig, requests: int, max_new_tokens: int, slots: int):
+def both_engines(model: ModelConfig, requests: int, max_new_tokens: int, slots: int, attention: str = "sdpa"):
     loaded = load_model(model)
     prompts = workload(loaded, DataConfig(), PromptConfig(style="plain"), requests)
-    cfg = EngineConfig(batch_size=slots, max_new_tokens=max_new_tokens, ignore_eos=True)
-    fast = dict(ContinuousEngine(loaded, cfg, max(map(len, prompts))).run(prompts))
+    cfg = EngineConfig(batch_size=slots, max_new_tokens=max_new_tokens, ignore_eos=True, attention=attention)
+    engine = ContinuousEngine(loaded, cfg, max(map(len, prompts)))
+    assert engine.runner.live_attention == (attention == "live")
+    fast = dict(engine.run(prompts))
     reference = dict(GenerateEngine(loaded, cfg).run(prompts))
     return [fast[i].token_ids for i in range(requests)], [reference[i].token_ids for i in range(requests)]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "live"])
 @pytest.mark.parametrize("architecture", ["llama", "opt"])
-def test_cuda_graph_engine_equals_generate_in_float32(architecture):
+def test_cuda_graph_engine_equals_generate_in_float32(architecture, attention):
     model = ModelConfig(path=model_dir(), weights="random", dtype="float32", device="cuda") if architecture == "llama" \
         else ModelConfig(name="opt125m", path="facebook/opt-125m", architecture="opt", tokenizer=model_dir(),
                          weights="random", dtype="float32", device="cuda")
-    fast, reference = both_engines(model, requests=40, max_new_tokens=16, slots=16)
+    fast, reference = both_engines(model, requests=40, max_new_tokens=16, slots=16, attention=attention)
     matches = sum(f == r for f, r in zip(fast, reference))
-    print(f"{architecture} float32: {matches}/40 requests identical")
+    print(f"{architecture} {attention} float32: {matches}/40 requests identical")
     assert matches == 40
 
 
-def test_float16_match_rate_is_reported_and_high():
+@pytest.mark.parametrize("attention", ["sdpa", "live"])
+def test_float16_match_rate_is_reported_and_high(attention):
     model = ModelConfig(path=model_dir(), weights="random", dtype="float16", device="cuda")
-    fast, reference = both_engines(model, requests=64, max_new_tokens=32, slots=32)
+    fast, reference = both_engines(model, requests=64, max_new_tokens=32, slots=32, attention=attention)
     same_tokens = sum(a == b for f, r in zip(fast, reference) for a, b in zip(f, r))
     identical = sum(f == r for f, r in zip(fast, reference))
-    print(f"float16: {identical}/64 requests identical, {same_tokens}/{64 * 32} tokens")
+    print(f"{attention} float16: {identical}/64 requests identical, {same_tokens}/{64 * 32} tokens")
     assert identical >= 0.8 * 64
 
 
