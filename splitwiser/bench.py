@@ -33,7 +33,7 @@ class System:
     batch_size: int = 256
     requests: int | None = None  # fewer than the preset's, for the slow baselines
     cuda_graphs: bool = True
-    attention: str = "sdpa"  # continuous: sdpa | live
+    attention: str = "auto"  # continuous: auto | live | sdpa
 
 
 class GenerateBatchEngine:

@@ -91,12 +91,14 @@ class EngineConfig:
     ignore_eos: bool = False  # always generate max_new_tokens (fixed-length timing runs)
     prefill_tokens: int = 8192  # continuous: padded prompt tokens per prefill forward
     cuda_graphs: bool = True  # continuous on CUDA: replay the decode step as a CUDA graph
-    attention: str = "sdpa"  # continuous decode attention: sdpa (whole slots) | live (Triton, live keys only, CUDA)
+    # continuous decode attention: live (Triton kernel reading each slot's live keys only; CUDA),
+    # sdpa (PyTorch's, over whole slots), auto (live where Triton runs, else sdpa)
+    attention: str = "auto"
     shard_rows: int = 256  # rows per Arrow shard: the unit of work handed to a worker
 
     def __post_init__(self) -> None:
         _check_choice("engine.kind", self.kind, ("continuous", "generate"))
-        _check_choice("engine.attention", self.attention, ("sdpa", "live"))
+        _check_choice("engine.attention", self.attention, ("auto", "live", "sdpa"))
         for name in ("batch_size", "max_new_tokens", "prefill_tokens", "shard_rows"):
             _check_positive(f"engine.{name}", getattr(self, name))
 

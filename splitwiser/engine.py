@@ -113,7 +113,7 @@ class ContinuousEngine:
         self.cfg, self.device, self.tokenizer = cfg, loaded.device, loaded.tokenizer
         slots, device = cfg.batch_size, loaded.device
         max_len = -(-(max_prompt_tokens + cfg.max_new_tokens) // 16) * 16  # aligned rows for attention kernels
-        self.runner = SlotRunner(loaded.model, slots=slots, max_len=max_len, live_attention=cfg.attention == "live")
+        self.runner = SlotRunner(loaded.model, slots=slots, max_len=max_len, live_attention=cfg.attention != "sdpa")
         # Per-slot state lives on the device, so that a decode step (bookkeeping included) is one
         # CUDA graph and the host reads back only which slots finished.
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # last token: the next input

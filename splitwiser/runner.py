@@ -11,11 +11,15 @@ synchronisation, so it can be captured in a CUDA graph.
 Supported: Llama-style models (Llama, SmolLM2, Mistral without sliding window, Qwen2) and OPT.
 """
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from splitwiser import kernels
+
+log = logging.getLogger(__name__)
 
 
 class UnsupportedModel(Exception):
@@ -129,6 +133,8 @@ class SlotRunner:
         self.group = self.arch.num_heads // self.arch.num_kv_heads  # query heads per kv head
         head_dim = self.arch.head_dim
         self.live_attention = live_attention and kernels.available(self.device) and head_dim & (head_dim - 1) == 0
+        if live_attention and not self.live_attention and self.device.type == "cuda":
+            log.warning("live attention needs Triton and a power-of-two head size: using SDPA")
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
