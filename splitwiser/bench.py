@@ -34,6 +34,7 @@ class System:
     requests: int | None = None  # fewer than the preset's, for the slow baselines
     cuda_graphs: bool = True
     attention: str = "auto"  # continuous: auto | live | sdpa
+    repeats: int = 1  # timed runs; the median is reported (short runs are noisy)
 
 
 class GenerateBatchEngine:
@@ -91,13 +92,18 @@ def measure(system: System, loaded: LoadedModel, prompts: list[list[int]], max_n
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     engine = make_system(system, loaded, max_new_tokens, max(len(p) for p in prompts))
-    list(engine.run(prompts[:system.batch_size]))  # warm-up: compilation, graph capture, allocator
+    if hasattr(engine, "warm_up"):
+        engine.warm_up()  # every CUDA graph captured, kernels compiled
+    list(engine.run(prompts[:system.batch_size]))  # warm-up: compilation, allocator
     synchronize()
     warmup_s = time.perf_counter() - start
-    run_start = time.perf_counter_ns()
-    results = [generation for _, generation in engine.run(prompts)]
-    synchronize()
-    run_s = (time.perf_counter_ns() - run_start) / 1e9
+    runs = []
+    for _ in range(system.repeats):
+        run_start = time.perf_counter_ns()
+        results = [generation for _, generation in engine.run(prompts)]
+        synchronize()
+        runs.append(((time.perf_counter_ns() - run_start) / 1e9, run_start, results))
+    run_s, run_start, results = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
     tokens = sum(len(g.token_ids) for g in results)
     latency = [(g.finish_ns - run_start) / 1e6 for g in results]  # every request is there at the start
     ttft = [(g.first_token_ns - run_start) / 1e6 for g in results]
@@ -106,7 +112,7 @@ def measure(system: System, loaded: LoadedModel, prompts: list[list[int]], max_n
         "system": system.name, "batch_size": system.batch_size, "cuda_graphs": system.cuda_graphs,
         "attention": system.attention, "requests": len(prompts), "max_new_tokens": max_new_tokens, "generated_tokens": tokens,
         "all_lengths_full": all(len(g.token_ids) == max_new_tokens for g in results),
-        "warmup_s": round(warmup_s, 3), "run_s": round(run_s, 3), "tokens_per_s": round(tokens / run_s, 1),
+        "warmup_s": round(warmup_s, 3), "run_s": round(run_s, 3), "runs_s": [round(r[0], 3) for r in runs], "tokens_per_s": round(tokens / run_s, 1),
         "latency_p50_ms": round(percentile(latency, 50), 1), "latency_p99_ms": round(percentile(latency, 99), 1),
         "ttft_p50_ms": round(percentile(ttft, 50), 1), "ttft_p99_ms": round(percentile(ttft, 99), 1),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,

@@ -115,13 +115,29 @@ def environment(loaded: LoadedModel) -> dict:
     }
 
 
+class Stages:
+    """Seconds spent in each stage of a run, for the manifest."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.mark = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.mark, 3)
+        self.mark = now
+
+
 def run(job: JobConfig) -> dict:
     started = datetime.now(timezone.utc)
     start_ns = time.perf_counter_ns()
+    stages = Stages()
     out = OutputDir(job.output.dir, job.output.overwrite)
     out.check_same_job(fingerprint(job))
     rows = read_dataset(job.data)  # before the model: a bad path or column fails in a second
+    stages.done("read_s")
     loaded = load_model(job.model)
+    stages.done("load_model_s")
 
     done = out.done_ids()
     max_prompt = loaded.context_length - job.engine.max_new_tokens
@@ -130,19 +146,23 @@ def run(job: JobConfig) -> dict:
              len(rows), len(done), len(requests), len(errors))
     shards = out.path / "shards"
     unit_count = write_shards(requests, shards, job.engine.shard_rows)
+    stages.done("prepare_s")
 
     previous = out.previous_manifest() or {}
     runs = previous.get("runs", [])
     engine = make_engine(loaded, job.engine, max(requests["prompt_tokens"], default=1))
-    generate_start = time.perf_counter()
+    if len(requests) and hasattr(engine, "warm_up"):
+        engine.warm_up()
+    stages.done("warm_up_s")
     with Progress(len(requests), job.output.progress) as progress:
         generated = generate_units(engine, shards, list(range(unit_count)), unit_count, out,
                                    worker=0, run_index=len(runs), job_start_ns=start_ns, progress=progress)
-    generate_s = time.perf_counter() - generate_start
+    stages.done("generate_s")
+    generate_s = stages.seconds["generate_s"]
 
     wall_s = (time.perf_counter_ns() - start_ns) / 1e9
     runs.append({
-        "started": started.isoformat(), "wall_s": round(wall_s, 3), "generate_s": round(generate_s, 3),
+        "started": started.isoformat(), "wall_s": round(wall_s, 3), "stages": stages.seconds,
         "rows_generated": len(requests), "rows_skipped_done": len(done), "generated_tokens": generated,
         "generated_tokens_per_s": round(generated / generate_s, 1) if generate_s > 0 else None,
         "job_tokens_per_s": round(generated / wall_s, 1),

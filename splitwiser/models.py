@@ -141,7 +141,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.weights == "random":
         config = random_weights_config(cfg, source)
         torch.manual_seed(0)  # the same random model in every process and run
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with device:  # initialised where it runs: seconds faster on a GPU than on the CPU
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         model = _from_pretrained(AutoModelForCausalLM, source, "model.path", dtype=dtype)
     model.to(device).eval()
