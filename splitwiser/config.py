@@ -86,7 +86,10 @@ class PromptConfig:
 class EngineConfig:
     # continuous: KV slots + continuous batching + CUDA graphs; generate: transformers' generate.
     kind: str = "continuous"
-    batch_size: int = 16  # continuous: KV slots (the running batch); generate: requests per batch
+    # continuous: KV slots (the running batch); generate: requests per batch. auto: 16 on CPU; on a GPU
+    # 256 for generate, and for continuous the most slots (up to 2048) whose KV cache fits in half
+    # the free memory; the choice is in the manifest.
+    batch_size: Any = "auto"
     max_new_tokens: int = 64
     ignore_eos: bool = False  # always generate max_new_tokens (fixed-length timing runs)
     prefill_tokens: int = 8192  # continuous: padded prompt tokens per prefill forward
@@ -99,7 +102,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check_choice("engine.kind", self.kind, ("continuous", "generate"))
         _check_choice("engine.attention", self.attention, ("auto", "live", "sdpa"))
-        for name in ("batch_size", "max_new_tokens", "prefill_tokens", "shard_rows"):
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise UserError(f"engine.batch_size={self.batch_size}: must be auto or at least 1")
+        for name in ("max_new_tokens", "prefill_tokens", "shard_rows"):
             _check_positive(f"engine.{name}", getattr(self, name))
 
 

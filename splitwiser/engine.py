@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import count, islice
 
 import torch
@@ -250,7 +250,29 @@ class ContinuousEngine:
         return graph
 
 
-def make_engine(loaded: LoadedModel, cfg: EngineConfig, max_prompt_tokens: int):
+def resolve_batch_size(loaded: LoadedModel, cfg: EngineConfig, max_len: int, requests: int) -> int:
+    """engine.batch_size=auto, from the device and the job (measured: bench/RESULTS.md)."""
+    if cfg.batch_size != "auto":
+        return cfg.batch_size
+    if loaded.device.type != "cuda":
+        return 16
+    if cfg.kind == "generate":
+        return 256
+    config = loaded.model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    slot_bytes = 2 * config.num_hidden_layers * kv_heads * head_dim * max_len * loaded.dtype.itemsize
+    free_bytes = torch.cuda.mem_get_info(loaded.device)[0]
+    slots = 2048  # the best of the sweep on an H100 for both models
+    while slots > 8 and (slots * slot_bytes > free_bytes / 2 or slots // 2 >= requests):
+        slots //= 2
+    return slots
+
+
+def make_engine(loaded: LoadedModel, cfg: EngineConfig, max_prompt_tokens: int, requests: int):
+    """The configured engine, with engine.batch_size resolved (engine.cfg.batch_size is the number)."""
+    cfg = replace(cfg, batch_size=resolve_batch_size(loaded, cfg, max_prompt_tokens + cfg.max_new_tokens, requests))
     if cfg.kind == "generate":
         return GenerateEngine(loaded, cfg)
     try:

@@ -150,7 +150,7 @@ def run(job: JobConfig) -> dict:
 
     previous = out.previous_manifest() or {}
     runs = previous.get("runs", [])
-    engine = make_engine(loaded, job.engine, max(requests["prompt_tokens"], default=1))
+    engine = make_engine(loaded, job.engine, max(requests["prompt_tokens"], default=1), len(requests))
     if len(requests) and hasattr(engine, "warm_up"):
         engine.warm_up()
     stages.done("warm_up_s")
@@ -163,6 +163,7 @@ def run(job: JobConfig) -> dict:
     wall_s = (time.perf_counter_ns() - start_ns) / 1e9
     runs.append({
         "started": started.isoformat(), "wall_s": round(wall_s, 3), "stages": stages.seconds,
+        "engine": {"kind": type(engine).__name__, "batch_size": engine.cfg.batch_size},
         "rows_generated": len(requests), "rows_skipped_done": len(done), "generated_tokens": generated,
         "generated_tokens_per_s": round(generated / generate_s, 1) if generate_s > 0 else None,
         "job_tokens_per_s": round(generated / wall_s, 1),

@@ -51,6 +51,7 @@ def write_report(rows: list[dict], path: Path, results: Path) -> None:
         plot = path.parent / f"throughput-{model}-{new_tokens}.png"
         figure, axes = plt.subplots(figsize=(8, 0.4 * len(ok) + 1.2))
         axes.barh([label(r) for r in ok], [r["tokens_per_s"] for r in ok], color="tab:blue")
+        axes.invert_yaxis()  # the grid order, top to bottom
         axes.set_xscale("log")
         axes.set_xlabel("generated tokens/s (log scale)")
         axes.set_title(f"{model}, {new_tokens} new tokens, {first['device_name']}")
