@@ -1,0 +1,20 @@
+"""The benchmark's quick preset runs on CPU and writes its results, report and plots."""
+
+import pyarrow.parquet as pq
+
+from conftest import run_cli
+
+
+def test_quick_benchmark_writes_results_report_and_plots(tmp_path, default_model):
+    result = run_cli("preset=quick", f"results_dir={tmp_path}/results", f"report={tmp_path}/RESULTS.md",
+                     f"tokenizer={default_model.source}", module="jobs.bench")
+    assert result.returncode == 0, result.stderr
+    [results] = (tmp_path / "results").glob("*-quick.parquet")
+    rows = pq.read_table(results).to_pylist()
+    assert {(r["model"], r["system"]) for r in rows} == {
+        (m, s) for m in ("opt125m", "smollm2_135m") for s in ("generate", "continuous")}
+    assert all(r["generated_tokens"] == 8 * 4 and r["all_lengths_full"] and r["tokens_per_s"] > 0 for r in rows)
+    assert all(r["git_commit"] and r["command"].startswith("python -m jobs.bench preset=quick") for r in rows)
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "## opt125m, 4 new tokens" in report and "## smollm2_135m, 4 new tokens" in report
+    assert (tmp_path / "throughput-opt125m-4.png").stat().st_size > 1000
