@@ -1,6 +1,8 @@
 """The job: python -m jobs.run [Hydra overrides], e.g. model=opt125m data.limit=100 engine.batch_size=32."""
 
 import logging
+import signal
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -15,6 +17,9 @@ log = logging.getLogger("splitwiser")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @user_errors_in_one_line
 def main(cfg: DictConfig) -> None:
+    # SIGTERM (scancel, a preempted node, kill) unwinds like Ctrl-C: workers and an MPS daemon this
+    # job started are stopped; finished batches are already on disk, and a rerun resumes.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     manifest = run(to_job_config(cfg))
     last = manifest["runs"][-1]
     log.info("done: %d rows ok, %d failed, %d generated this run at %s tokens/s; wrote %s",

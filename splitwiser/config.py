@@ -116,23 +116,42 @@ class OutputConfig:
 
 
 @dataclass
+class MPSConfig:
+    # auto: MPS when the job runs several processes on a CUDA GPU and the MPS control binary is
+    # there, else off (said in the log and the manifest); on: the same, but fail at start if it
+    # cannot run; off: never.
+    mode: str = "auto"
+    active_thread_percentage: Optional[int] = None  # per-client share of the GPU's SMs (1-100)
+
+    def __post_init__(self) -> None:
+        _check_choice("mps", self.mode, ("auto", "on", "off"))
+        if self.active_thread_percentage is not None and not 1 <= self.active_thread_percentage <= 100:
+            raise UserError(f"mps.active_thread_percentage={self.active_thread_percentage}: must be 1-100")
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    procs: int = 1  # worker processes on the one device
-    mode: str = "single"  # single | colocated | split
-    mps: str = "auto"  # auto | on | off: NVIDIA MPS for the workers
+    mps: MPSConfig = field(default_factory=MPSConfig)
+    procs: int = 1  # worker processes on the one device, sharing one copy of the weights
+    # single: the engine in this process (procs=1); colocated: `procs` worker processes, each
+    # prefilling and decoding its own requests; split: prompt and token workers (not yet).
+    mode: str = "auto"  # auto: single for procs=1, else colocated
 
     def __post_init__(self) -> None:
         _check_positive("procs", self.procs)
-        _check_choice("mode", self.mode, ("single", "colocated", "split"))
-        _check_choice("mps", self.mps, ("auto", "on", "off"))
-        if self.mode != "single" or self.procs != 1:
-            raise UserError(f"mode={self.mode} procs={self.procs}: multi-process modes are not implemented yet; "
-                            "use mode=single procs=1")
+        _check_choice("mode", self.mode, ("auto", "single", "colocated", "split"))
+        if self.mode == "auto":
+            self.mode = "single" if self.procs == 1 else "colocated"
+        if self.mode == "single" and self.procs != 1:
+            raise UserError(f"mode=single runs one process, procs={self.procs}; use mode=colocated")
+        if self.mode == "split":
+            raise UserError("mode=split (prompt workers handing KV caches to token workers) is not implemented yet; "
+                            "use mode=colocated")
 
 
 def register_configs() -> None:

@@ -250,8 +250,9 @@ class ContinuousEngine:
         return graph
 
 
-def resolve_batch_size(loaded: LoadedModel, cfg: EngineConfig, max_len: int, requests: int) -> int:
-    """engine.batch_size=auto, from the device and the job (measured: bench/RESULTS.md)."""
+def resolve_batch_size(loaded: LoadedModel, cfg: EngineConfig, max_len: int, requests: int, share: int = 1) -> int:
+    """engine.batch_size=auto, from the device and the job (measured: bench/RESULTS.md); `share`:
+    how many engines (worker processes) split the GPU's memory."""
     if cfg.batch_size != "auto":
         return cfg.batch_size
     if loaded.device.type != "cuda":
@@ -265,7 +266,7 @@ def resolve_batch_size(loaded: LoadedModel, cfg: EngineConfig, max_len: int, req
     slot_bytes = 2 * config.num_hidden_layers * kv_heads * head_dim * max_len * loaded.dtype.itemsize
     free_bytes = torch.cuda.mem_get_info(loaded.device)[0]
     slots = 2048  # the best of the sweep on an H100 for both models
-    while slots > 8 and (slots * slot_bytes > free_bytes / 2 or slots // 2 >= requests):
+    while slots > 8 and (slots * slot_bytes > free_bytes / (2 * share) or slots // 2 >= requests):
         slots //= 2
     return slots
 

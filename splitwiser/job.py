@@ -11,6 +11,7 @@ import subprocess
 import time
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -20,7 +21,9 @@ from splitwiser.config import JobConfig, to_plain_dict
 from splitwiser.data import load_unit, prepare_requests, read_dataset, write_shards
 from splitwiser.engine import Generation, make_engine
 from splitwiser.models import LoadedModel, load_model
+from splitwiser.mps import mps_session
 from splitwiser.output import OutputDir
+from splitwiser.workers import run_workers
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +58,30 @@ class Progress:
         self.bar.close()
 
 
-def generate_units(engine, shards: Path, units: list[int], unit_count: int, out: OutputDir,
-                   worker: int, run_index: int, job_start_ns: int, progress: Progress) -> int:
-    """Streams the requests of the given work units through the engine, writing a part file every
-    engine.batch_size finished rows; returns the number of tokens generated."""
-    pending: dict[int, dict] = {}  # requests handed to the engine, by their index in the stream
+def generate_units(engine, shards: Path, units: Iterable[int], unit_count: int, out: OutputDir, worker: int,
+                   run_index: int, job_start_ns: int, progress, unit_done=lambda unit: None) -> int:
+    """Streams the requests of `units` (read lazily: a worker pulls its next unit only when its engine
+    has room) through one engine run, writing a part file every engine.batch_size finished rows.
+    Calls unit_done(unit) once every row of that unit is on disk. Returns the tokens generated."""
+    pending: dict[int, tuple[int, dict]] = {}  # stream index → (unit, request)
+    outstanding: dict[int, int] = {}  # unit → rows handed to the engine and not yet on disk
+    streamed: set[int] = set()  # units whose every row has been handed to the engine
 
     def prompts():
-        requests = (row for unit in units for row in load_unit(shards, unit_count, unit))
-        for index, row in enumerate(requests):
-            pending[index] = row
-            yield row["input_ids"]
+        index = 0
+        for unit in units:
+            outstanding[unit] = 0
+            for row in load_unit(shards, unit_count, unit):
+                pending[index] = (unit, row)
+                outstanding[unit] += 1
+                index += 1
+                yield row["input_ids"]
+            streamed.add(unit)
+            if outstanding[unit] == 0:
+                unit_done(unit)
 
-    def flush(finished: list[tuple[dict, Generation]]) -> None:
-        texts = engine.tokenizer.batch_decode([g.token_ids for _, g in finished], skip_special_tokens=True)
+    def flush(finished: list[tuple[int, dict, Generation]]) -> None:
+        texts = engine.tokenizer.batch_decode([g.token_ids for _, _, g in finished], skip_special_tokens=True)
         ms = lambda ns: (ns - job_start_ns) / 1e6  # noqa: E731 (times relative to the run's start)
         out.write_part([{
             "id": row["id"], "reference": row.get("reference"), "prompt": row["prompt"], "generation": text.strip(),
@@ -77,12 +90,17 @@ def generate_units(engine, shards: Path, units: list[int], unit_count: int, out:
             "run": run_index, "batch_size": g.batch_size, "enqueue_ms": ms(g.enqueue_ns),
             "prefill_start_ms": ms(g.prefill_start_ns), "first_token_ms": ms(g.first_token_ns),
             "finish_ms": ms(g.finish_ns),
-        } for (row, g), text in zip(finished, texts)])
-        progress(len(finished), sum(len(g.token_ids) for _, g in finished))
+        } for (_, row, g), text in zip(finished, texts)])
+        progress(len(finished), sum(len(g.token_ids) for _, _, g in finished))
+        for unit, _, _ in finished:
+            outstanding[unit] -= 1
+            if outstanding[unit] == 0 and unit in streamed:
+                unit_done(unit)
 
     finished, generated = [], 0
     for index, generation in engine.run(prompts()):
-        finished.append((pending.pop(index), generation))
+        unit, row = pending.pop(index)
+        finished.append((unit, row, generation))
         generated += len(generation.token_ids)
         if len(finished) >= engine.cfg.batch_size:
             flush(finished)
@@ -136,34 +154,44 @@ def run(job: JobConfig) -> dict:
     out.check_same_job(fingerprint(job))
     rows = read_dataset(job.data)  # before the model: a bad path or column fails in a second
     stages.done("read_s")
-    loaded = load_model(job.model)
-    stages.done("load_model_s")
+    # MPS before the model: the parent's CUDA context must be an MPS client like its workers'.
+    with mps_session(job.mps, wanted=job.procs > 1) as mps:
+        loaded = load_model(job.model)
+        stages.done("load_model_s")
 
-    done = out.done_ids()
-    max_prompt = loaded.context_length - job.engine.max_new_tokens
-    requests, errors = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, done)
-    log.info("%d rows: %d already done, %d to generate, %d set aside (errors.parquet)",
-             len(rows), len(done), len(requests), len(errors))
-    shards = out.path / "shards"
-    unit_count = write_shards(requests, shards, job.engine.shard_rows)
-    stages.done("prepare_s")
+        done = out.done_ids()
+        max_prompt = loaded.context_length - job.engine.max_new_tokens
+        requests, errors = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, done)
+        log.info("%d rows: %d already done, %d to generate, %d set aside (errors.parquet)",
+                 len(rows), len(done), len(requests), len(errors))
+        shards = out.path / "shards"
+        # Units small enough that every worker gets several: one that finishes early takes more.
+        unit_rows = min(job.engine.shard_rows, max(1, -(-len(requests) // (4 * job.procs))))
+        unit_count = write_shards(requests, shards, unit_rows)
+        max_prompt_tokens = max(requests["prompt_tokens"], default=1)
+        stages.done("prepare_s")
 
-    previous = out.previous_manifest() or {}
-    runs = previous.get("runs", [])
-    engine = make_engine(loaded, job.engine, max(requests["prompt_tokens"], default=1), len(requests))
-    if len(requests) and hasattr(engine, "warm_up"):
-        engine.warm_up()
-    stages.done("warm_up_s")
-    with Progress(len(requests), job.output.progress) as progress:
-        generated = generate_units(engine, shards, list(range(unit_count)), unit_count, out,
-                                   worker=0, run_index=len(runs), job_start_ns=start_ns, progress=progress)
-    stages.done("generate_s")
+        runs = (out.previous_manifest() or {}).get("runs", [])
+        with Progress(len(requests), job.output.progress) as progress:
+            if job.mode == "single":
+                engine = make_engine(loaded, job.engine, max_prompt_tokens, len(requests))
+                if len(requests) and hasattr(engine, "warm_up"):
+                    engine.warm_up()
+                stages.done("warm_up_s")
+                engine_info = {"kind": type(engine).__name__, "batch_size": engine.cfg.batch_size}
+                generated = generate_units(engine, shards, list(range(unit_count)), unit_count, out, worker=0,
+                                           run_index=len(runs), job_start_ns=start_ns, progress=progress)
+            else:  # each worker builds and warms up its own engine: part of generate_s here
+                engine_info = {"kind": f"{job.procs} x {job.engine.kind} ({job.mode})"}
+                generated = run_workers(loaded, job.engine, job.procs, max_prompt_tokens, len(requests), shards,
+                                        unit_count, out, len(runs), start_ns, progress) if unit_count else 0
+        stages.done("generate_s")
     generate_s = stages.seconds["generate_s"]
 
     wall_s = (time.perf_counter_ns() - start_ns) / 1e9
     runs.append({
         "started": started.isoformat(), "wall_s": round(wall_s, 3), "stages": stages.seconds,
-        "engine": {"kind": type(engine).__name__, "batch_size": engine.cfg.batch_size},
+        "engine": engine_info, "procs": job.procs, "mode": job.mode, "mps": mps.note,
         "rows_generated": len(requests), "rows_skipped_done": len(done), "generated_tokens": generated,
         "generated_tokens_per_s": round(generated / generate_s, 1) if generate_s > 0 else None,
         "job_tokens_per_s": round(generated / wall_s, 1),

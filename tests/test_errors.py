@@ -74,7 +74,7 @@ def test_output_dir_under_a_file(tmp_path):
     ("engine.batch_size=many", "engine.batch_size=many: must be auto or at least 1"),
     ("model.dtype=float8", "model.dtype=float8 is not one of"),
     ("prompt.template='{text} {date}'", "prompt.template must contain {text} and no other placeholder; it has date, text"),
-    ("mode=split", "not implemented yet"),
+    ("mode=split", "mode=split (prompt workers handing KV caches to token workers) is not implemented yet"),
 ])
 def test_nonsensical_config_values(tmp_path, override, message):
     assert_user_error(run_cli(override, f"output.dir={tmp_path}/o"), message)

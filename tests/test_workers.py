@@ -1,0 +1,95 @@
+"""procs=N worker processes over one shared model (CPU: shared memory), on the real model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, job_config, sample_rows, write_csv
+from splitwiser.job import run
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes, less multiprocessing's resource tracker (it lives as long as its parent)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid and fields[0] != "Z" and b"resource_tracker" not in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except (OSError, IndexError):
+                pass
+    return found
+
+
+def outputs(out: Path) -> dict[str, list[int]]:
+    table = pq.read_table(out / "generations.parquet")
+    return dict(zip(table["id"].to_pylist(), table["output_token_ids"].to_pylist()))
+
+
+@pytest.fixture(scope="module")
+def single_outputs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    run(job_config("data.limit=8", f"output.dir={out}", "engine.max_new_tokens=8"))
+    return outputs(out)
+
+
+@pytest.mark.parametrize("procs", [1, 2, 3])
+def test_colocated_workers_give_the_single_process_outputs(tmp_path, single_outputs, procs):
+    manifest = run(job_config("data.limit=8", f"output.dir={tmp_path}", "engine.max_new_tokens=8",
+                              f"procs={procs}", "mode=colocated", "engine.batch_size=2"))
+    assert outputs(tmp_path) == single_outputs
+    assert manifest["rows"] == {"input": 8, "ok": 8, "failed": 0}
+    last = manifest["runs"][-1]
+    assert last["mode"] == "colocated" and last["procs"] == procs
+    assert last["mps"] == ("off (the job runs one process)" if procs == 1 else "off (no CUDA GPU)")
+    assert last["generated_tokens"] == sum(map(len, single_outputs.values()))
+    # Which workers did the rows depends on who started first: a short job may go to one alone.
+    assert set(pq.read_table(tmp_path / "generations.parquet")["worker"].to_pylist()) <= set(range(procs))
+    assert not children_of(os.getpid()), "worker processes left behind"
+
+
+def test_a_killed_worker_loses_no_rows(tmp_path):
+    """SIGKILL one worker mid-run: its units go back to the queue, every row ends up once."""
+    data = write_csv(tmp_path / "d.csv", sample_rows(16))
+    out = tmp_path / "out"
+    job = subprocess.Popen([sys.executable, "-m", "jobs.run", f"data.path={data}", f"output.dir={out}", "procs=2",
+                            "engine.batch_size=2", "engine.max_new_tokens=24", "output.progress=false"],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((out / "parts").glob("*.parquet"))) < 1:
+        time.sleep(0.1)
+    workers = children_of(job.pid)
+    workers = sorted(p for p in workers if b"multiprocessing" in Path(f"/proc/{p}/cmdline").read_bytes())
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)  # worker 0: started first
+    log, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, log
+    assert "goes back in the queue" in log or "go back in the queue" in log
+    generations = pq.read_table(out / "generations.parquet")
+    assert sorted(generations["id"].to_pylist()) == sorted(r["id"] for r in sample_rows(16))
+    assert 1 in generations["worker"].to_pylist()  # the survivor took over
+    assert json.loads((out / "manifest.json").read_text())["rows"] == {"input": 16, "ok": 16, "failed": 0}
+
+
+def test_mps_on_without_a_gpu_fails_at_start(tmp_path):
+    from conftest import run_cli
+    result = run_cli("procs=2", "mps=on", f"output.dir={tmp_path}", "data.limit=2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: mps=on but MPS cannot run here: no CUDA GPU; use mps=auto or mps=off")
+    assert not (tmp_path / "parts").exists() or not list((tmp_path / "parts").iterdir())
+
+
+def test_single_mode_with_several_procs_is_refused(tmp_path):
+    from conftest import run_cli
+    result = run_cli("procs=2", "mode=single", f"output.dir={tmp_path}")
+    assert result.returncode == 2
+    assert "mode=single runs one process, procs=2; use mode=colocated" in result.stderr
