@@ -2,36 +2,42 @@
 # The paper's comparison on one GPU: N processes over one shared model, MPS off/on, with
 # transformers' generate (batch 20, the paper's setting) and with Splitwiser's engine. Each
 # configuration is its own `jobs.run` process (an MPS daemon lives as long as its clients).
-#   bash bench/paper_sweep.sh OUT_DIR TOKENIZER_DIR [REQUESTS]
+# Prints one markdown row per configuration as it finishes.
+#   bash bench/paper_sweep.sh WORK_DIR TOKENIZER_DIR [REQUESTS]
 set -uo pipefail
-out=${1:?output dir}; tokenizer=${2:?tokenizer dir}; requests=${3:-400}
-mkdir -p "$out"
-python3 data/make_radiology.py --rows "$requests" --out "$out/data.csv" >/dev/null
+work=${1:?work dir}; tokenizer=${2:?tokenizer dir}; requests=${3:-400}
+mkdir -p "$work"
+python3 data/make_radiology.py --rows "$requests" --out "$work/data.csv" >/dev/null
+echo "| run | generated tokens/s | generate s | latency p50 ms | latency p99 ms | run wall s | mps |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
 run() {  # name, overrides...
   local name=$1; shift
-  python3 -m jobs.run model=opt125m model.weights=random model.tokenizer="$tokenizer" data.path="$out/data.csv" \
-    engine.ignore_eos=true engine.max_new_tokens=64 output.progress=false output.dir="$out/$name" "$@" \
-    >"$out/$name.log" 2>&1 || echo "$name failed: $(tail -1 "$out/$name.log")"
+  if python3 -m jobs.run model=opt125m model.weights=random model.tokenizer="$tokenizer" data.path="$work/data.csv" \
+      engine.ignore_eos=true engine.max_new_tokens=64 output.progress=false output.dir="$work/$name" "$@" \
+      >"$work/$name.log" 2>&1; then
+    python3 - "$work/$name" <<'PY'
+import json, sys
+from pathlib import Path
+import pyarrow.compute as pc, pyarrow.parquet as pq
+out = Path(sys.argv[1])
+run = json.loads((out / "manifest.json").read_text())["runs"][-1]
+timing = pq.read_table(out / "timing.parquet")
+latency = pc.subtract(timing["finish_ms"], pc.min(timing["prefill_start_ms"]))  # from the first prefill
+p50, p99 = (round(pc.quantile(latency, q=q)[0].as_py()) for q in (0.5, 0.99))
+print(f"| {out.name} | {run['generated_tokens_per_s']:,.0f} | {run['stages']['generate_s']} | {p50} | {p99} | {run['wall_s']} | {run['mps']} |")
+PY
+  else
+    echo "| $name | failed: $(tail -1 "$work/$name.log") |"
+  fi
 }
 for procs in 1 2 4 8; do
   for mps in off on; do
     run "generate-b20-p$procs-mps$mps" engine.kind=generate engine.batch_size=20 procs=$procs mode=colocated mps=$mps
   done
 done
+run "continuous-single" mode=single
 for procs in 1 2 4; do
   for mps in off on; do
     run "continuous-p$procs-mps$mps" procs=$procs mode=colocated mps=$mps
   done
 done
-run "continuous-single" mode=single
-python3 - "$out" <<'PY'
-import json, sys
-from pathlib import Path
-rows = []
-for manifest in sorted(Path(sys.argv[1]).glob("*/manifest.json")):
-    run = json.loads(manifest.read_text())["runs"][-1]
-    rows.append((manifest.parent.name, run["generated_tokens_per_s"], run["stages"]["generate_s"], run["wall_s"], run["mps"]))
-print("| run | generated tokens/s | generate s | run wall s | mps |\n| --- | --- | --- | --- | --- |")
-for row in rows:
-    print("| " + " | ".join(map(str, row)) + " |")
-PY
