@@ -49,13 +49,14 @@ def daemon_answers(binary: str) -> bool:
 
 @contextlib.contextmanager
 def mps_session(cfg: MPSConfig, wanted: bool) -> Iterator[MPSState]:
-    """MPS for the duration of the block. `wanted`: the job runs several processes on a CUDA device."""
+    """MPS for the duration of the block. `wanted`: the job runs several processes (mps=auto starts
+    MPS only then; mps=on starts it regardless)."""
     if cfg.mode == "off":
         yield MPSState(False, "off (mps=off)")
         return
     binary = control_binary()
-    reason = ("the job runs one process" if not wanted else "no CUDA GPU" if not torch.cuda.is_available()
-              else f"{CONTROL} not found" if binary is None else None)
+    reason = ("no CUDA GPU" if not torch.cuda.is_available() else f"{CONTROL} not found" if binary is None
+              else "the job runs one process" if not wanted and cfg.mode == "auto" else None)
     if reason:
         if cfg.mode == "on":
             raise UserError(f"mps=on but MPS cannot run here: {reason}; use mps=auto or mps=off")
