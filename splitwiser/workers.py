@@ -10,6 +10,7 @@ if work is left and no worker is alive. Workers always exit before the parent re
 shared CUDA tensor is released while a worker still uses it.
 """
 
+import gc
 import logging
 import queue
 import traceback
@@ -27,12 +28,17 @@ from splitwiser.output import OutputDir
 log = logging.getLogger(__name__)
 
 
-def worker_main(rank: int, loaded: LoadedModel, cfg: EngineConfig, max_prompt_tokens: int, requests: int,
-                shards: Path, unit_count: int, out_path: Path, run_index: int, job_start_ns: int, threads: int,
-                units: mp.Queue, events: mp.Queue) -> None:
+def worker_main(rank: int, model_holder: list[LoadedModel], cfg: EngineConfig, max_prompt_tokens: int,
+                requests: int, shards: Path, unit_count: int, out_path: Path, run_index: int, job_start_ns: int,
+                threads: int, units: mp.Queue, events: mp.Queue) -> None:
     """One worker: its engine over units from the queue, until the queue is empty."""
     from splitwiser.job import generate_units  # here: job.py imports this module
 
+    # The model arrives in a list that the worker empties: multiprocessing keeps a process's
+    # arguments until it exits, and shared CUDA tensors still referenced at exit are never
+    # released to the parent (PyTorch warns "producer process terminated before all shared CUDA
+    # tensors released"). Dropping every reference before returning releases them.
+    loaded = model_holder.pop()
     try:
         torch.set_num_threads(threads)
         engine = make_engine(loaded, cfg, max_prompt_tokens, requests)
@@ -52,6 +58,10 @@ def worker_main(rank: int, loaded: LoadedModel, cfg: EngineConfig, max_prompt_to
         generate_units(engine, shards, take_units(), unit_count, out, rank, run_index, job_start_ns,
                        progress=lambda rows, tokens: events.put(("progress", rank, rows, tokens)),
                        unit_done=lambda unit: events.put(("unit_done", rank, unit)))
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize(loaded.device)
+        del engine, loaded
+        gc.collect()
     except BaseException:  # reported to the parent, which fails the job with it
         events.put(("error", rank, traceback.format_exc()))
         raise SystemExit(1)
@@ -71,7 +81,7 @@ def run_workers(loaded: LoadedModel, cfg: EngineConfig, procs: int, max_prompt_t
     cfg = replace(cfg, batch_size=resolve_batch_size(loaded, cfg, max_prompt_tokens + cfg.max_new_tokens,
                                                      per_worker, share=procs))
     threads = max(1, torch.get_num_threads() // procs)  # CPU: share the cores instead of oversubscribing
-    args = (loaded, cfg, max_prompt_tokens, per_worker, shards, unit_count, out.path, run_index, job_start_ns,
+    args = ([loaded], cfg, max_prompt_tokens, per_worker, shards, unit_count, out.path, run_index, job_start_ns,
             threads, units, events)
     workers = {rank: context.Process(target=worker_main, args=(rank, *args), name=f"splitwiser-worker-{rank}")
                for rank in range(procs)}
