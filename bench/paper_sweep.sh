@@ -37,8 +37,6 @@ for procs in 1 2 4 8; do
   done
 done
 run "continuous-single" mode=single
-for procs in 1 2 4; do
-  for mps in off on; do
-    run "continuous-p$procs-mps$mps" procs=$procs mode=colocated mps=$mps
-  done
-done
+run "continuous-p2-mpsoff" procs=2 mode=colocated mps=off
+run "continuous-p2-mpson" procs=2 mode=colocated mps=on
+run "continuous-p4-mpson" procs=4 mode=colocated mps=on
