@@ -46,6 +46,9 @@ class GenerateBatchEngine:
                                        eos_token_id=None if cfg.ignore_eos else loaded.tokenizer.eos_token_id,
                                        pad_token_id=loaded.tokenizer.pad_token_id)
 
+    def warm_up(self) -> None:
+        """generate_batch warms itself up (its own CUDA graphs) on every call."""
+
     def run(self, prompts):
         prompts = list(prompts)
         start = time.perf_counter_ns()
@@ -92,8 +95,7 @@ def measure(system: System, loaded: LoadedModel, prompts: list[list[int]], max_n
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     engine = make_system(system, loaded, max_new_tokens, max(len(p) for p in prompts))
-    if hasattr(engine, "warm_up"):
-        engine.warm_up()  # every CUDA graph captured, kernels compiled
+    engine.warm_up()  # every CUDA graph captured, kernels compiled
     list(engine.run(prompts[:system.batch_size]))  # warm-up: compilation, allocator
     synchronize()
     warmup_s = time.perf_counter() - start

@@ -175,7 +175,7 @@ def run(job: JobConfig) -> dict:
         with Progress(len(requests), job.output.progress) as progress:
             if job.mode == "single":
                 engine = make_engine(loaded, job.engine, max_prompt_tokens, len(requests))
-                if len(requests) and hasattr(engine, "warm_up"):
+                if len(requests):
                     engine.warm_up()
                 stages.done("warm_up_s")
                 engine_info = {"kind": type(engine).__name__, "batch_size": engine.cfg.batch_size}

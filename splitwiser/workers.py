@@ -42,8 +42,7 @@ def worker_main(rank: int, model_holder: list[LoadedModel], cfg: EngineConfig, m
     try:
         torch.set_num_threads(threads)
         engine = make_engine(loaded, cfg, max_prompt_tokens, requests)
-        if hasattr(engine, "warm_up"):
-            engine.warm_up()
+        engine.warm_up()
         out = OutputDir(str(out_path), overwrite=False)
 
         def take_units():  # pulled lazily by the engine, as its slots free up
