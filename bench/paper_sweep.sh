@@ -2,6 +2,7 @@
 # The paper's comparison on one GPU: N processes over one shared model, MPS off/on, with
 # transformers' generate (batch 20, the paper's setting) and with Splitwiser's engine. Each
 # configuration is its own `jobs.run` process (an MPS daemon lives as long as its clients).
+# Plain prompts, as jobs.bench gives OPT (the offline stand-in tokenizer has a chat template).
 # Prints one markdown row per configuration as it finishes.
 #   bash bench/paper_sweep.sh WORK_DIR TOKENIZER_DIR [REQUESTS]
 set -uo pipefail
@@ -13,7 +14,7 @@ echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 run() {  # name, overrides...
   local name=$1; shift
   if python3 -m jobs.run model=opt125m model.weights=random model.tokenizer="$tokenizer" data.path="$work/data.csv" \
-      engine.ignore_eos=true engine.max_new_tokens=64 output.progress=false output.dir="$work/$name" "$@" \
+      prompt.style=plain engine.ignore_eos=true engine.max_new_tokens=64 output.progress=false output.dir="$work/$name" "$@" \
       >"$work/$name.log" 2>&1; then
     python3 - "$work/$name" "$(grep -c 'shared CUDA tensors released' "$work/$name.log")" <<'PY'
 import json, sys

@@ -130,6 +130,11 @@ def write_shards(requests: Dataset, directory: Path, shard_rows: int) -> int:
     return units if len(requests) else 0
 
 
-def load_unit(directory: Path, units: int, index: int) -> Dataset:
-    """Work unit `index` of `units`: a contiguous slice of the (length-sorted) shards."""
-    return load_from_disk(str(directory)).shard(num_shards=units, index=index, contiguous=True)
+def load_shards(directory: Path) -> Dataset:
+    """The requests written by write_shards, memory-mapped."""
+    return load_from_disk(str(directory))
+
+
+def work_unit(requests: Dataset, units: int, index: int) -> Dataset:
+    """Work unit `index` of `units`: a contiguous slice of the (length-sorted) requests."""
+    return requests.shard(num_shards=units, index=index, contiguous=True)

@@ -25,7 +25,7 @@ import torch
 
 from splitwiser.config import EngineConfig
 from splitwiser.models import LoadedModel
-from splitwiser.runner import SlotRunner, UnsupportedModel
+from splitwiser.runner import SlotRunner, UnsupportedModel, kv_slot_bytes
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class ContinuousEngine:
         self.positions[slot_ids] = torch.tensor(lengths, device=self.device)
         self.generated[slot_ids] = 1
         self.output[slot_ids, 0] = first
-        self.finished[slot_ids] = (self.generated[slot_ids] >= self.cfg.max_new_tokens) | torch.isin(first, self.eos)
+        self.finished[slot_ids] = torch.isin(first, self.eos) | (self.cfg.max_new_tokens == 1)
         self.active[slot_ids] = ~self.finished[slot_ids]
         now = time.perf_counter_ns()
         for slot, (index, _, enqueued) in zip(slots, group):
@@ -263,11 +263,7 @@ def resolve_batch_size(loaded: LoadedModel, cfg: EngineConfig, max_len: int, req
         return 16
     if cfg.kind == "generate":
         return 256
-    config = loaded.model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    slot_bytes = 2 * config.num_hidden_layers * kv_heads * head_dim * max_len * loaded.dtype.itemsize
+    slot_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, max_len)
     free_bytes = torch.cuda.mem_get_info(loaded.device)[0]
     slots = 2048  # the best of the sweep on an H100 for both models
     while slots > 8 and (slots * slot_bytes > free_bytes / (2 * share) or slots // 2 >= requests):

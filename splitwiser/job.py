@@ -10,15 +10,15 @@ import platform
 import subprocess
 import time
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from collections.abc import Iterable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from splitwiser.config import JobConfig, to_plain_dict
-from splitwiser.data import load_unit, prepare_requests, read_dataset, write_shards
+from splitwiser.data import load_shards, prepare_requests, read_dataset, work_unit, write_shards
 from splitwiser.engine import Generation, make_engine
 from splitwiser.models import LoadedModel, load_model
 from splitwiser.mps import mps_session
@@ -68,10 +68,10 @@ def generate_units(engine, shards: Path, units: Iterable[int], unit_count: int, 
     streamed: set[int] = set()  # units whose every row has been handed to the engine
 
     def prompts():
-        index = 0
+        requests, index = load_shards(shards), 0
         for unit in units:
             outstanding[unit] = 0
-            for row in load_unit(shards, unit_count, unit):
+            for row in work_unit(requests, unit_count, unit):
                 pending[index] = (unit, row)
                 outstanding[unit] += 1
                 index += 1
@@ -172,17 +172,19 @@ def run(job: JobConfig) -> dict:
         stages.done("prepare_s")
 
         runs = (out.previous_manifest() or {}).get("runs", [])
+        if job.mode == "single":  # warmed up before the bar starts, so that its tokens/s is generation's
+            engine = make_engine(loaded, job.engine, max_prompt_tokens, len(requests))
+            if len(requests):
+                engine.warm_up()
+            stages.done("warm_up_s")
+            engine_info = {"kind": type(engine).__name__, "batch_size": engine.cfg.batch_size}
+        else:  # each worker builds and warms up its own engine: part of generate_s here
+            engine_info = {"kind": f"{job.procs} x {job.engine.kind} ({job.mode})"}
         with Progress(len(requests), job.output.progress) as progress:
             if job.mode == "single":
-                engine = make_engine(loaded, job.engine, max_prompt_tokens, len(requests))
-                if len(requests):
-                    engine.warm_up()
-                stages.done("warm_up_s")
-                engine_info = {"kind": type(engine).__name__, "batch_size": engine.cfg.batch_size}
                 generated = generate_units(engine, shards, list(range(unit_count)), unit_count, out, worker=0,
                                            run_index=len(runs), job_start_ns=start_ns, progress=progress)
-            else:  # each worker builds and warms up its own engine: part of generate_s here
-                engine_info = {"kind": f"{job.procs} x {job.engine.kind} ({job.mode})"}
+            else:
                 generated = run_workers(loaded, job.engine, job.procs, max_prompt_tokens, len(requests), shards,
                                         unit_count, out, len(runs), start_ns, progress) if unit_count else 0
         stages.done("generate_s")

@@ -30,15 +30,25 @@ class UnsupportedModel(Exception):
     pass
 
 
+def head_geometry(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) of a transformers config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def kv_slot_bytes(config, dtype: torch.dtype, max_len: int) -> int:
+    """Bytes of one KV slot of max_len positions, keys and values of every layer."""
+    _, kv_heads, head_dim = head_geometry(config)
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * max_len * dtype.itemsize
+
+
 class Architecture:
     """How one model family computes a layer; subclasses name the modules."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        config = model.config
-        self.num_heads = config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = head_geometry(model.config)
         self.lm_head = model.get_output_embeddings()
 
     def qkv(self, layer, x, positions):
@@ -140,9 +150,6 @@ class SlotRunner:
         if live_attention and not self.live_attention and self.device.type == "cuda":
             log.warning("live attention needs Triton and a power-of-two head size: using SDPA")
 
-    def kv_cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """tokens [G, T] right-padded prompts of `lengths`, for `slots` → first generated token [G]."""
@@ -167,7 +174,8 @@ class SlotRunner:
         """One step for slots 0..B-1: tokens [B] at positions [B] → next tokens [B]. Static shapes."""
         arch, batch = self.arch, tokens.shape[0]
         rows = torch.arange(batch, device=self.device)
-        visible = torch.arange(self.max_len, device=self.device) <= positions[:, None]  # [B, L], for SDPA
+        if not self.live_attention:  # SDPA's mask [B, L]; the live kernel reads positions itself
+            visible = torch.arange(self.max_len, device=self.device) <= positions[:, None]
         x = arch.embed(tokens[:, None], positions[:, None])
         for layer, keys, values in zip(arch.layers, self.keys, self.values):
             q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions[:, None])

@@ -107,9 +107,10 @@ def run_workers(loaded: LoadedModel, cfg: EngineConfig, procs: int, max_prompt_t
                     finished_units.add(event[2])
                 elif kind == "error":
                     failures.append(event[2])
-                continue
+            # Every turn: while the others stream progress there may be no quiet second to wait for.
+            # Exit code 0 is a normal end whose last events may still be queued: not a death.
             for rank, worker in workers.items():
-                if not worker.is_alive() and current[rank]:  # died holding units: give them to the others
+                if worker.exitcode not in (None, 0) and current[rank]:  # died holding units: to the others
                     log.warning("worker %d exited (code %s) holding units %s: they go back in the queue",
                                 rank, worker.exitcode, sorted(current[rank]))
                     for unit in current[rank]:
