@@ -2,10 +2,13 @@
 
 import functools
 import sys
+import warnings
 
 from splitwiser.config import UserError, register_configs
 
 register_configs()
+# datasets' sort passes an option that pyarrow has deprecated: noise for the user, not theirs to fix.
+warnings.filterwarnings("ignore", message="Specifying null_placement in SortOptions", category=FutureWarning)
 
 
 def user_errors_in_one_line(main):

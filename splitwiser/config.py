@@ -54,9 +54,20 @@ class DataConfig:
     text_column: str = "findings"
     reference_column: Optional[str] = "impression"  # kept beside the generation, for comparison
     limit: Optional[int] = None  # only the first N rows
+    # Run only part `part` (0-based) of `parts` contiguous parts of the rows: one SLURM array task's
+    # share (slurm/array.sbatch); jobs.merge joins the parts' output directories.
+    part: int = 0
+    parts: int = 1
 
     def __post_init__(self) -> None:
         _check_positive("data.limit", self.limit)
+        _check_positive("data.parts", self.parts)
+        if not 0 <= self.part < self.parts:
+            raise UserError(f"data.part={self.part}: must be 0 to data.parts-1 ({self.parts - 1})")
+
+    def part_rows(self, rows: int) -> range:
+        """The row numbers of this part: contiguous, sizes differing by at most one."""
+        return range(rows * self.part // self.parts, rows * (self.part + 1) // self.parts)
 
 
 @dataclass

@@ -78,7 +78,8 @@ def prepare_requests(
     max_prompt_tokens: int,
     done_ids: set[str],
 ) -> tuple[Dataset, Dataset]:
-    """Returns (requests sorted by prompt length, errors), leaving out ids in done_ids.
+    """Returns (requests sorted by prompt length, errors) for the rows of data.part, leaving out ids
+    in done_ids. Ids are checked over the whole dataset, so a duplicate in another part is caught.
 
     A request has: id, reference (if configured), prompt, input_ids, prompt_tokens.
     """
@@ -93,7 +94,7 @@ def prepare_requests(
         out = {"id": [], "prompt": [], "input_ids": [], "prompt_tokens": [], "error": []}
         if data.reference_column:
             out["reference"] = [None if _missing(v) else str(v) for v in batch[data.reference_column]]
-        for index, text in zip(indices, batch[data.text_column]):
+        for index, text in zip((part.start + i for i in indices), batch[data.text_column]):
             row_id = ids[index]
             if row_id is None:
                 row_id, error = f"row:{index}", "missing id"
@@ -115,7 +116,8 @@ def prepare_requests(
             out["error"].append(error)
         return out
 
-    prepared = ds.map(to_request, batched=True, with_indices=True, remove_columns=ds.column_names)
+    part = data.part_rows(len(ds))
+    prepared = ds.select(part).map(to_request, batched=True, with_indices=True, remove_columns=ds.column_names)
     prepared = prepared.filter(lambda row_id: row_id not in done_ids, input_columns="id")
     errors = prepared.filter(lambda error: error is not None, input_columns="error").select_columns(["id", "error"])
     requests = prepared.filter(lambda error: error is None, input_columns="error").remove_columns("error")

@@ -33,7 +33,7 @@ def fingerprint(job: JobConfig) -> dict:
     return {
         "model": job.model.path, "weights": job.model.weights, "dtype": job.model.dtype,
         "tokenizer": job.model.tokenizer, "data": str(Path(job.data.path).expanduser().resolve()),
-        "text_column": job.data.text_column, "prompt": to_plain_dict(job.prompt),
+        "text_column": job.data.text_column, "part": [job.data.part, job.data.parts], "prompt": to_plain_dict(job.prompt),
         "max_new_tokens": job.engine.max_new_tokens, "ignore_eos": job.engine.ignore_eos,
     }
 
@@ -153,6 +153,7 @@ def run(job: JobConfig) -> dict:
     out = OutputDir(job.output.dir, job.output.overwrite)
     out.check_same_job(fingerprint(job))
     rows = read_dataset(job.data)  # before the model: a bad path or column fails in a second
+    rows_in = len(job.data.part_rows(len(rows)))
     stages.done("read_s")
     # MPS before the model: the parent's CUDA context must be an MPS client like its workers'.
     with mps_session(job.mps, wanted=job.procs > 1) as mps:
@@ -163,7 +164,7 @@ def run(job: JobConfig) -> dict:
         max_prompt = loaded.context_length - job.engine.max_new_tokens
         requests, errors = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, done)
         log.info("%d rows: %d already done, %d to generate, %d set aside (errors.parquet)",
-                 len(rows), len(done), len(requests), len(errors))
+                 rows_in, len(done), len(requests), len(errors))
         shards = out.path / "shards"
         # Units small enough that every worker gets several: one that finishes early takes more.
         unit_rows = min(job.engine.shard_rows, max(1, -(-len(requests) // (4 * job.procs))))
@@ -204,7 +205,7 @@ def run(job: JobConfig) -> dict:
         "weights": job.model.weights,  # "random": timing only, the generations are meaningless
         "model_source": loaded.source,
         "environment": environment(loaded),
-        "rows": {"input": len(rows)},
+        "rows": {"input": rows_in},
         "wall_s": round(wall_s, 3),
         "runs": runs,
     }

@@ -1,7 +1,9 @@
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,20 @@ def job_config(*overrides: str):
 def run_cli(*overrides: str, module: str = "jobs.run", timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def kill_when_parts_written(out: Path, count: int, *overrides: str, module: str = "jobs.run") -> int:
+    """Starts `python -m module overrides`, SIGKILLs it once `out` (or a partition in it) holds `count` part
+    files; returns how many part files survived."""
+    job = subprocess.Popen([sys.executable, "-m", module, *overrides], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    parts = lambda: list(out.glob("parts/*.parquet")) + list(out.glob("*/parts/*.parquet"))  # noqa: E731
+    while len(parts()) < count and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    return len(parts())
 
 
 def sample_rows(n: int) -> list[dict]:

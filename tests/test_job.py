@@ -1,16 +1,14 @@
 """End to end on the real default model: rows add up, schemas, greedy equality, resume."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import ROOT, job_config, sample_rows, write_csv
+from conftest import ROOT, job_config, kill_when_parts_written, sample_rows, write_csv
 from splitwiser.job import run
 from splitwiser.output import ERROR_SCHEMA, GENERATION_SCHEMA, TIMING_SCHEMA
 
@@ -102,14 +100,7 @@ def test_killed_job_resumes_from_its_finished_batches(tmp_path):
     out = tmp_path / "out"
     data = write_csv(tmp_path / "d.csv", sample_rows(12))
     args = [f"data.path={data}", f"output.dir={out}", "engine.batch_size=2", "engine.max_new_tokens=24"]
-    job = subprocess.Popen([sys.executable, "-m", "jobs.run", *args], cwd=ROOT,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while len(list((out / "parts").glob("*.parquet"))) < 2 and time.time() < deadline and job.poll() is None:
-        time.sleep(0.2)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    survived = len(list((out / "parts").glob("*.parquet")))
+    survived = kill_when_parts_written(out, 2, *args)
     assert 2 <= survived < 6, "the job should have been killed part-way"
     assert not (out / "generations.parquet").exists()
 

@@ -1,0 +1,32 @@
+"""The nightly job: python -m jobs.nightly [overrides] (splitwiser/nightly.py). Run it from cron,
+scrontab or slurm/nightly.sbatch; a second run with nothing new does nothing."""
+
+import logging
+import signal
+import sys
+from datetime import date
+
+import hydra
+from omegaconf import DictConfig
+
+from jobs import user_errors_in_one_line
+from splitwiser.config import to_job_config
+from splitwiser.nightly import nightly
+
+log = logging.getLogger("splitwiser")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="nightly")
+@user_errors_in_one_line
+def main(cfg: DictConfig) -> None:
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: a rerun resumes
+    manifests = nightly(to_job_config(cfg), date.today())
+    for manifest in manifests:
+        log.info("partition %s: %d rows ok, %d failed", manifest["config"]["output"]["dir"],
+                 manifest["rows"]["ok"], manifest["rows"]["failed"])
+    if not manifests:
+        log.info("nothing new: no partition written")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Joins the output directories of a split job (one per SLURM array task, data.part=k of data.parts)
+into one set of files beside them, after checking that every row of the dataset is there once.
+
+    root/task-0/, root/task-1/, ...  →  root/generations.parquet, timing.parquet, errors.parquet, manifest.json
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from splitwiser.config import DataConfig, UserError
+from splitwiser.data import read_dataset
+from splitwiser.output import ERROR_SCHEMA, GENERATION_SCHEMA, TIMING_SCHEMA, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+
+def task_manifests(root: Path) -> list[dict]:
+    """The manifests of root/task-*, checked to be the parts 0..parts-1 of one job, in part order."""
+    task_dirs = sorted(root.glob("task-*"))
+    if not task_dirs:
+        raise UserError(f"{root}: no task-* directories to merge")
+    manifests = {}
+    for task_dir in task_dirs:
+        if not (task_dir / "manifest.json").exists():
+            raise UserError(f"{task_dir}: the task has not finished (no manifest.json); rerun it, then merge")
+        manifest = json.loads((task_dir / "manifest.json").read_text())
+        manifest["dir"] = str(task_dir)
+        part, parts = manifest["fingerprint"]["part"]
+        manifests[part] = manifest
+    first = manifests[min(manifests)]
+    same_job = lambda m: {**m["fingerprint"], "part": None} == {**first["fingerprint"], "part": None}  # noqa: E731
+    if not all(same_job(m) for m in manifests.values()):
+        raise UserError(f"{root}: the task directories hold different jobs")
+    missing = sorted(set(range(parts)) - set(manifests))
+    if missing:
+        raise UserError(f"{root}: parts {missing} of {parts} have no task directory; run them, then merge")
+    return [manifests[part] for part in range(parts)]
+
+
+def merge_tasks(root: str) -> dict:
+    """Writes the merged files into root and returns the merged manifest; raises UserError when a row
+    of the dataset is missing or duplicated."""
+    root = Path(root).expanduser()
+    manifests = task_manifests(root)
+    tables = {}
+    for schema, name in ((GENERATION_SCHEMA, "generations.parquet"), (TIMING_SCHEMA, "timing.parquet"),
+                         (ERROR_SCHEMA, "errors.parquet")):
+        tables[name] = pa.concat_tables([pq.read_table(Path(m["dir"]) / name, schema=schema) for m in manifests])
+    generations, errors = tables["generations.parquet"], tables["errors.parquet"]
+
+    dataset_rows = len(read_dataset(DataConfig(**{**manifests[0]["config"]["data"], "part": 0, "parts": 1})))
+    duplicated = pc.count_distinct(generations["id"]).as_py() != generations.num_rows
+    if duplicated or generations.num_rows + errors.num_rows != dataset_rows:
+        raise UserError(f"{root}: the tasks hold {generations.num_rows} generations ({'with' if duplicated else 'no'} "
+                        f"duplicate ids) and {errors.num_rows} errors, for a dataset of {dataset_rows} rows")
+    for name, table in tables.items():
+        write_parquet(table.sort_by("id"), root / name)
+    manifest = {
+        "fingerprint": {**manifests[0]["fingerprint"], "part": None},
+        "config": {**manifests[0]["config"], "output": {**manifests[0]["config"]["output"], "dir": str(root)}},
+        "rows": {"input": dataset_rows, "ok": generations.num_rows, "failed": errors.num_rows},
+        "tasks": [{"dir": m["dir"], "part": m["fingerprint"]["part"], "rows": m["rows"], "runs": m["runs"],
+                   "environment": m["environment"]} for m in manifests],
+    }
+    write_json(manifest, root / "manifest.json")
+    log.info("merged %d tasks into %s: %d rows ok, %d failed, of %d", len(manifests), root,
+             generations.num_rows, errors.num_rows, dataset_rows)
+    return manifest

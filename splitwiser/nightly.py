@@ -1,0 +1,102 @@
+"""The nightly job: summarize only the rows that are new or changed since the last run.
+
+    output.dir/ledger.parquet        one line per row ever done: id, key, partition
+    output.dir/2026-11-24/           one partition per night: input.parquet (its rows), then the job's
+    output.dir/2026-11-25/ ...       usual files (generations.parquet, errors.parquet, manifest.json)
+
+A row's key hashes its id, its text and what would change its summary (model, prompt, generation
+settings), so a changed report or a new model makes it new again. A partition enters the ledger only
+once its job has finished: a night that failed or was killed is resumed by the next run, before that
+run looks for new rows. Running twice with nothing new does nothing the second time.
+"""
+
+import hashlib
+import json
+import logging
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from splitwiser.config import JobConfig, UserError
+from splitwiser.data import read_dataset
+from splitwiser.job import fingerprint, run
+from splitwiser.output import atomic_write, write_parquet
+
+log = logging.getLogger(__name__)
+LEDGER_SCHEMA = pa.schema([("id", pa.string()), ("key", pa.string()), ("partition", pa.string())])
+KEY_COLUMN = "_splitwiser_key"
+
+
+def row_keys(job: JobConfig, ids: list, texts: list) -> list[str]:
+    settings = {k: v for k, v in fingerprint(job).items() if k not in ("data", "part")}
+    salt = json.dumps(settings, sort_keys=True)
+    return [hashlib.sha256(json.dumps([salt, str(i), t]).encode()).hexdigest() for i, t in zip(ids, texts)]
+
+
+class Ledger:
+    def __init__(self, path: Path):
+        self.path = path
+        self.table = pq.read_table(path, schema=LEDGER_SCHEMA) if path.exists() else LEDGER_SCHEMA.empty_table()
+
+    def keys(self) -> set[str]:
+        return set(self.table["key"].to_pylist())
+
+    def partitions(self) -> set[str]:
+        return set(self.table["partition"].to_pylist())
+
+    def add(self, ids: list, keys: list[str], partition: str) -> None:
+        rows = pa.table({"id": [None if i is None else str(i) for i in ids], "key": keys,
+                         "partition": [partition] * len(keys)}, schema=LEDGER_SCHEMA)
+        self.table = pa.concat_tables([self.table, rows])
+        write_parquet(self.table, self.path)
+
+
+def run_partition(job: JobConfig, partition: Path, ledger: Ledger) -> dict:
+    """Runs (or resumes) the job over partition/input.parquet, then records its rows in the ledger."""
+    data = replace(job.data, path=str(partition / "input.parquet"), limit=None, part=0, parts=1)
+    manifest = run(replace(job, data=data, output=replace(job.output, dir=str(partition))))
+    done = pq.read_table(partition / "input.parquet", columns=[job.data.id_column, KEY_COLUMN])
+    ledger.add(done[job.data.id_column].to_pylist(), done[KEY_COLUMN].to_pylist(), partition.name)
+    return manifest
+
+
+def partition_name(root: Path, night: date) -> str:
+    """The night's date; a second run the same night with new rows gets 2026-11-24.2, and so on."""
+    name, n = night.isoformat(), 1
+    while (root / name).exists():
+        n += 1
+        name = f"{night.isoformat()}.{n}"
+    return name
+
+
+def nightly(job: JobConfig, night: date) -> list[dict]:
+    """Resumes unfinished partitions, then runs tonight's new rows; returns the manifests of the runs."""
+    if job.data.id_column is None:
+        raise UserError("the nightly job needs data.id_column: rows are recognised by their id from night to night")
+    if job.data.parts != 1:
+        raise UserError("the nightly job runs the whole dataset; data.part/data.parts are for array jobs")
+    root = Path(job.output.dir).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(root / "ledger.parquet")
+    manifests = []
+    for partition in sorted(p.parent for p in root.glob("*/input.parquet")):
+        if partition.name not in ledger.partitions():
+            log.info("resuming the unfinished partition %s", partition.name)
+            manifests.append(run_partition(job, partition, ledger))
+
+    rows = read_dataset(job.data)
+    keys = row_keys(job, rows[job.data.id_column], rows[job.data.text_column])
+    seen = ledger.keys()
+    new = [i for i, key in enumerate(keys) if key not in seen]
+    log.info("%d rows: %d new or changed since the last run", len(rows), len(new))
+    if not new:
+        return manifests
+    partition = root / partition_name(root, night)
+    partition.mkdir()
+    tonight = rows.select(new).add_column(KEY_COLUMN, [keys[i] for i in new])
+    atomic_write(partition / "input.parquet", lambda tmp: tonight.to_parquet(str(tmp)))
+    manifests.append(run_partition(job, partition, ledger))
+    return manifests
