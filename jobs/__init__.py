@@ -5,14 +5,16 @@ import sys
 import warnings
 
 from splitwiser.config import UserError, register_configs
+from splitwiser.workers import WorkersFailed
 
 register_configs()
 # datasets' sort passes an option that pyarrow has deprecated: noise for the user, not theirs to fix.
 warnings.filterwarnings("ignore", message="Specifying null_placement in SortOptions", category=FutureWarning)
 
 
-def user_errors_in_one_line(main):
-    """A UserError ends the command with `error: ...` on stderr and exit status 2, no traceback."""
+def errors_in_one_line(main):
+    """A UserError ends the command with `error: ...` on stderr and exit status 2, no traceback;
+    failed workers (the rows they finished are on disk) with `error: ...` and exit status 1."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
@@ -20,4 +22,7 @@ def user_errors_in_one_line(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except WorkersFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
     return wrapper

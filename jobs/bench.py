@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from jobs import user_errors_in_one_line
+from jobs import errors_in_one_line
 from splitwiser.bench import System, measure, workload
 from splitwiser.config import DataConfig, ModelConfig, PromptConfig
 from splitwiser.job import environment
@@ -26,7 +26,7 @@ log = logging.getLogger("splitwiser.bench")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
-@user_errors_in_one_line
+@errors_in_one_line
 def main(cfg: DictConfig) -> None:
     preset = cfg.preset
     systems = [System(**s) for s in OmegaConf.to_container(preset.systems)]

@@ -5,12 +5,12 @@ Exits with status 2 and one line on stderr when a task has not finished or a row
 import hydra
 from omegaconf import DictConfig
 
-from jobs import user_errors_in_one_line
+from jobs import errors_in_one_line
 from splitwiser.merge import merge_tasks
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="merge")
-@user_errors_in_one_line
+@errors_in_one_line
 def main(cfg: DictConfig) -> None:
     merge_tasks(cfg.dir)
 

@@ -9,7 +9,7 @@ from datetime import date
 import hydra
 from omegaconf import DictConfig
 
-from jobs import user_errors_in_one_line
+from jobs import errors_in_one_line
 from splitwiser.config import to_job_config
 from splitwiser.nightly import nightly
 
@@ -17,7 +17,7 @@ log = logging.getLogger("splitwiser")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="nightly")
-@user_errors_in_one_line
+@errors_in_one_line
 def main(cfg: DictConfig) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: a rerun resumes
     manifests = nightly(to_job_config(cfg), date.today())

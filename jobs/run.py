@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from jobs import user_errors_in_one_line
+from jobs import errors_in_one_line
 from splitwiser.config import to_job_config
 from splitwiser.job import run
 
@@ -15,7 +15,7 @@ log = logging.getLogger("splitwiser")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@user_errors_in_one_line
+@errors_in_one_line
 def main(cfg: DictConfig) -> None:
     # SIGTERM (scancel, a preempted node, kill) unwinds like Ctrl-C: workers and an MPS daemon this
     # job started are stopped; finished batches are already on disk, and a rerun resumes.

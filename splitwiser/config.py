@@ -150,8 +150,11 @@ class JobConfig:
     mps: MPSConfig = field(default_factory=MPSConfig)
     procs: int = 1  # worker processes on the one device, sharing one copy of the weights
     # single: the engine in this process (procs=1); colocated: `procs` worker processes, each
-    # prefilling and decoding its own requests; split: prompt and token workers (not yet).
+    # prefilling and decoding its own requests; split: prompt workers prefill into the KV slots of
+    # token workers, which decode (the paper's design; at least one of each).
     mode: str = "auto"  # auto: single for procs=1, else colocated
+    prompt_procs: Optional[int] = None  # split: default procs // 2 (at least 1)
+    token_procs: Optional[int] = None  # split: default the rest of procs (at least 1)
 
     def __post_init__(self) -> None:
         _check_positive("procs", self.procs)
@@ -160,9 +163,16 @@ class JobConfig:
             self.mode = "single" if self.procs == 1 else "colocated"
         if self.mode == "single" and self.procs != 1:
             raise UserError(f"mode=single runs one process, procs={self.procs}; use mode=colocated")
+        _check_positive("prompt_procs", self.prompt_procs)
+        _check_positive("token_procs", self.token_procs)
+        if self.mode != "split" and (self.prompt_procs or self.token_procs):
+            raise UserError("prompt_procs and token_procs are for mode=split")
         if self.mode == "split":
-            raise UserError("mode=split (prompt workers handing KV caches to token workers) is not implemented yet; "
-                            "use mode=colocated")
+            if self.engine.kind != "continuous":
+                raise UserError("mode=split hands KV slots over: it needs engine.kind=continuous")
+            self.prompt_procs = self.prompt_procs or max(1, self.procs // 2)
+            self.token_procs = self.token_procs or max(1, self.procs - self.prompt_procs)
+            self.procs = self.prompt_procs + self.token_procs
 
 
 def register_configs() -> None:

@@ -17,15 +17,15 @@ import heapq
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from itertools import count, islice
 
 import torch
 
 from splitwiser.config import EngineConfig
 from splitwiser.models import LoadedModel
-from splitwiser.runner import SlotRunner, UnsupportedModel, kv_slot_bytes
+from splitwiser.runner import KVPool, SlotRunner, UnsupportedModel, kv_slot_bytes
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +108,47 @@ class GenerateEngine:
         return results
 
 
+def slot_length(max_prompt_tokens: int, max_new_tokens: int) -> int:
+    """Positions per KV slot: room for the longest request, in rows aligned for the attention kernels.
+    The last position is never read (a request's last token is not fed back): freed slots park there."""
+    return -(-(max_prompt_tokens + max_new_tokens) // 16) * 16
+
+
+def prefill_group(runner: SlotRunner, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+    """Prefills `prompts` (token-id lists) into `slots` of the runner's KV pool → first tokens [G] on the device."""
+    lengths = [len(prompt) for prompt in prompts]
+    padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        padded[row, :len(prompt)] = torch.tensor(prompt)
+    device = runner.device
+    return runner.prefill(padded.to(device), torch.tensor(lengths, device=device), torch.tensor(slots, device=device))
+
+
+@dataclass
+class Handoff:
+    """mode=split: a group of prompts a prompt worker prefilled into a token worker's KV slots."""
+    slots: list[int]
+    first_tokens: list[int]
+    lengths: list[int]
+    keys: list  # what the token worker yields with each generation (the request's row)
+    generations: list[Generation] = field(default_factory=list)  # timing so far
+
+
 class ContinuousEngine:
     # Admit new prompts once this fraction of the slots is free (or nothing is running): fewer,
     # larger prefills, each one launch-bound like a decode step.
     ADMIT_FRACTION = 1 / 8
 
-    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, max_prompt_tokens: int):
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, max_prompt_tokens: int, kv: KVPool | None = None):
         self.cfg, self.device, self.tokenizer = cfg, loaded.device, loaded.tokenizer
         slots, device = cfg.batch_size, loaded.device
-        max_len = -(-(max_prompt_tokens + cfg.max_new_tokens) // 16) * 16  # aligned rows for attention kernels
-        self.runner = SlotRunner(loaded.model, slots=slots, max_len=max_len, live_attention=cfg.attention != "sdpa")
+        self.runner = SlotRunner(loaded.model, slots=slots, max_len=slot_length(max_prompt_tokens, cfg.max_new_tokens),
+                                 live_attention=cfg.attention != "sdpa", kv=kv)
         # Per-slot state lives on the device, so that a decode step (bookkeeping included) is one
         # CUDA graph and the host reads back only which slots finished.
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # last token: the next input
-        self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # where that token sits
+        # where that token sits; a free slot is parked on its last position (see _collect)
+        self.positions = torch.full((slots,), self.runner.max_len - 1, dtype=torch.long, device=device)
         self.generated = torch.zeros(slots, dtype=torch.long, device=device)
         self.active = torch.zeros(slots, dtype=torch.bool, device=device)
         self.finished = torch.zeros(slots, dtype=torch.bool, device=device)
@@ -146,13 +173,34 @@ class ContinuousEngine:
                 admitted = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
                 for group in self._prefill_groups(admitted):
                     self._prefill(group, free, running)
-                    yield from self._collect(free, running)
+                    yield from self._collect(running, release=lambda slot: heapq.heappush(free, slot))
             if not running:
                 if waiting:
                     continue
                 return
             self._decode(self._bucket(max(running) + 1))
-            yield from self._collect(free, running)
+            yield from self._collect(running, release=lambda slot: heapq.heappush(free, slot))
+
+    def run_handed_over(self, receive: Callable[[bool], list[Handoff] | None],
+                        release: Callable[[int], None]) -> Iterator[tuple[object, Generation]]:
+        """The token side of mode=split: decodes requests that prompt workers prefilled into this engine's
+        (shared) KV slots. receive(wait) returns the new handoffs ([] when none, if not wait), or None
+        once no more will come; release(slot) gives a finished request's slot back to the prompt workers."""
+        running: dict[int, tuple[object, Generation]] = {}
+        more = True
+        while more or running:
+            handoffs = receive(not running) if more else []
+            if handoffs is None:
+                more, handoffs = False, []
+            for handoff in handoffs:
+                slots = torch.tensor(handoff.slots, device=self.device)
+                self._start(slots, torch.tensor(handoff.first_tokens, device=self.device),
+                            torch.tensor(handoff.lengths, device=self.device))
+                running.update(zip(handoff.slots, zip(handoff.keys, handoff.generations)))
+            yield from self._collect(running, release)  # a first token may already end a request
+            if running:
+                self._decode(self._bucket(max(running) + 1))
+                yield from self._collect(running, release)
 
     def _prefill_groups(self, admitted: list) -> Iterator[list]:
         """Splits the admitted prompts (shortest first) into groups of at most engine.prefill_tokens padded tokens."""
@@ -169,23 +217,23 @@ class ContinuousEngine:
     def _prefill(self, group: list, free: list[int], running: dict) -> None:
         start = time.perf_counter_ns()
         slots = [heapq.heappop(free) for _ in group]
-        lengths = [len(prompt) for _, prompt, _ in group]
-        padded = torch.zeros(len(group), max(lengths), dtype=torch.long)
-        for row, (_, prompt, _) in enumerate(group):
-            padded[row, :len(prompt)] = torch.tensor(prompt)
-        slot_ids = torch.tensor(slots, device=self.device)
-        first = self.runner.prefill(padded.to(self.device), torch.tensor(lengths, device=self.device), slot_ids)
-        self.tokens[slot_ids] = first
-        self.positions[slot_ids] = torch.tensor(lengths, device=self.device)
-        self.generated[slot_ids] = 1
-        self.output[slot_ids, 0] = first
-        self.finished[slot_ids] = torch.isin(first, self.eos) | (self.cfg.max_new_tokens == 1)
-        self.active[slot_ids] = ~self.finished[slot_ids]
+        first = prefill_group(self.runner, [prompt for _, prompt, _ in group], slots)
+        lengths = torch.tensor([len(prompt) for _, prompt, _ in group], device=self.device)
+        self._start(torch.tensor(slots, device=self.device), first, lengths)
         now = time.perf_counter_ns()
         for slot, (index, _, enqueued) in zip(slots, group):
             running[slot] = (index, Generation([], batch=self.prefill_groups, batch_size=len(group),
                                                enqueue_ns=enqueued, prefill_start_ns=start, first_token_ns=now))
         self.prefill_groups += 1
+
+    def _start(self, slot_ids: torch.Tensor, first: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Makes prefilled slots running: their first token is the next input, at position `lengths`."""
+        self.tokens[slot_ids] = first
+        self.positions[slot_ids] = lengths
+        self.generated[slot_ids] = 1
+        self.output[slot_ids, 0] = first
+        self.finished[slot_ids] = torch.isin(first, self.eos) | (self.cfg.max_new_tokens == 1)
+        self.active[slot_ids] = ~self.finished[slot_ids]
 
     def _step(self, batch: int) -> None:
         """Decode slots 0..batch-1 and update their state, on the device only (capturable)."""
@@ -201,20 +249,24 @@ class ContinuousEngine:
         self.finished[:batch] = finished
         self.active[:batch] = active & ~finished
 
-    def _collect(self, free: list[int], running: dict) -> Iterator[tuple[int, Generation]]:
-        """Hands out the requests that finished (the step's one host synchronisation) and frees their slots."""
+    def _collect(self, running: dict, release: Callable[[int], None]) -> Iterator[tuple[int, Generation]]:
+        """Hands out the requests that finished (the step's one host synchronisation) and releases their slots."""
         slots = self.finished.nonzero().flatten().tolist()
         if not slots:
             return
         now = time.perf_counter_ns()
         self.finished[slots] = False
+        # A free slot inside the decode batch still computes and writes a key at its position: park it
+        # on the slot's never-read last position, so that it cannot overwrite the next prompt's keys
+        # (mode=split prefills a released slot in another process while this one keeps stepping).
+        self.positions[slots] = self.runner.max_len - 1
         outputs, counts = self.output[slots].tolist(), self.generated[slots].tolist()
         for slot, tokens, count in zip(slots, outputs, counts):
             index, generation = running.pop(slot)
             generation.token_ids = tokens[:count]
             generation.finish_reason = "stop" if tokens[count - 1] in self.eos_ids else "length"
             generation.finish_ns = now
-            heapq.heappush(free, slot)
+            release(slot)
             yield index, generation
 
     def warm_up(self) -> None:

@@ -23,7 +23,7 @@ from splitwiser.engine import Generation, make_engine
 from splitwiser.models import LoadedModel, load_model
 from splitwiser.mps import mps_session
 from splitwiser.output import OutputDir
-from splitwiser.workers import run_workers
+from splitwiser.workers import run_colocated, run_split
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,39 @@ class Progress:
         self.bar.close()
 
 
+class PartWriter:
+    """Collects finished requests and writes them as part files of `rows` rows (the worker's batch size),
+    then calls progress(rows, tokens) and on_write(written) with the (key, row, generation) triples."""
+
+    def __init__(self, out: OutputDir, tokenizer, rows: int, worker: int, run_index: int, job_start_ns: int,
+                 progress, on_write=lambda written: None):
+        self.out, self.tokenizer, self.rows, self.worker = out, tokenizer, rows, worker
+        self.run_index, self.job_start_ns, self.progress, self.on_write = run_index, job_start_ns, progress, on_write
+        self.finished: list[tuple[object, dict, Generation]] = []
+
+    def add(self, key, row: dict, generation: Generation) -> None:
+        self.finished.append((key, row, generation))
+        if len(self.finished) >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        finished, self.finished = self.finished, []
+        if not finished:
+            return
+        texts = self.tokenizer.batch_decode([g.token_ids for _, _, g in finished], skip_special_tokens=True)
+        ms = lambda ns: (ns - self.job_start_ns) / 1e6  # noqa: E731 (times relative to the run's start)
+        self.out.write_part([{
+            "id": row["id"], "reference": row.get("reference"), "prompt": row["prompt"], "generation": text.strip(),
+            "prompt_tokens": row["prompt_tokens"], "generated_tokens": len(g.token_ids),
+            "output_token_ids": g.token_ids, "finish_reason": g.finish_reason, "worker": self.worker,
+            "batch": g.batch, "run": self.run_index, "batch_size": g.batch_size, "enqueue_ms": ms(g.enqueue_ns),
+            "prefill_start_ms": ms(g.prefill_start_ns), "first_token_ms": ms(g.first_token_ns),
+            "finish_ms": ms(g.finish_ns),
+        } for (_, row, g), text in zip(finished, texts)])
+        self.progress(len(finished), sum(len(g.token_ids) for _, _, g in finished))
+        self.on_write(finished)
+
+
 def generate_units(engine, shards: Path, units: Iterable[int], unit_count: int, out: OutputDir, worker: int,
                    run_index: int, job_start_ns: int, progress, unit_done=lambda unit: None) -> int:
     """Streams the requests of `units` (read lazily: a worker pulls its next unit only when its engine
@@ -80,33 +113,20 @@ def generate_units(engine, shards: Path, units: Iterable[int], unit_count: int, 
             if outstanding[unit] == 0:
                 unit_done(unit)
 
-    def flush(finished: list[tuple[int, dict, Generation]]) -> None:
-        texts = engine.tokenizer.batch_decode([g.token_ids for _, _, g in finished], skip_special_tokens=True)
-        ms = lambda ns: (ns - job_start_ns) / 1e6  # noqa: E731 (times relative to the run's start)
-        out.write_part([{
-            "id": row["id"], "reference": row.get("reference"), "prompt": row["prompt"], "generation": text.strip(),
-            "prompt_tokens": row["prompt_tokens"], "generated_tokens": len(g.token_ids),
-            "output_token_ids": g.token_ids, "finish_reason": g.finish_reason, "worker": worker, "batch": g.batch,
-            "run": run_index, "batch_size": g.batch_size, "enqueue_ms": ms(g.enqueue_ns),
-            "prefill_start_ms": ms(g.prefill_start_ns), "first_token_ms": ms(g.first_token_ns),
-            "finish_ms": ms(g.finish_ns),
-        } for (_, row, g), text in zip(finished, texts)])
-        progress(len(finished), sum(len(g.token_ids) for _, _, g in finished))
+    def written(finished: list) -> None:
         for unit, _, _ in finished:
             outstanding[unit] -= 1
             if outstanding[unit] == 0 and unit in streamed:
                 unit_done(unit)
 
-    finished, generated = [], 0
+    writer = PartWriter(out, engine.tokenizer, engine.cfg.batch_size, worker, run_index, job_start_ns, progress,
+                        on_write=written)
+    generated = 0
     for index, generation in engine.run(prompts()):
         unit, row = pending.pop(index)
-        finished.append((unit, row, generation))
+        writer.add(unit, row, generation)
         generated += len(generation.token_ids)
-        if len(finished) >= engine.cfg.batch_size:
-            flush(finished)
-            finished = []
-    if finished:
-        flush(finished)
+    writer.flush()
     return generated
 
 
@@ -156,7 +176,7 @@ def run(job: JobConfig) -> dict:
     rows_in = len(job.data.part_rows(len(rows)))
     stages.done("read_s")
     # MPS before the model: the parent's CUDA context must be an MPS client like its workers'.
-    with mps_session(job.mps, wanted=job.procs > 1) as mps:
+    with mps_session(job.mps, wanted=job.procs > 1) as mps:  # split has at least 2
         loaded = load_model(job.model)
         stages.done("load_model_s")
 
@@ -180,14 +200,23 @@ def run(job: JobConfig) -> dict:
             stages.done("warm_up_s")
             engine_info = {"kind": type(engine).__name__, "batch_size": engine.cfg.batch_size}
         else:  # each worker builds and warms up its own engine: part of generate_s here
-            engine_info = {"kind": f"{job.procs} x {job.engine.kind} ({job.mode})"}
+            engine_info = {"kind": f"{job.procs} x {job.engine.kind} ({job.mode})" if job.mode == "colocated" else
+                           f"{job.prompt_procs} prompt + {job.token_procs} token workers (split)"}
         with Progress(len(requests), job.output.progress) as progress:
             if job.mode == "single":
                 generated = generate_units(engine, shards, list(range(unit_count)), unit_count, out, worker=0,
                                            run_index=len(runs), job_start_ns=start_ns, progress=progress)
+            elif unit_count:
+                work = dict(shards=shards, unit_count=unit_count, out_path=out.path, run_index=len(runs),
+                            job_start_ns=start_ns)
+                if job.mode == "colocated":
+                    generated = run_colocated(loaded, job.engine, job.procs, max_prompt_tokens, len(requests),
+                                              progress, **work)
+                else:
+                    generated = run_split(loaded, job.engine, job.prompt_procs, job.token_procs, max_prompt_tokens,
+                                          len(requests), progress, **work)
             else:
-                generated = run_workers(loaded, job.engine, job.procs, max_prompt_tokens, len(requests), shards,
-                                        unit_count, out, len(runs), start_ns, progress) if unit_count else 0
+                generated = 0
         stages.done("generate_s")
     generate_s = stages.seconds["generate_s"]
 

@@ -132,8 +132,23 @@ class OPT(Architecture):
 ARCHITECTURES = {"llama": Llama, "mistral": Llama, "qwen2": Llama, "opt": OPT}
 
 
+KVPool = tuple[list[torch.Tensor], list[torch.Tensor]]  # keys and values, one tensor per layer
+
+
+def allocate_kv(model: nn.Module, slots: int, max_len: int) -> KVPool:
+    """Per layer, keys and values of shape [slots, kv_heads, max_len, head_dim], on the model's device."""
+    _, kv_heads, head_dim = head_geometry(model.config)
+    param = next(model.parameters())
+    shape = (slots, kv_heads, max_len, head_dim)
+    layers = model.config.num_hidden_layers
+    return ([torch.zeros(shape, device=param.device, dtype=param.dtype) for _ in range(layers)],
+            [torch.zeros(shape, device=param.device, dtype=param.dtype) for _ in range(layers)])
+
+
 class SlotRunner:
-    def __init__(self, model: nn.Module, slots: int, max_len: int, live_attention: bool = False):
+    def __init__(self, model: nn.Module, slots: int, max_len: int, live_attention: bool = False,
+                 kv: KVPool | None = None):
+        """kv: a pool allocated elsewhere (mode=split: shared by a token worker with prompt workers)."""
         model_type = model.config.model_type
         if model_type not in ARCHITECTURES:
             raise UnsupportedModel(f"model type {model_type}")
@@ -141,9 +156,7 @@ class SlotRunner:
         self.slots, self.max_len = slots, max_len
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        shape = (slots, self.arch.num_kv_heads, max_len, self.arch.head_dim)
-        self.keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.arch.layers]
-        self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.arch.layers]
+        self.keys, self.values = kv if kv is not None else allocate_kv(model, slots, max_len)
         self.group = self.arch.num_heads // self.arch.num_kv_heads  # query heads per kv head
         head_dim = self.arch.head_dim
         self.live_attention = live_attention and kernels.available(self.device) and head_dim & (head_dim - 1) == 0

@@ -1,128 +1,312 @@
-"""N worker processes on one device, sharing one copy of the weights (mode=colocated).
+"""Worker processes on one device, sharing one copy of the weights (mode=colocated and mode=split).
 
 The parent loaded the model; each worker receives it through torch.multiprocessing (spawn), which
 shares its tensors instead of copying them: CUDA IPC handles on a GPU, shared memory on the CPU.
-Work units (contiguous slices of the Arrow shards) are handed out from a queue, so a worker that
-finishes early takes more. Each worker runs its own engine over its units and writes its own part
-files; the parent follows progress through an event queue. A worker that dies has its unit put
-back for the others (rows it had already written are kept once by the merge); the job fails only
-if work is left and no worker is alive. Workers always exit before the parent returns, so no
-shared CUDA tensor is released while a worker still uses it.
+Work units (contiguous slices of the length-sorted Arrow shards) are handed out from a queue, so a
+worker that finishes early takes more. The parent follows progress through an event queue.
+
+- colocated: each worker runs its own ContinuousEngine over its units (prefill and decode) and
+  writes its own part files. A worker that dies has its units put back for the others (rows it
+  had already written are kept once by the merge); the job fails only if work is left and no
+  worker is alive.
+- split (the paper's design): prompt workers prefill groups of prompts straight into the KV slots
+  of a token worker (the KV pools are allocated by the parent and shared like the weights: no copy
+  through the CPU) and hand over the slots and first tokens; token workers only decode, taking new
+  requests between steps, and write the part files. A token worker offers its free slots on a
+  queue. A worker that dies stops the job (its handed-over requests live in its KV slots); what
+  is on disk stays, and a rerun resumes.
+
+Workers always exit before the parent returns, so no shared CUDA tensor is released while a worker
+still uses it; each drops its references to the shared tensors before it exits.
 """
 
 import gc
 import logging
 import queue
+import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
 from splitwiser.config import EngineConfig
-from splitwiser.engine import make_engine, resolve_batch_size
+from splitwiser.data import load_shards, work_unit
+from splitwiser.engine import ContinuousEngine, Generation, Handoff, make_engine, prefill_group, resolve_batch_size, \
+    slot_length
 from splitwiser.models import LoadedModel
 from splitwiser.output import OutputDir
+from splitwiser.runner import SlotRunner, allocate_kv
 
 log = logging.getLogger(__name__)
 
 
-def worker_main(rank: int, model_holder: list[LoadedModel], cfg: EngineConfig, max_prompt_tokens: int,
-                requests: int, shards: Path, unit_count: int, out_path: Path, run_index: int, job_start_ns: int,
-                threads: int, units: mp.Queue, events: mp.Queue) -> None:
-    """One worker: its engine over units from the queue, until the queue is empty."""
-    from splitwiser.job import generate_units  # here: job.py imports this module
+class WorkersFailed(Exception):
+    """The workers could not finish the run; what they wrote is on disk, and a rerun resumes."""
 
-    # The model arrives in a list that the worker empties: multiprocessing keeps a process's
-    # arguments until it exits, and shared CUDA tensors still referenced at exit are never
-    # released to the parent (PyTorch warns "producer process terminated before all shared CUDA
-    # tensors released"). Dropping every reference before returning releases them.
-    loaded = model_holder.pop()
+
+@dataclass
+class Work:
+    """What every worker needs to know about the run (pickled to each)."""
+    cfg: EngineConfig  # batch_size resolved: slots (or batch) per engine
+    max_prompt_tokens: int
+    requests: int  # requests per engine, for its choices
+    shards: Path
+    unit_count: int
+    out_path: Path
+    run_index: int
+    job_start_ns: int
+    threads: int  # CPU threads per worker
+
+
+def run_worker(main, rank: int, holders: list[list], work: Work, events: mp.Queue, *queues) -> None:
+    """A worker process: main(rank, *shared, work, events, *queues). The shared tensors (model, KV pools)
+    arrive in one-item lists (`holders`) that it empties: multiprocessing keeps a process's arguments
+    until it exits, and shared CUDA tensors still referenced at exit are never released to the parent
+    (PyTorch warns "producer process terminated before all shared CUDA tensors released"). Errors go
+    to the parent, which fails the job with them."""
+    shared = [holder.pop() for holder in holders]
     try:
-        torch.set_num_threads(threads)
-        engine = make_engine(loaded, cfg, max_prompt_tokens, requests)
-        engine.warm_up()
-        out = OutputDir(str(out_path), overwrite=False)
-
-        def take_units():  # pulled lazily by the engine, as its slots free up
-            while True:
-                try:
-                    unit = units.get(timeout=0.5)
-                except queue.Empty:
-                    return
-                events.put(("unit_start", rank, unit))
-                yield unit
-
-        generate_units(engine, shards, take_units(), unit_count, out, rank, run_index, job_start_ns,
-                       progress=lambda rows, tokens: events.put(("progress", rank, rows, tokens)),
-                       unit_done=lambda unit: events.put(("unit_done", rank, unit)))
-        if loaded.device.type == "cuda":
-            torch.cuda.synchronize(loaded.device)
-        del engine, loaded
+        torch.set_num_threads(work.threads)
+        main(rank, *shared, work, events, *queues)
+        if shared[0].device.type == "cuda":
+            torch.cuda.synchronize(shared[0].device)
+        del shared
         gc.collect()
-    except BaseException:  # reported to the parent, which fails the job with it
+    except BaseException:
         events.put(("error", rank, traceback.format_exc()))
         raise SystemExit(1)
 
 
-def run_workers(loaded: LoadedModel, cfg: EngineConfig, procs: int, max_prompt_tokens: int, requests: int,
-                shards: Path, unit_count: int, out: OutputDir, run_index: int, job_start_ns: int, progress) -> int:
-    """Runs `procs` workers over all units; returns the tokens they generated (and wrote)."""
+def take_units(units: mp.Queue, events: mp.Queue, rank: int):
+    """Work units from the queue until it is empty, each announced to the parent."""
+    while True:
+        try:
+            unit = units.get(timeout=0.5)
+        except queue.Empty:
+            return
+        events.put(("unit_start", rank, unit))
+        yield unit
+
+
+def progress_event(events: mp.Queue, rank: int):
+    return lambda rows, tokens: events.put(("progress", rank, rows, tokens))
+
+
+def colocated_worker(rank: int, loaded: LoadedModel, work: Work, events: mp.Queue, units: mp.Queue) -> None:
+    """Its own engine (prefill and decode) over units from the queue, until the queue is empty."""
+    from splitwiser.job import generate_units  # here: job.py imports this module
+
+    engine = make_engine(loaded, work.cfg, work.max_prompt_tokens, work.requests)
+    engine.warm_up()
+    generate_units(engine, work.shards, take_units(units, events, rank), work.unit_count,
+                   OutputDir(str(work.out_path), overwrite=False), rank, work.run_index, work.job_start_ns,
+                   progress=progress_event(events, rank), unit_done=lambda unit: events.put(("unit_done", rank, unit)))
+
+
+def acquire_slots(free_slots: list[mp.Queue], want: int, first_choice: int) -> tuple[int, list[int]]:
+    """Up to `want` free slots of one token worker (at least one: waits for it), trying the token
+    workers in turn from `first_choice`; returns (token worker, slots)."""
+    while True:
+        for turn in range(len(free_slots)):
+            target = (first_choice + turn) % len(free_slots)
+            try:
+                slots = [free_slots[target].get(timeout=0.01)]
+            except queue.Empty:
+                continue
+            while len(slots) < want:
+                try:
+                    slots.append(free_slots[target].get_nowait())
+                except queue.Empty:
+                    break
+            return target, slots
+
+
+def prompt_worker(rank: int, loaded: LoadedModel, pools: list, work: Work, events: mp.Queue, units: mp.Queue,
+                  free_slots: list[mp.Queue], handoffs: list[mp.Queue]) -> None:
+    """mode=split: prefills the prompts of its units into token workers' KV slots and hands them over."""
+    cfg = work.cfg
+    runners = [SlotRunner(loaded.model, cfg.batch_size, slot_length(work.max_prompt_tokens, cfg.max_new_tokens),
+                          kv=pool) for pool in pools]
+    requests, groups = load_shards(work.shards), 0
+    for unit in take_units(units, events, rank):
+        rows = list(work_unit(requests, work.unit_count, unit))  # shortest prompt first
+        done = 0
+        while done < len(rows):
+            enqueued = time.perf_counter_ns()
+            # as many prompts as fit engine.prefill_tokens padded to the longest of them
+            fit = 1
+            while done + fit < len(rows) and (fit + 1) * rows[done + fit]["prompt_tokens"] <= cfg.prefill_tokens:
+                fit += 1
+            target, slots = acquire_slots(free_slots, fit, first_choice=groups % len(free_slots))
+            group = rows[done:done + len(slots)]
+            start = time.perf_counter_ns()
+            # .tolist() waits for the prefill: the keys are in the slots before the token worker hears of them
+            first = prefill_group(runners[target], [row["input_ids"] for row in group], slots).tolist()
+            now = time.perf_counter_ns()
+            handoffs[target].put(Handoff(
+                slots, first, [row["prompt_tokens"] for row in group],
+                keys=[{k: v for k, v in row.items() if k != "input_ids"} for row in group],
+                generations=[Generation([], batch=groups, batch_size=len(group), enqueue_ns=enqueued,
+                                        prefill_start_ns=start, first_token_ns=now) for _ in group]))
+            done += len(group)
+            groups += 1
+        events.put(("unit_done", rank, unit))
+    for handoff in handoffs:
+        handoff.put(None)  # this prompt worker is done
+
+
+def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Queue, free_slots: mp.Queue,
+                 handoffs: mp.Queue, prompt_procs: int) -> None:
+    """mode=split: decodes the requests handed over into its KV pool; writes them as part files."""
+    from splitwiser.job import PartWriter
+
+    engine = ContinuousEngine(loaded, work.cfg, work.max_prompt_tokens, kv=pool)
+    for slot in range(work.cfg.batch_size):  # free slots are parked on a never-read position: safe at once
+        free_slots.put(slot)
+    engine.warm_up()
+    open_prompt_workers = prompt_procs
+
+    def receive(wait: bool) -> list[Handoff] | None:
+        nonlocal open_prompt_workers
+        got = []
+        while open_prompt_workers:
+            try:
+                item = handoffs.get(timeout=0.1) if wait and not got else handoffs.get_nowait()
+            except queue.Empty:
+                if wait and not got:
+                    continue
+                break
+            if item is None:
+                open_prompt_workers -= 1
+            else:
+                got.append(item)
+        return got if got or open_prompt_workers else None
+
+    writer = PartWriter(OutputDir(str(work.out_path), overwrite=False), loaded.tokenizer, work.cfg.batch_size, rank,
+                        work.run_index, work.job_start_ns, progress_event(events, rank))
+    for row, generation in engine.run_handed_over(receive, release=free_slots.put):
+        writer.add(None, row, generation)
+    writer.flush()
+
+
+def share_on_cpu(loaded: LoadedModel, pools: list = ()) -> None:
+    """CUDA tensors travel as IPC handles; CPU ones must be in shared memory first."""
     if loaded.device.type == "cpu":
-        loaded.model.share_memory()  # CUDA tensors travel as IPC handles; CPU ones need shared memory
+        loaded.model.share_memory()
+        for keys, values in pools:
+            for tensor in keys + values:
+                tensor.share_memory_()
+
+
+def plan(loaded: LoadedModel, cfg: EngineConfig, engines: int, procs: int, max_prompt_tokens: int, requests: int,
+         **work) -> Work:
+    """The workers' Work, with engine.batch_size resolved once: `engines` engines each sizing for "half the
+    free memory" would take that many halves."""
+    per_engine = max(1, -(-requests // engines))
+    cfg = replace(cfg, batch_size=resolve_batch_size(loaded, cfg, max_prompt_tokens + cfg.max_new_tokens,
+                                                     per_engine, share=engines))
+    threads = max(1, torch.get_num_threads() // procs)  # CPU: share the cores instead of oversubscribing
+    return Work(cfg=cfg, max_prompt_tokens=max_prompt_tokens, requests=per_engine, threads=threads, **work)
+
+
+def run_colocated(loaded: LoadedModel, cfg: EngineConfig, procs: int, max_prompt_tokens: int, requests: int,
+                  progress, **work) -> int:
+    """Runs `procs` colocated workers over all units; returns the tokens they generated (and wrote)."""
+    share_on_cpu(loaded)
+    work = plan(loaded, cfg, procs, procs, max_prompt_tokens, requests, **work)
     context = mp.get_context("spawn")
     units, events = context.Queue(), context.Queue()
-    for unit in range(unit_count):
+    for unit in range(work.unit_count):
         units.put(unit)
-    per_worker = max(1, -(-requests // procs))
-    # Resolved here, once: N workers each sizing for "half the free memory" would take N halves.
-    cfg = replace(cfg, batch_size=resolve_batch_size(loaded, cfg, max_prompt_tokens + cfg.max_new_tokens,
-                                                     per_worker, share=procs))
-    threads = max(1, torch.get_num_threads() // procs)  # CPU: share the cores instead of oversubscribing
-    args = ([loaded], cfg, max_prompt_tokens, per_worker, shards, unit_count, out.path, run_index, job_start_ns,
-            threads, units, events)
-    workers = {rank: context.Process(target=worker_main, args=(rank, *args), name=f"splitwiser-worker-{rank}")
-               for rank in range(procs)}
-    for worker in workers.values():
-        worker.start()
+    workers = {rank: context.Process(target=run_worker, args=(colocated_worker, rank, [[loaded]], work, events, units),
+                                     name=f"splitwiser-worker-{rank}") for rank in range(procs)}
     current: dict[int, set[int]] = {rank: set() for rank in workers}  # rank → units it holds unfinished
     finished_units: set[int] = set()
+
+    def on_event(kind: str, rank: int, payload) -> None:
+        if kind == "unit_start":
+            current[rank].add(payload)
+        elif kind == "unit_done":
+            current[rank].discard(payload)
+            finished_units.add(payload)
+
+    def on_exit(rank: int, exitcode: int) -> None:
+        if current[rank]:  # died holding units: to the others
+            log.warning("worker %d exited (code %s) holding units %s: they go back in the queue",
+                        rank, exitcode, sorted(current[rank]))
+            for unit in current[rank]:
+                units.put(unit)
+            current[rank].clear()
+
+    return supervise(workers, events, progress, on_event, on_exit,
+                     all_done=lambda: len(finished_units) == work.unit_count)
+
+
+def run_split(loaded: LoadedModel, cfg: EngineConfig, prompt_procs: int, token_procs: int, max_prompt_tokens: int,
+              requests: int, progress, **work) -> int:
+    """Runs prompt and token workers over all units; returns the tokens generated (and written)."""
+    work = plan(loaded, cfg, token_procs, prompt_procs + token_procs, max_prompt_tokens, requests, **work)
+    max_len = slot_length(max_prompt_tokens, cfg.max_new_tokens)
+    pools = [allocate_kv(loaded.model, work.cfg.batch_size, max_len) for _ in range(token_procs)]
+    share_on_cpu(loaded, pools)
+    context = mp.get_context("spawn")
+    units, events = context.Queue(), context.Queue()
+    free_slots = [context.Queue() for _ in range(token_procs)]
+    handoffs = [context.Queue() for _ in range(token_procs)]
+    for unit in range(work.unit_count):
+        units.put(unit)
+    workers = {rank: context.Process(target=run_worker, args=(prompt_worker, rank, [[loaded], [pools]], work, events,
+                                                              units, free_slots, handoffs),
+                                     name=f"splitwiser-prompt-{rank}") for rank in range(prompt_procs)}
+    for index in range(token_procs):
+        rank = prompt_procs + index
+        workers[rank] = context.Process(target=run_worker,
+                                        args=(token_worker, rank, [[loaded], [pools[index]]], work, events,
+                                              free_slots[index], handoffs[index], prompt_procs),
+                                        name=f"splitwiser-token-{index}")
+
+    def on_exit(rank: int, exitcode: int) -> None:
+        raise WorkersFailed(f"mode=split: worker {rank} exited with code {exitcode}, holding requests in its KV "
+                           "slots; the finished rows are on disk: rerun the job to resume")
+
+    # The pools stay referenced here until every worker has exited.
+    return supervise(workers, events, progress, on_event=lambda kind, rank, payload: None, on_exit=on_exit,
+                     all_done=lambda: True)
+
+
+def supervise(workers: dict[int, mp.Process], events: mp.Queue, progress, on_event, on_exit, all_done) -> int:
+    """Starts the workers and follows their events until every one has exited and all_done() holds.
+    on_exit(rank, code) is called, every turn, for each worker that has exited with a non-zero code.
+    Returns the tokens reported with their progress."""
+    for worker in workers.values():
+        worker.start()
     generated, failures = 0, []
     try:
-        while len(finished_units) < unit_count or any(w.is_alive() for w in workers.values()):
+        while not all_done() or any(w.is_alive() for w in workers.values()):
             try:
-                event = events.get(timeout=1.0)
+                kind, rank, *payload = events.get(timeout=1.0)
             except queue.Empty:
-                event = None
-            if event is not None:
-                kind, rank = event[0], event[1]
-                if kind == "unit_start":
-                    current[rank].add(event[2])
-                elif kind == "progress":
-                    progress(event[2], event[3])
-                    generated += event[3]
-                elif kind == "unit_done":
-                    current[rank].discard(event[2])
-                    finished_units.add(event[2])
-                elif kind == "error":
-                    failures.append(event[2])
+                kind = None
+            if kind == "progress":
+                progress(*payload)
+                generated += payload[1]
+            elif kind == "error":
+                failures.append(payload[0])
+            elif kind is not None:
+                on_event(kind, rank, payload[0])
             # Every turn: while the others stream progress there may be no quiet second to wait for.
             # Exit code 0 is a normal end whose last events may still be queued: not a death.
             for rank, worker in workers.items():
-                if worker.exitcode not in (None, 0) and current[rank]:  # died holding units: to the others
-                    log.warning("worker %d exited (code %s) holding units %s: they go back in the queue",
-                                rank, worker.exitcode, sorted(current[rank]))
-                    for unit in current[rank]:
-                        units.put(unit)
-                    current[rank].clear()
-            if not any(w.is_alive() for w in workers.values()) and len(finished_units) < unit_count:
+                if worker.exitcode not in (None, 0):
+                    on_exit(rank, worker.exitcode)
+            if not any(w.is_alive() for w in workers.values()) and not all_done():
                 detail = failures[-1].strip().splitlines()[-1] if failures else "killed"
-                raise RuntimeError(f"all workers exited with {unit_count - len(finished_units)} work units left "
-                                   f"({detail}); rerun the job to resume")
+                raise WorkersFailed(f"all workers exited with work left ({detail}); rerun the job to resume")
     finally:
         for worker in workers.values():  # ours to end, on success, error or interrupt alike
-            worker.join(timeout=60 if len(finished_units) == unit_count else 0)
+            worker.join(timeout=60 if all_done() else 0)
             if worker.is_alive():
                 worker.terminate()
                 worker.join()

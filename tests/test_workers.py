@@ -41,18 +41,22 @@ def single_outputs(tmp_path_factory):
     return outputs(out)
 
 
+@pytest.mark.parametrize("mode", ["colocated", "split"])
 @pytest.mark.parametrize("procs", [1, 2, 3])
-def test_colocated_workers_give_the_single_process_outputs(tmp_path, single_outputs, procs):
+def test_workers_give_the_single_process_outputs(tmp_path, single_outputs, procs, mode):
     manifest = run(job_config("data.limit=8", f"output.dir={tmp_path}", "engine.max_new_tokens=8",
-                              f"procs={procs}", "mode=colocated", "engine.batch_size=2"))
+                              f"procs={procs}", f"mode={mode}", "engine.batch_size=2"))
     assert outputs(tmp_path) == single_outputs
     assert manifest["rows"] == {"input": 8, "ok": 8, "failed": 0}
     last = manifest["runs"][-1]
-    assert last["mode"] == "colocated" and last["procs"] == procs
+    # split runs at least one prompt and one token worker: procs=1 becomes 1 + 1
+    workers = max(procs, 2) if mode == "split" else procs
+    assert last["mode"] == mode and last["procs"] == workers
     assert last["mps"] == "off (no CUDA GPU)"
     assert last["generated_tokens"] == sum(map(len, single_outputs.values()))
-    # Which workers did the rows depends on who started first: a short job may go to one alone.
-    assert set(pq.read_table(tmp_path / "generations.parquet")["worker"].to_pylist()) <= set(range(procs))
+    # Which workers wrote the rows depends on who started first: a short job may go to one alone.
+    writers = set(pq.read_table(tmp_path / "generations.parquet")["worker"].to_pylist())
+    assert writers <= (set(range(workers // 2, workers)) if mode == "split" else set(range(workers)))
     assert not children_of(os.getpid()), "worker processes left behind"
 
 
@@ -77,6 +81,32 @@ def test_a_killed_worker_loses_no_rows(tmp_path):
     assert sorted(generations["id"].to_pylist()) == sorted(r["id"] for r in sample_rows(16))
     assert 1 in generations["worker"].to_pylist()  # the survivor took over
     assert json.loads((out / "manifest.json").read_text())["rows"] == {"input": 16, "ok": 16, "failed": 0}
+
+
+def test_a_killed_split_worker_stops_the_job_and_a_rerun_completes(tmp_path):
+    """mode=split keeps handed-over requests in a token worker's KV slots: its death stops the job with a
+    clear line; what is on disk stays, and the rerun does the rest."""
+    data = write_csv(tmp_path / "d.csv", sample_rows(16))
+    out = tmp_path / "out"
+    args = [f"data.path={data}", f"output.dir={out}", "procs=2", "mode=split", "engine.batch_size=2",
+            "engine.max_new_tokens=24", "output.progress=false"]
+    job = subprocess.Popen([sys.executable, "-m", "jobs.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((out / "parts").glob("*.parquet"))) < 1:
+        time.sleep(0.1)
+    workers = sorted(p for p in children_of(job.pid) if b"multiprocessing" in Path(f"/proc/{p}/cmdline").read_bytes())
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)  # the token worker: started second
+    log, _ = job.communicate(timeout=600)
+    assert job.returncode == 1 and "Traceback" not in log, log
+    assert "error: mode=split: worker 1 exited with code -9" in log
+    kept = len(outputs(out)) if (out / "generations.parquet").exists() else 0
+
+    manifest = run(job_config(*args))
+    assert sorted(outputs(out)) == sorted(r["id"] for r in sample_rows(16))
+    assert manifest["rows"] == {"input": 16, "ok": 16, "failed": 0}
+    assert manifest["runs"][-1]["rows_skipped_done"] >= kept
 
 
 def test_mps_on_without_a_gpu_fails_at_start(tmp_path):
