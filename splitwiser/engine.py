@@ -40,6 +40,7 @@ class Generation:
     prefill_start_ns: int = 0
     first_token_ns: int = 0
     finish_ns: int = 0
+    prefill_worker: int | None = None  # mode=split: the prompt worker that prefilled it
 
 
 def eos_ids(loaded: LoadedModel) -> set[int]:

@@ -35,7 +35,8 @@ GENERATION_SCHEMA = pa.schema([
 TIMING_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("run", pa.int32()),
-    ("worker", pa.int32()),
+    ("worker", pa.int32()),  # the worker that decoded it (and wrote it)
+    ("prefill_worker", pa.int32()),  # the worker that prefilled it: another one in mode=split
     ("batch", pa.int64()),
     ("batch_size", pa.int32()),
     ("enqueue_ms", pa.float64()),

@@ -60,3 +60,34 @@ def write_report(rows: list[dict], path: Path, results: Path) -> None:
         plt.close(figure)
         lines += [f"![throughput]({plot.name})", ""]
     path.write_text("\n".join(lines))
+
+
+def write_timeline(out_dir: Path, path: Path, run: int | None = None) -> None:
+    """A job's timeline (timing.parquet): one lane per worker, each request's prefill (from its start to
+    its first token, on the worker that prefilled it) and decode (to its last token, on the worker that
+    decoded it). Spans overlap within a lane: a continuous engine runs many requests at once."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    timing = pq.read_table(Path(out_dir) / "timing.parquet")
+    run = pc.max(timing["run"]).as_py() if run is None else run
+    rows = timing.filter(pc.equal(timing["run"], run)).to_pylist()
+    workers = sorted({r["worker"] for r in rows} | {r["prefill_worker"] for r in rows})
+    lane = {worker: i for i, worker in enumerate(workers)}
+    fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * len(workers)))
+    s = 1e-3  # ms → s
+    for worker in workers:
+        prefill = [(r["prefill_start_ms"] * s, (r["first_token_ms"] - r["prefill_start_ms"]) * s)
+                   for r in rows if r["prefill_worker"] == worker]
+        decode = [(r["first_token_ms"] * s, (r["finish_ms"] - r["first_token_ms"]) * s)
+                  for r in rows if r["worker"] == worker]
+        ax.broken_barh(decode, (lane[worker] - 0.35, 0.3), color="tab:blue", alpha=0.15)
+        ax.broken_barh(prefill, (lane[worker] + 0.05, 0.3), color="tab:orange", alpha=0.3)
+    ax.set_yticks(range(len(workers)), [f"worker {w}" for w in workers])
+    ax.set_xlabel("seconds since the job started")
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:orange"), plt.Rectangle((0, 0), 1, 1, color="tab:blue")],
+              labels=["prefill", "decode"], loc="upper right")
+    ax.set_title(f"{Path(out_dir).name}: run {run}, {len(rows)} requests")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -149,7 +149,8 @@ def prompt_worker(rank: int, loaded: LoadedModel, pools: list, work: Work, event
                 slots, first, [row["prompt_tokens"] for row in group],
                 keys=[{k: v for k, v in row.items() if k != "input_ids"} for row in group],
                 generations=[Generation([], batch=groups, batch_size=len(group), enqueue_ns=enqueued,
-                                        prefill_start_ns=start, first_token_ns=now) for _ in group]))
+                                        prefill_start_ns=start, first_token_ns=now, prefill_worker=rank)
+                             for _ in group]))
             done += len(group)
             groups += 1
         events.put(("unit_done", rank, unit))

@@ -63,8 +63,9 @@ def test_job_on_gpu_writes_parquet(tmp_path):
     assert manifest["rows"]["ok"] == 50 and manifest["environment"]["device"].startswith("cuda")
 
 
-@pytest.mark.parametrize("procs, mps", [(2, "off"), (2, "on"), (4, "on")])
-def test_workers_on_gpu_match_single_and_leave_no_daemon(tmp_path, procs, mps):
+@pytest.mark.parametrize("procs, mps, mode", [(2, "off", "colocated"), (2, "on", "colocated"), (4, "on", "colocated"),
+                                             (2, "off", "split"), (2, "on", "split"), (4, "on", "split")])
+def test_workers_on_gpu_match_single_and_leave_no_daemon(tmp_path, procs, mps, mode):
     """Real processes over one CUDA-IPC-shared model, MPS started and stopped by the job (fp32: exact)."""
     import subprocess
     import time
@@ -75,14 +76,14 @@ def test_workers_on_gpu_match_single_and_leave_no_daemon(tmp_path, procs, mps):
     common = [f"model.path={model_dir()}", "model.weights=random", "model.dtype=float32", "data.limit=64",
               "engine.ignore_eos=true", "engine.max_new_tokens=16", "engine.batch_size=8", "output.progress=false"]
     single = run_cli(*common, f"output.dir={tmp_path}/single")
-    multi = run_cli(*common, f"output.dir={tmp_path}/multi", f"procs={procs}", f"mps={mps}")
+    multi = run_cli(*common, f"output.dir={tmp_path}/multi", f"procs={procs}", f"mps={mps}", f"mode={mode}")
     assert single.returncode == 0 and multi.returncode == 0, multi.stderr[-3000:]
     def tokens(name):
         table = pq.read_table(tmp_path / name / "generations.parquet")
         return dict(zip(table["id"].to_pylist(), table["output_token_ids"].to_pylist()))
     assert tokens("multi") == tokens("single")
     manifest = json.loads((tmp_path / "multi" / "manifest.json").read_text())
-    print(f"procs={procs} mps={mps}: {manifest['runs'][-1]['mps']}")
+    print(f"procs={procs} mps={mps} mode={mode}: {manifest['runs'][-1]['mps']}")
     assert manifest["runs"][-1]["mps"].startswith("on" if mps == "on" else "off")
     assert "released" not in multi.stderr  # "producer process terminated before all shared CUDA tensors released"
     time.sleep(2)
