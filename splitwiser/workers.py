@@ -23,6 +23,7 @@ still uses it; each drops its references to the shared tensors before it exits.
 import gc
 import logging
 import queue
+import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -60,23 +61,50 @@ class Work:
     threads: int  # CPU threads per worker
 
 
-def run_worker(main, rank: int, holders: list[list], work: Work, events: mp.Queue, *queues) -> None:
-    """A worker process: main(rank, *shared, work, events, *queues). The shared tensors (model, KV pools)
-    arrive in one-item lists (`holders`) that it empties: multiprocessing keeps a process's arguments
-    until it exits, and shared CUDA tensors still referenced at exit are never released to the parent
-    (PyTorch warns "producer process terminated before all shared CUDA tensors released"). Errors go
-    to the parent, which fails the job with them."""
-    shared = [holder.pop() for holder in holders]
+def run_worker(main, rank: int, inbox: mp.Queue, started: mp.Barrier, events: mp.Queue, *queues) -> None:
+    """A worker process: main(rank, *shared, work, events, ready, *queues). The shared tensors (model, KV
+    pools) and the Work come through `inbox` after the process has started: spawn writes a process's
+    arguments into a pipe that the child reads only after its imports (~15 s on the GPU machine), so
+    big arguments would make each start wait for the previous worker's imports. main calls ready()
+    once warmed up; generation starts when every worker is (a barrier), so that work is shared out
+    among all of them. Errors go to the parent, which fails the job with them."""
     try:
+        shared, work = inbox.get()
         torch.set_num_threads(work.threads)
-        main(rank, *shared, work, events, *queues)
+
+        def ready() -> None:
+            try:
+                started.wait(timeout=600)
+            except threading.BrokenBarrierError:  # a worker died before it was ready: go on without it
+                pass
+
+        main(rank, *shared, work, events, ready, *queues)
         if shared[0].device.type == "cuda":
             torch.cuda.synchronize(shared[0].device)
+        # Shared CUDA tensors still referenced when a worker exits are never released to the parent
+        # (PyTorch warns "producer process terminated before all shared CUDA tensors released").
         del shared
         gc.collect()
     except BaseException:
         events.put(("error", rank, traceback.format_exc()))
         raise SystemExit(1)
+
+
+def start_workers(context, mains: list, shared: list[list], work: Work, events: mp.Queue,
+                  queues: list[tuple]) -> dict[int, mp.Process]:
+    """Starts one process per main (rank = index), then hands each its shared tensors and the Work."""
+    started = context.Barrier(len(mains))
+    workers = {}
+    for rank, (main, tensors, extra) in enumerate(zip(mains, shared, queues)):
+        inbox = context.Queue()
+        workers[rank] = context.Process(target=run_worker, args=(main, rank, inbox, started, events, *extra),
+                                        name=f"splitwiser-{main.__name__}-{rank}")
+        workers[rank].start()
+        inbox.put((tensors, work))
+        inbox.cancel_join_thread()  # a worker that dies before reading its inbox must not hang our exit
+        # The child unpickles its arguments after its imports: they must still exist then.
+        workers[rank].keep = (inbox, started)
+    return workers
 
 
 def take_units(units: mp.Queue, events: mp.Queue, rank: int):
@@ -94,12 +122,13 @@ def progress_event(events: mp.Queue, rank: int):
     return lambda rows, tokens: events.put(("progress", rank, rows, tokens))
 
 
-def colocated_worker(rank: int, loaded: LoadedModel, work: Work, events: mp.Queue, units: mp.Queue) -> None:
+def colocated_worker(rank: int, loaded: LoadedModel, work: Work, events: mp.Queue, ready, units: mp.Queue) -> None:
     """Its own engine (prefill and decode) over units from the queue, until the queue is empty."""
     from splitwiser.job import generate_units  # here: job.py imports this module
 
     engine = make_engine(loaded, work.cfg, work.max_prompt_tokens, work.requests)
     engine.warm_up()
+    ready()
     generate_units(engine, work.shards, take_units(units, events, rank), work.unit_count,
                    OutputDir(str(work.out_path), overwrite=False), rank, work.run_index, work.job_start_ns,
                    progress=progress_event(events, rank), unit_done=lambda unit: events.put(("unit_done", rank, unit)))
@@ -123,13 +152,14 @@ def acquire_slots(free_slots: list[mp.Queue], want: int, first_choice: int) -> t
             return target, slots
 
 
-def prompt_worker(rank: int, loaded: LoadedModel, pools: list, work: Work, events: mp.Queue, units: mp.Queue,
+def prompt_worker(rank: int, loaded: LoadedModel, pools: list, work: Work, events: mp.Queue, ready, units: mp.Queue,
                   free_slots: list[mp.Queue], handoffs: list[mp.Queue]) -> None:
     """mode=split: prefills the prompts of its units into token workers' KV slots and hands them over."""
     cfg = work.cfg
     runners = [SlotRunner(loaded.model, cfg.batch_size, slot_length(work.max_prompt_tokens, cfg.max_new_tokens),
                           kv=pool) for pool in pools]
     requests, groups = load_shards(work.shards), 0
+    ready()
     for unit in take_units(units, events, rank):
         rows = list(work_unit(requests, work.unit_count, unit))  # shortest prompt first
         done = 0
@@ -158,7 +188,7 @@ def prompt_worker(rank: int, loaded: LoadedModel, pools: list, work: Work, event
         handoff.put(None)  # this prompt worker is done
 
 
-def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Queue, free_slots: mp.Queue,
+def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Queue, ready, free_slots: mp.Queue,
                  handoffs: mp.Queue, prompt_procs: int) -> None:
     """mode=split: decodes the requests handed over into its KV pool; writes them as part files."""
     from splitwiser.job import PartWriter
@@ -167,6 +197,7 @@ def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Qu
     for slot in range(work.cfg.batch_size):  # free slots are parked on a never-read position: safe at once
         free_slots.put(slot)
     engine.warm_up()
+    ready()
     open_prompt_workers = prompt_procs
 
     def receive(wait: bool) -> list[Handoff] | None:
@@ -221,8 +252,7 @@ def run_colocated(loaded: LoadedModel, cfg: EngineConfig, procs: int, max_prompt
     units, events = context.Queue(), context.Queue()
     for unit in range(work.unit_count):
         units.put(unit)
-    workers = {rank: context.Process(target=run_worker, args=(colocated_worker, rank, [[loaded]], work, events, units),
-                                     name=f"splitwiser-worker-{rank}") for rank in range(procs)}
+    workers = start_workers(context, [colocated_worker] * procs, [[loaded]] * procs, work, events, [(units,)] * procs)
     current: dict[int, set[int]] = {rank: set() for rank in workers}  # rank → units it holds unfinished
     finished_units: set[int] = set()
 
@@ -258,15 +288,10 @@ def run_split(loaded: LoadedModel, cfg: EngineConfig, prompt_procs: int, token_p
     handoffs = [context.Queue() for _ in range(token_procs)]
     for unit in range(work.unit_count):
         units.put(unit)
-    workers = {rank: context.Process(target=run_worker, args=(prompt_worker, rank, [[loaded], [pools]], work, events,
-                                                              units, free_slots, handoffs),
-                                     name=f"splitwiser-prompt-{rank}") for rank in range(prompt_procs)}
-    for index in range(token_procs):
-        rank = prompt_procs + index
-        workers[rank] = context.Process(target=run_worker,
-                                        args=(token_worker, rank, [[loaded], [pools[index]]], work, events,
-                                              free_slots[index], handoffs[index], prompt_procs),
-                                        name=f"splitwiser-token-{index}")
+    workers = start_workers(context, [prompt_worker] * prompt_procs + [token_worker] * token_procs,
+                            [[loaded, pools]] * prompt_procs + [[loaded, pool] for pool in pools], work, events,
+                            [(units, free_slots, handoffs)] * prompt_procs +
+                            [(free_slots[i], handoffs[i], prompt_procs) for i in range(token_procs)])
 
     def on_exit(rank: int, exitcode: int) -> None:
         raise WorkersFailed(f"mode=split: worker {rank} exited with code {exitcode}, holding requests in its KV "
@@ -278,11 +303,9 @@ def run_split(loaded: LoadedModel, cfg: EngineConfig, prompt_procs: int, token_p
 
 
 def supervise(workers: dict[int, mp.Process], events: mp.Queue, progress, on_event, on_exit, all_done) -> int:
-    """Starts the workers and follows their events until every one has exited and all_done() holds.
+    """Follows the started workers' events until every one has exited and all_done() holds.
     on_exit(rank, code) is called, every turn, for each worker that has exited with a non-zero code.
     Returns the tokens reported with their progress."""
-    for worker in workers.values():
-        worker.start()
     generated, failures = 0, []
     try:
         while not all_done() or any(w.is_alive() for w in workers.values()):
