@@ -74,10 +74,13 @@ def test_output_dir_under_a_file(tmp_path):
     ("engine.batch_size=many", "engine.batch_size=many: must be auto or at least 1"),
     ("model.dtype=float8", "model.dtype=float8 is not one of"),
     ("prompt.template='{text} {date}'", "prompt.template must contain {text} and no other placeholder; it has date, text"),
-    ("mode=split", "mode=split (prompt workers handing KV caches to token workers) is not implemented yet"),
+    (("mode=split", "engine.kind=generate"), "mode=split hands KV slots over: it needs engine.kind=continuous"),
+    (("procs=2", "prompt_procs=1"), "prompt_procs and token_procs are for mode=split"),
+    ("data.part=3", "data.part=3: must be 0 to data.parts-1 (0)"),
 ])
 def test_nonsensical_config_values(tmp_path, override, message):
-    assert_user_error(run_cli(override, f"output.dir={tmp_path}/o"), message)
+    overrides = (override,) if isinstance(override, str) else override
+    assert_user_error(run_cli(*overrides, f"output.dir={tmp_path}/o"), message)
 
 
 def test_resuming_into_a_different_job_is_refused(tmp_path):
