@@ -1,15 +1,21 @@
 """Command-line entry points (Hydra). Thin: the work is in splitwiser/."""
 
 import functools
+import signal
 import sys
 import warnings
 
-from splitwiser.config import UserError, register_configs
-from splitwiser.workers import WorkersFailed
+from splitwiser.config import UserError, WorkersFailed, register_configs
 
 register_configs()
 # datasets' sort passes an option that pyarrow has deprecated: noise for the user, not theirs to fix.
 warnings.filterwarnings("ignore", message="Specifying null_placement in SortOptions", category=FutureWarning)
+
+
+def unwind_on_sigterm() -> None:
+    """SIGTERM (scancel, a preempted node, kill) unwinds like Ctrl-C: workers and an MPS daemon the job
+    started are stopped; finished batches are already on disk, and a rerun resumes."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def errors_in_one_line(main):

@@ -1,4 +1,4 @@
-"""Merges a split job's task directories: python -m jobs.merge dir=outputs/array-1234 (splitwiser/merge.py).
+"""Merges an array job's task directories: python -m jobs.merge dir=outputs/array-1234 (splitwiser/merge.py).
 
 Exits with status 2 and one line on stderr when a task has not finished or a row is missing."""
 

@@ -2,14 +2,12 @@
 scrontab or slurm/nightly.sbatch; a second run with nothing new does nothing."""
 
 import logging
-import signal
-import sys
 from datetime import date
 
 import hydra
 from omegaconf import DictConfig
 
-from jobs import errors_in_one_line
+from jobs import errors_in_one_line, unwind_on_sigterm
 from splitwiser.config import to_job_config
 from splitwiser.nightly import nightly
 
@@ -19,7 +17,7 @@ log = logging.getLogger("splitwiser")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="nightly")
 @errors_in_one_line
 def main(cfg: DictConfig) -> None:
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: a rerun resumes
+    unwind_on_sigterm()
     manifests = nightly(to_job_config(cfg), date.today())
     for manifest in manifests:
         log.info("partition %s: %d rows ok, %d failed", manifest["config"]["output"]["dir"],

@@ -1,13 +1,11 @@
 """The job: python -m jobs.run [Hydra overrides], e.g. model=opt125m data.limit=100 engine.batch_size=32."""
 
 import logging
-import signal
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from jobs import errors_in_one_line
+from jobs import errors_in_one_line, unwind_on_sigterm
 from splitwiser.config import to_job_config
 from splitwiser.job import run
 
@@ -17,9 +15,7 @@ log = logging.getLogger("splitwiser")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @errors_in_one_line
 def main(cfg: DictConfig) -> None:
-    # SIGTERM (scancel, a preempted node, kill) unwinds like Ctrl-C: workers and an MPS daemon this
-    # job started are stopped; finished batches are already on disk, and a rerun resumes.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    unwind_on_sigterm()
     manifest = run(to_job_config(cfg))
     last = manifest["runs"][-1]
     log.info("done: %d rows ok, %d failed, %d generated this run at %s tokens/s; wrote %s",

@@ -16,6 +16,10 @@ class UserError(Exception):
     """A mistake the user can fix (bad path, column, value): reported as one line, no traceback."""
 
 
+class WorkersFailed(Exception):
+    """The worker processes could not finish the run; what they wrote is on disk, and a rerun resumes."""
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"{name}={value} is not one of {', '.join(choices)}")

@@ -262,10 +262,10 @@ class ContinuousEngine:
         # (mode=split prefills a released slot in another process while this one keeps stepping).
         self.positions[slots] = self.runner.max_len - 1
         outputs, counts = self.output[slots].tolist(), self.generated[slots].tolist()
-        for slot, tokens, count in zip(slots, outputs, counts):
+        for slot, tokens, generated in zip(slots, outputs, counts):
             index, generation = running.pop(slot)
-            generation.token_ids = tokens[:count]
-            generation.finish_reason = "stop" if tokens[count - 1] in self.eos_ids else "length"
+            generation.token_ids = tokens[:generated]
+            generation.finish_reason = "stop" if tokens[generated - 1] in self.eos_ids else "length"
             generation.finish_ns = now
             release(slot)
             yield index, generation

@@ -83,8 +83,8 @@ class PartWriter:
             "id": row["id"], "reference": row.get("reference"), "prompt": row["prompt"], "generation": text.strip(),
             "prompt_tokens": row["prompt_tokens"], "generated_tokens": len(g.token_ids),
             "output_token_ids": g.token_ids, "finish_reason": g.finish_reason, "worker": self.worker,
-            "batch": g.batch, "run": self.run_index,
-            "prefill_worker": self.worker if g.prefill_worker is None else g.prefill_worker, "batch_size": g.batch_size, "enqueue_ms": ms(g.enqueue_ns),
+            "prefill_worker": self.worker if g.prefill_worker is None else g.prefill_worker,
+            "batch": g.batch, "run": self.run_index, "batch_size": g.batch_size, "enqueue_ms": ms(g.enqueue_ns),
             "prefill_start_ms": ms(g.prefill_start_ns), "first_token_ms": ms(g.first_token_ns),
             "finish_ms": ms(g.finish_ns),
         } for (_, row, g), text in zip(finished, texts)])

@@ -1,4 +1,4 @@
-"""Joins the output directories of a split job (one per SLURM array task, data.part=k of data.parts)
+"""Joins the output directories of an array job (one per SLURM array task, data.part=k of data.parts)
 into one set of files beside them, after checking that every row of the dataset is there once.
 
     root/task-0/, root/task-1/, ...  →  root/generations.parquet, timing.parquet, errors.parquet, manifest.json
@@ -32,10 +32,10 @@ def task_manifests(root: Path) -> list[dict]:
         manifest["dir"] = str(task_dir)
         part, parts = manifest["fingerprint"]["part"]
         manifests[part] = manifest
-    first = manifests[min(manifests)]
-    same_job = lambda m: {**m["fingerprint"], "part": None} == {**first["fingerprint"], "part": None}  # noqa: E731
-    if not all(same_job(m) for m in manifests.values()):
-        raise UserError(f"{root}: the task directories hold different jobs")
+    # The same job, split into the same number of parts: only the part index may differ.
+    job = lambda m: {**m["fingerprint"], "part": m["fingerprint"]["part"][1]}  # noqa: E731
+    if len({json.dumps(job(m), sort_keys=True) for m in manifests.values()}) > 1:
+        raise UserError(f"{root}: the task directories hold different jobs (or different data.parts)")
     missing = sorted(set(range(parts)) - set(manifests))
     if missing:
         raise UserError(f"{root}: parts {missing} of {parts} have no task directory; run them, then merge")

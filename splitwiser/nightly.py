@@ -81,9 +81,9 @@ def nightly(job: JobConfig, night: date) -> list[dict]:
     root = Path(job.output.dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(root / "ledger.parquet")
-    manifests = []
+    manifests, finished = [], ledger.partitions()
     for partition in sorted(p.parent for p in root.glob("*/input.parquet")):
-        if partition.name not in ledger.partitions():
+        if partition.name not in finished:
             log.info("resuming the unfinished partition %s", partition.name)
             manifests.append(run_partition(job, partition, ledger))
 

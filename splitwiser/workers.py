@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from splitwiser.config import EngineConfig
+from splitwiser.config import EngineConfig, WorkersFailed
 from splitwiser.data import load_shards, work_unit
 from splitwiser.engine import ContinuousEngine, Generation, Handoff, make_engine, prefill_group, resolve_batch_size, \
     slot_length
@@ -41,10 +41,6 @@ from splitwiser.output import OutputDir
 from splitwiser.runner import SlotRunner, allocate_kv
 
 log = logging.getLogger(__name__)
-
-
-class WorkersFailed(Exception):
-    """The workers could not finish the run; what they wrote is on disk, and a rerun resumes."""
 
 
 @dataclass
