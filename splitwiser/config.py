@@ -83,9 +83,13 @@ class PromptConfig:
     instruction: str = "You are a radiologist. Summarize the findings into a short impression."
     chat_message: str = "Findings: {text}\nImpression:"
     template: str = "### findings: {text}\n### impressions:"
+    # A prompt longer than the model's context leaves room for: error (the row goes to errors.parquet)
+    # or truncate (the end of its text is cut until it fits; generations.parquet says prompt_truncated).
+    too_long: str = "error"
 
     def __post_init__(self) -> None:
         _check_choice("prompt.style", self.style, ("auto", "chat", "plain"))
+        _check_choice("prompt.too_long", self.too_long, ("error", "truncate"))
         for name in ("chat_message", "template"):
             text = getattr(self, name)
             try:
@@ -113,13 +117,18 @@ class EngineConfig:
     # sdpa (PyTorch's, over whole slots), auto (live where Triton runs, else sdpa)
     attention: str = "auto"
     shard_rows: int = 256  # rows per Arrow shard: the unit of work handed to a worker
+    # A prefill group or generate batch that runs out of device memory is split in halves and retried
+    # (a prompt that does not fit alone goes to errors.parquet). memory_cap_mb makes a forward whose
+    # estimated memory (runner.forward_bytes) is over it fail the same way: headroom on a shared GPU,
+    # and the out-of-memory path on a CPU.
+    memory_cap_mb: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_choice("engine.kind", self.kind, ("continuous", "generate"))
         _check_choice("engine.attention", self.attention, ("auto", "live", "sdpa"))
         if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise UserError(f"engine.batch_size={self.batch_size}: must be auto or at least 1")
-        for name in ("max_new_tokens", "prefill_tokens", "shard_rows"):
+        for name in ("max_new_tokens", "prefill_tokens", "shard_rows", "memory_cap_mb"):
             _check_positive(f"engine.{name}", getattr(self, name))
 
 
@@ -152,19 +161,24 @@ class JobConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     mps: MPSConfig = field(default_factory=MPSConfig)
-    procs: int = 1  # worker processes on the one device, sharing one copy of the weights
-    # single: the engine in this process (procs=1); colocated: `procs` worker processes, each
-    # prefilling and decoding its own requests; split: prompt workers prefill into the KV slots of
-    # token workers, which decode (the paper's design; at least one of each).
-    mode: str = "auto"  # auto: single for procs=1, else colocated
+    # auto: every visible GPU (the CPU without one); N: the first N; [0, 2]: those. One model copy per GPU.
+    gpus: Any = "auto"
+    procs: int = 1  # worker processes per device, sharing its copy of the weights
+    # single: the engine in this process (procs=1, one device); colocated: `procs` worker processes per
+    # device, each prefilling and decoding its own requests; split: prompt workers prefill into the KV
+    # slots of token workers, which decode (the paper's design; at least one of each per device).
+    mode: str = "auto"  # auto: single for procs=1 on one device, else colocated
     prompt_procs: Optional[int] = None  # split: default procs // 2 (at least 1)
     token_procs: Optional[int] = None  # split: default the rest of procs (at least 1)
 
     def __post_init__(self) -> None:
+        gpu_list = isinstance(self.gpus, list) and self.gpus and all(isinstance(i, int) and i >= 0 for i in self.gpus)
+        if not (self.gpus == "auto" or (isinstance(self.gpus, int) and self.gpus >= 1) or gpu_list):
+            raise UserError(f"gpus={self.gpus}: must be auto, a count (gpus=2) or a list of GPU indices (gpus=[0,1])")
         _check_positive("procs", self.procs)
         _check_choice("mode", self.mode, ("auto", "single", "colocated", "split"))
-        if self.mode == "auto":
-            self.mode = "single" if self.procs == 1 else "colocated"
+        if self.mode == "auto" and self.procs > 1:
+            self.mode = "colocated"
         if self.mode == "single" and self.procs != 1:
             raise UserError(f"mode=single runs one process, procs={self.procs}; use mode=colocated")
         _check_positive("prompt_procs", self.prompt_procs)
@@ -177,6 +191,15 @@ class JobConfig:
             self.prompt_procs = self.prompt_procs or max(1, self.procs // 2)
             self.token_procs = self.token_procs or max(1, self.procs - self.prompt_procs)
             self.procs = self.prompt_procs + self.token_procs
+
+    def run_mode(self, devices: int) -> str:
+        """The mode that runs on `devices` devices: auto is single for one process on one device."""
+        if self.mode == "auto":
+            return "single" if devices == 1 else "colocated"
+        if self.mode == "single" and devices > 1:
+            raise UserError(f"mode=single runs one process on one device; gpus={self.gpus} gives {devices}: "
+                            "use mode=colocated or gpus=1")
+        return self.mode
 
 
 def register_configs() -> None:

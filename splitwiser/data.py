@@ -1,7 +1,8 @@
 """Read → validate → prompt → tokenize → Arrow shards.
 
-Rows that cannot be generated (no id, a duplicate id, empty text, a prompt longer than the
-model's context) come back as errors with a reason; nothing is dropped silently.
+Rows that cannot be generated (no id, a duplicate id, empty text, text that is not valid UTF-8,
+a prompt longer than the model's context unless prompt.too_long=truncate) come back as errors
+with a reason; nothing is dropped silently.
 """
 
 import math
@@ -9,12 +10,39 @@ import shutil
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
 from splitwiser.config import DataConfig, PromptConfig, UserError
+from splitwiser.output import unwritable
 
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
+REPLACED = "\ufffd"  # what stands for bytes that are not UTF-8
+BAD_UTF8 = "__splitwiser_bad_utf8__"  # read_dataset's flag column: the row's text had such bytes
+
+
+def _load_file(path: Path, builder: str) -> tuple[Dataset, bool]:
+    """load_dataset → (rows, whether bytes that are not UTF-8 were replaced by U+FFFD): one bad row must not
+    reject the file. CSV is re-read with errors="replace"; JSON and Parquet keep such bytes in their string
+    columns (and fail later, when read), so those columns are decoded again with errors="replace"."""
+    try:
+        ds = load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:
+        if builder == "csv" and isinstance(e.__cause__, UnicodeDecodeError):
+            return load_dataset(builder, data_files=str(path), split="train", encoding_errors="replace"), True
+        raise
+    table = ds.data.table
+    try:
+        table.validate(full=True)
+        return ds, False
+    except pa.ArrowInvalid:
+        pass
+    for name in table.column_names:
+        if pa.types.is_string(table.schema.field(name).type):
+            raw = table[name].cast(pa.binary()).to_pylist()
+            ds = ds.remove_columns(name).add_column(name, [None if v is None else v.decode(errors="replace") for v in raw])
+    return ds.select_columns(table.column_names), True
 
 
 def read_dataset(cfg: DataConfig) -> Dataset:
@@ -23,6 +51,7 @@ def read_dataset(cfg: DataConfig) -> Dataset:
     if not path.exists():
         raise UserError(f"data.path={cfg.path}: no such file or directory")
     datasets.disable_progress_bars()
+    replaced = False
     if path.is_dir():
         try:
             ds = load_from_disk(str(path))
@@ -37,7 +66,7 @@ def read_dataset(cfg: DataConfig) -> Dataset:
         if builder is None:
             raise UserError(f"data.path={cfg.path}: unknown format {path.suffix!r}; use .csv, .jsonl, .json, .parquet")
         try:
-            ds = load_dataset(builder, data_files=str(path), split="train")
+            ds, replaced = _load_file(path, builder)
         except Exception as e:  # a user's file that the reader rejects: say why, in one line
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if "corresponds to no data" in reason:  # what datasets says of a file with a header only
@@ -51,6 +80,8 @@ def read_dataset(cfg: DataConfig) -> Dataset:
             raise UserError(f"data.{option}={column}: no such column; the columns are: {', '.join(ds.column_names)}")
     if cfg.limit is not None:
         ds = ds.select(range(min(cfg.limit, len(ds))))
+    if replaced:
+        ds = ds.add_column(BAD_UTF8, [isinstance(t, str) and REPLACED in t for t in ds[cfg.text_column]])
     return ds
 
 
@@ -81,7 +112,7 @@ def prepare_requests(
     """Returns (requests sorted by prompt length, errors) for the rows of data.part, leaving out ids
     in done_ids. Ids are checked over the whole dataset, so a duplicate in another part is caught.
 
-    A request has: id, reference (if configured), prompt, input_ids, prompt_tokens.
+    A request has: id, reference (if configured), prompt, input_ids, prompt_tokens, prompt_truncated.
     """
     ids = [str(i) for i in range(len(ds))] if data.id_column is None else [
         None if _missing(v) or str(v).strip() == "" else str(v) for v in ds[data.id_column]]
@@ -90,11 +121,32 @@ def prepare_requests(
         first_row.setdefault(row_id, index)
     adds_special = not uses_chat(prompt, tokenizer)  # a chat template writes its own special tokens
 
+    def tokenize(text: str) -> tuple[str, list[int]]:
+        prompt_text = build_prompt(text, prompt, tokenizer)
+        return prompt_text, tokenizer(prompt_text, add_special_tokens=adds_special).input_ids
+
+    def fit(text: str) -> tuple[str, list[int], bool] | str:
+        """(prompt, its token ids, whether the text was truncated), or why the row cannot be generated."""
+        prompt_text, token_ids = tokenize(text)
+        if len(token_ids) <= max_prompt_tokens:
+            return prompt_text, token_ids, False
+        if prompt.too_long == "error":
+            return f"prompt has {len(token_ids)} tokens, over the {max_prompt_tokens} that fit the context"
+        text_ids = tokenizer(text, add_special_tokens=False).input_ids
+        keep = len(text_ids) - (len(token_ids) - max_prompt_tokens)
+        while keep > 0:  # tokens may merge differently at the cut: shorten until it fits
+            prompt_text, token_ids = tokenize(tokenizer.decode(text_ids[:keep]))
+            if len(token_ids) <= max_prompt_tokens:
+                return prompt_text, token_ids, True
+            keep -= len(token_ids) - max_prompt_tokens
+        return f"the prompt without its text is over the {max_prompt_tokens} tokens that fit the context"
+
     def to_request(batch: dict, indices: list[int]) -> dict:
-        out = {"id": [], "prompt": [], "input_ids": [], "prompt_tokens": [], "error": []}
+        out = {"id": [], "prompt": [], "input_ids": [], "prompt_tokens": [], "prompt_truncated": [], "error": []}
         if data.reference_column:
             out["reference"] = [None if _missing(v) else str(v) for v in batch[data.reference_column]]
-        for index, text in zip((part.start + i for i in indices), batch[data.text_column]):
+        bad_utf8 = batch.get(BAD_UTF8, [False] * len(indices))
+        for index, text, bad in zip((part.start + i for i in indices), batch[data.text_column], bad_utf8):
             row_id = ids[index]
             if row_id is None:
                 row_id, error = f"row:{index}", "missing id"
@@ -102,17 +154,18 @@ def prepare_requests(
                 error = f"duplicate id (first seen at row {first_row[row_id]})"
             elif _missing(text) or not isinstance(text, str) or not text.strip():
                 error = f"empty or missing {data.text_column}"
+            elif bad:
+                error = f"{data.text_column} is not valid UTF-8 (bad bytes shown here as U+FFFD)"
             else:
                 error = None
-            prompt_text = build_prompt(text.strip(), prompt, tokenizer) if error is None else ""
-            token_ids = tokenizer(prompt_text, add_special_tokens=adds_special).input_ids if error is None else []
-            if error is None and len(token_ids) > max_prompt_tokens:
-                error = f"prompt has {len(token_ids)} tokens, over the {max_prompt_tokens} that fit the context"
-                token_ids = []
+            fitted = fit(text.strip()) if error is None else error
+            error, (prompt_text, token_ids, truncated) = (fitted, ("", [], False)) if isinstance(fitted, str) \
+                else (None, fitted)
             out["id"].append(row_id)
             out["prompt"].append(prompt_text)
             out["input_ids"].append(token_ids)
             out["prompt_tokens"].append(len(token_ids))
+            out["prompt_truncated"].append(truncated)
             out["error"].append(error)
         return out
 
@@ -128,7 +181,10 @@ def write_shards(requests: Dataset, directory: Path, shard_rows: int) -> int:
     """Saves the requests as Arrow shards (memory-mapped by every worker); returns the number of work units."""
     shutil.rmtree(directory, ignore_errors=True)
     units = max(1, math.ceil(len(requests) / shard_rows))
-    requests.save_to_disk(str(directory), num_shards=min(units, max(1, len(requests))))
+    try:
+        requests.save_to_disk(str(directory), num_shards=min(units, max(1, len(requests))))
+    except OSError as e:
+        raise UserError(unwritable(directory, e)) from None
     return units if len(requests) else 0
 
 

@@ -10,7 +10,9 @@
   and decode overlap in one process), and on CUDA the decode step replayed as a CUDA graph.
 - `GenerateEngine` (engine.kind=generate): transformers' `generate`, batch by batch. The
   reference for correctness and the paper's baseline.
-Both give the tokens `model.generate(do_sample=False)` gives each prompt alone.
+Both give the tokens `model.generate(do_sample=False)` gives each prompt alone. A batch (prefill group,
+generate batch) that runs out of memory is run as halves (split_on_oom); a prompt that does not fit
+even alone comes out as a Generation with an `error`.
 """
 
 import heapq
@@ -25,7 +27,7 @@ import torch
 
 from splitwiser.config import EngineConfig
 from splitwiser.models import LoadedModel
-from splitwiser.runner import KVPool, SlotRunner, UnsupportedModel, kv_slot_bytes
+from splitwiser.runner import KVPool, SlotRunner, UnsupportedModel, forward_bytes, kv_slot_bytes
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,47 @@ class Generation:
     first_token_ns: int = 0
     finish_ns: int = 0
     prefill_worker: int | None = None  # mode=split: the prompt worker that prefilled it
+    error: str | None = None  # why it was not generated (goes to errors.parquet)
+
+
+def check_memory_cap(cap_mb: int | None, model, sequences: int, tokens: int, cached_tokens: int = 0) -> None:
+    """Raises torch.OutOfMemoryError, as the device would, for a forward estimated over engine.memory_cap_mb."""
+    if cap_mb is None:
+        return
+    param = next(model.parameters())
+    need = forward_bytes(model.config, param.dtype, sequences, tokens, cached_tokens)
+    if need > cap_mb * 2**20:
+        raise torch.OutOfMemoryError(f"{sequences} x {tokens} tokens need about {need / 2**20:.0f} MB, over "
+                                     f"engine.memory_cap_mb={cap_mb}")
+
+
+@dataclass
+class OutOfMemory:
+    """split_on_oom's result for an item that did not fit in memory even alone."""
+    reason: str
+
+    def error(self, prompt_tokens: int) -> str:
+        return f"out of memory with its {prompt_tokens}-token prompt alone: {self.reason}"
+
+
+def split_on_oom(run: Callable[[list], list], items: list) -> tuple[list, int]:
+    """run(items) → (one result per item, how many times a batch was split). A batch that runs out of
+    memory is split in halves, each run on its own (and so on); an item that does not fit even alone
+    gets OutOfMemory as its result."""
+    try:
+        return run(items), 0
+    except torch.OutOfMemoryError as error:
+        reason = str(error).strip().splitlines()[0]
+    # Out of the except block, the traceback (and the failed forward's tensors) is gone: free the cache.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(items) == 1:
+        log.warning("out of memory on one request alone: it goes to errors.parquet (%s)", reason)
+        return [OutOfMemory(reason)], 0
+    log.warning("out of memory on a batch of %d: running it as two halves (%s)", len(items), reason)
+    (first, first_splits), (second, second_splits) = (split_on_oom(run, items[:len(items) // 2]),
+                                                      split_on_oom(run, items[len(items) // 2:]))
+    return first + second, 1 + first_splits + second_splits
 
 
 def eos_ids(loaded: LoadedModel) -> set[int]:
@@ -71,6 +114,7 @@ class GenerateEngine:
         self.model, self.tokenizer, self.device, self.cfg = loaded.model, loaded.tokenizer, loaded.device, cfg
         self.eos_ids = eos_ids(loaded)
         self.generate_kwargs = generate_kwargs  # e.g. cache_implementation="static" (the benchmark's baseline)
+        self.oom_splits = 0  # batches split because they ran out of memory
 
     def warm_up(self) -> None:
         """Nothing to prepare: generate compiles (static cache) on its first call."""
@@ -82,14 +126,20 @@ class GenerateEngine:
             batch = list(islice(source, self.cfg.batch_size))
             if not batch:
                 return
-            for generation in self.generate_batch(batch, number):
-                yield index, generation
+            results, splits = split_on_oom(lambda prompts: self.generate_batch(prompts, number), batch)
+            self.oom_splits += splits
+            for prompt, result in zip(batch, results):
+                if isinstance(result, OutOfMemory):
+                    result = Generation([], error=result.error(len(prompt)))
+                yield index, result
                 index += 1
 
     @torch.inference_mode()
     def generate_batch(self, prompts: list[list[int]], number: int) -> list[Generation]:
         enqueue = time.perf_counter_ns()
         batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(self.device)
+        length = batch["input_ids"].shape[1]
+        check_memory_cap(self.cfg.memory_cap_mb, self.model, len(prompts), length, length + self.cfg.max_new_tokens)
         clock = StepClock()
         start = time.perf_counter_ns()
         output = self.model.generate(
@@ -115,14 +165,23 @@ def slot_length(max_prompt_tokens: int, max_new_tokens: int) -> int:
     return -(-(max_prompt_tokens + max_new_tokens) // 16) * 16
 
 
-def prefill_group(runner: SlotRunner, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-    """Prefills `prompts` (token-id lists) into `slots` of the runner's KV pool → first tokens [G] on the device."""
+def prefill_group(runner: SlotRunner, prompts: list[list[int]], slots: list[int],
+                  memory_cap_mb: int | None) -> tuple[list[int | OutOfMemory], int]:
+    """Prefills `prompts` (token-id lists) into `slots` of the runner's KV pool → (the first token of each,
+    or the error of a prompt that ran out of memory even alone; how many times the group was split)."""
+    return split_on_oom(lambda items: _prefill_slots(runner, *zip(*items), memory_cap_mb), list(zip(prompts, slots)))
+
+
+def _prefill_slots(runner: SlotRunner, prompts: tuple[list[int]], slots: tuple[int], memory_cap_mb) -> list[int]:
     lengths = [len(prompt) for prompt in prompts]
+    check_memory_cap(memory_cap_mb, runner.arch.model, len(prompts), max(lengths))
     padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         padded[row, :len(prompt)] = torch.tensor(prompt)
     device = runner.device
-    return runner.prefill(padded.to(device), torch.tensor(lengths, device=device), torch.tensor(slots, device=device))
+    # .tolist() waits for the prefill: in mode=split the keys are in the slots before a token worker hears of them
+    return runner.prefill(padded.to(device), torch.tensor(lengths, device=device),
+                          torch.tensor(slots, device=device)).tolist()
 
 
 @dataclass
@@ -160,6 +219,7 @@ class ContinuousEngine:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.prefill_groups = 0
+        self.oom_splits = 0  # prefill groups split because they ran out of memory
 
     def run(self, prompts: Iterable[list[int]]) -> Iterator[tuple[int, Generation]]:
         source = enumerate(prompts)
@@ -173,7 +233,7 @@ class ContinuousEngine:
             if waiting and (len(free) >= admit_at or not running):
                 admitted = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
                 for group in self._prefill_groups(admitted):
-                    self._prefill(group, free, running)
+                    yield from self._prefill(group, free, running)
                     yield from self._collect(running, release=lambda slot: heapq.heappush(free, slot))
             if not running:
                 if waiting:
@@ -215,16 +275,26 @@ class ContinuousEngine:
         if group:
             yield group
 
-    def _prefill(self, group: list, free: list[int], running: dict) -> None:
+    def _prefill(self, group: list, free: list[int], running: dict) -> Iterator[tuple[int, Generation]]:
+        """Prefills the group into free slots and makes them running; yields the requests that did not fit in memory."""
         start = time.perf_counter_ns()
         slots = [heapq.heappop(free) for _ in group]
-        first = prefill_group(self.runner, [prompt for _, prompt, _ in group], slots)
-        lengths = torch.tensor([len(prompt) for _, prompt, _ in group], device=self.device)
-        self._start(torch.tensor(slots, device=self.device), first, lengths)
+        firsts, splits = prefill_group(self.runner, [prompt for _, prompt, _ in group], slots, self.cfg.memory_cap_mb)
+        self.oom_splits += splits
         now = time.perf_counter_ns()
-        for slot, (index, _, enqueued) in zip(slots, group):
-            running[slot] = (index, Generation([], batch=self.prefill_groups, batch_size=len(group),
-                                               enqueue_ns=enqueued, prefill_start_ns=start, first_token_ns=now))
+        started = []
+        for slot, (index, prompt, enqueued), first in zip(slots, group, firsts):
+            generation = Generation([], batch=self.prefill_groups, batch_size=len(group), enqueue_ns=enqueued,
+                                    prefill_start_ns=start, first_token_ns=now, finish_ns=now)
+            if isinstance(first, OutOfMemory):
+                heapq.heappush(free, slot)
+                generation.error = first.error(len(prompt))
+                yield index, generation
+            else:
+                running[slot] = (index, generation)
+                started.append((slot, first, len(prompt)))
+        if started:
+            self._start(*(torch.tensor(column, device=self.device) for column in zip(*started)))
         self.prefill_groups += 1
 
     def _start(self, slot_ids: torch.Tensor, first: torch.Tensor, lengths: torch.Tensor) -> None:

@@ -4,11 +4,13 @@
     manifest = run(job_config)
 """
 
+import contextlib
 import logging
 import os
 import platform
 import subprocess
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
@@ -17,12 +19,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from splitwiser.config import JobConfig, to_plain_dict
+from splitwiser.config import JobConfig, WorkersFailed, to_plain_dict
 from splitwiser.data import load_shards, prepare_requests, read_dataset, work_unit, write_shards
 from splitwiser.engine import Generation, make_engine
-from splitwiser.models import LoadedModel, load_model
-from splitwiser.mps import mps_session
-from splitwiser.output import OutputDir
+from splitwiser.models import LoadedModel, load_model, resolve_devices
+from splitwiser.mps import MPSState, mps_session
+from splitwiser.output import OutputDir, check_free_space
 from splitwiser.workers import run_colocated, run_split
 
 log = logging.getLogger(__name__)
@@ -62,9 +64,10 @@ class PartWriter:
     """Collects finished requests and writes them as part files of `rows` rows (the worker's batch size),
     then calls progress(rows, tokens) and on_write(written) with the (key, row, generation) triples."""
 
-    def __init__(self, out: OutputDir, tokenizer, rows: int, worker: int, run_index: int, job_start_ns: int,
-                 progress, on_write=lambda written: None):
+    def __init__(self, out: OutputDir, tokenizer, rows: int, worker: int, device: torch.device, run_index: int,
+                 job_start_ns: int, progress, on_write=lambda written: None):
         self.out, self.tokenizer, self.rows, self.worker = out, tokenizer, rows, worker
+        self.gpu = device.index if device.type == "cuda" else None
         self.run_index, self.job_start_ns, self.progress, self.on_write = run_index, job_start_ns, progress, on_write
         self.finished: list[tuple[object, dict, Generation]] = []
 
@@ -77,17 +80,21 @@ class PartWriter:
         finished, self.finished = self.finished, []
         if not finished:
             return
+        failed = [{"id": row["id"], "error": g.error} for _, row, g in finished if g.error]
+        if failed:
+            self.out.write_errors(failed)
         texts = self.tokenizer.batch_decode([g.token_ids for _, _, g in finished], skip_special_tokens=True)
         ms = lambda ns: (ns - self.job_start_ns) / 1e6  # noqa: E731 (times relative to the run's start)
         self.out.write_part([{
-            "id": row["id"], "reference": row.get("reference"), "prompt": row["prompt"], "generation": text.strip(),
+            "id": row["id"], "reference": row.get("reference"), "prompt": row["prompt"],
+            "prompt_truncated": row["prompt_truncated"], "generation": text.strip(),
             "prompt_tokens": row["prompt_tokens"], "generated_tokens": len(g.token_ids),
-            "output_token_ids": g.token_ids, "finish_reason": g.finish_reason, "worker": self.worker,
+            "output_token_ids": g.token_ids, "finish_reason": g.finish_reason, "worker": self.worker, "gpu": self.gpu,
             "prefill_worker": self.worker if g.prefill_worker is None else g.prefill_worker,
             "batch": g.batch, "run": self.run_index, "batch_size": g.batch_size, "enqueue_ms": ms(g.enqueue_ns),
             "prefill_start_ms": ms(g.prefill_start_ns), "first_token_ms": ms(g.first_token_ns),
             "finish_ms": ms(g.finish_ns),
-        } for (_, row, g), text in zip(finished, texts)])
+        } for (_, row, g), text in zip(finished, texts) if not g.error])
         self.progress(len(finished), sum(len(g.token_ids) for _, _, g in finished))
         self.on_write(finished)
 
@@ -120,8 +127,8 @@ def generate_units(engine, shards: Path, units: Iterable[int], unit_count: int, 
             if outstanding[unit] == 0 and unit in streamed:
                 unit_done(unit)
 
-    writer = PartWriter(out, engine.tokenizer, engine.cfg.batch_size, worker, run_index, job_start_ns, progress,
-                        on_write=written)
+    writer = PartWriter(out, engine.tokenizer, engine.cfg.batch_size, worker, engine.device, run_index, job_start_ns,
+                        progress, on_write=written)
     generated = 0
     for index, generation in engine.run(prompts()):
         unit, row = pending.pop(index)
@@ -167,6 +174,18 @@ class Stages:
         self.mark = now
 
 
+@contextlib.contextmanager
+def mps_blamed_for_dead_workers(mps: MPSState):
+    """When every worker died under MPS, say so: a dying MPS server takes all its clients with it."""
+    try:
+        yield
+    except WorkersFailed as e:
+        if not mps.active:
+            raise
+        raise WorkersFailed(f"{e} (MPS was {mps.note}: if its server died, the rerun starts a new one; "
+                            "mps=off runs without it)") from None
+
+
 def run(job: JobConfig) -> dict:
     started = datetime.now(timezone.utc)
     start_ns = time.perf_counter_ns()
@@ -176,9 +195,13 @@ def run(job: JobConfig) -> dict:
     rows = read_dataset(job.data)  # before the model: a bad path or column fails in a second
     rows_in = len(job.data.part_rows(len(rows)))
     stages.done("read_s")
-    # MPS before the model: the parent's CUDA context must be an MPS client like its workers'.
-    with mps_session(job.mps, wanted=job.procs > 1) as mps:  # split has at least 2
-        loaded = load_model(job.model)
+    devices = resolve_devices(job.model.device, job.gpus)
+    mode = job.run_mode(len(devices))
+    # MPS before the model: the parent's CUDA context must be an MPS client like its workers'. One
+    # control daemon serves every GPU of the node.
+    with mps_session(job.mps, wanted=mode != "single") as mps:
+        models = [load_model(replace(job.model, device=str(device))) for device in devices]
+        loaded = models[0]  # the tokenizer and context length are the same on every device
         stages.done("load_model_s")
 
         done = out.done_ids()
@@ -186,46 +209,54 @@ def run(job: JobConfig) -> dict:
         requests, errors = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, done)
         log.info("%d rows: %d already done, %d to generate, %d set aside (errors.parquet)",
                  rows_in, len(done), len(requests), len(errors))
+        # The least the outputs take: shards of the prompts' token ids, and the generated token ids.
+        check_free_space(out.path, 4 * (sum(requests["prompt_tokens"]) + len(requests) * job.engine.max_new_tokens))
         shards = out.path / "shards"
         # Units small enough that every worker gets several: one that finishes early takes more.
-        unit_rows = min(job.engine.shard_rows, max(1, -(-len(requests) // (4 * job.procs))))
+        unit_rows = min(job.engine.shard_rows, max(1, -(-len(requests) // (4 * job.procs * len(devices)))))
         unit_count = write_shards(requests, shards, unit_rows)
         max_prompt_tokens = max(requests["prompt_tokens"], default=1)
         stages.done("prepare_s")
 
         runs = (out.previous_manifest() or {}).get("runs", [])
-        if job.mode == "single":  # warmed up before the bar starts, so that its tokens/s is generation's
+        if mode == "single":  # warmed up before the bar starts, so that its tokens/s is generation's
             engine = make_engine(loaded, job.engine, max_prompt_tokens, len(requests))
             if len(requests):
                 engine.warm_up()
             stages.done("warm_up_s")
             engine_info = {"kind": type(engine).__name__, "batch_size": engine.cfg.batch_size}
         else:  # each worker builds and warms up its own engine: part of generate_s here
-            engine_info = {"kind": f"{job.procs} x {job.engine.kind} ({job.mode})" if job.mode == "colocated" else
+            engine_info = {"kind": f"{job.procs} x {job.engine.kind} (colocated)" if mode == "colocated" else
                            f"{job.prompt_procs} prompt + {job.token_procs} token workers (split)"}
-        with Progress(len(requests), job.output.progress) as progress:
-            if job.mode == "single":
+            if len(devices) > 1:
+                engine_info["kind"] += f" on each of {len(devices)} devices"
+        with Progress(len(requests), job.output.progress) as progress, mps_blamed_for_dead_workers(mps):
+            if mode == "single":
                 generated = generate_units(engine, shards, list(range(unit_count)), unit_count, out, worker=0,
                                            run_index=len(runs), job_start_ns=start_ns, progress=progress)
+                oom_splits = engine.oom_splits
             elif unit_count:
                 work = dict(shards=shards, unit_count=unit_count, out_path=out.path, run_index=len(runs),
                             job_start_ns=start_ns)
-                if job.mode == "colocated":
-                    generated = run_colocated(loaded, job.engine, job.procs, max_prompt_tokens, len(requests),
-                                              progress, **work)
+                if mode == "colocated":
+                    totals = run_colocated(models, job.engine, job.procs, max_prompt_tokens, len(requests),
+                                           progress, **work)
                 else:
-                    generated = run_split(loaded, job.engine, job.prompt_procs, job.token_procs, max_prompt_tokens,
-                                          len(requests), progress, **work)
+                    totals = run_split(models, job.engine, job.prompt_procs, job.token_procs, max_prompt_tokens,
+                                       len(requests), progress, **work)
+                generated, oom_splits = totals["generated_tokens"], totals["oom_splits"]
             else:
-                generated = 0
+                generated = oom_splits = 0
         stages.done("generate_s")
     generate_s = stages.seconds["generate_s"]
 
     wall_s = (time.perf_counter_ns() - start_ns) / 1e9
     runs.append({
         "started": started.isoformat(), "wall_s": round(wall_s, 3), "stages": stages.seconds,
-        "engine": engine_info, "procs": job.procs, "mode": job.mode, "mps": mps.note,
+        "engine": engine_info, "devices": [str(device) for device in devices], "procs": job.procs, "mode": mode,
+        "mps": mps.note,
         "rows_generated": len(requests), "rows_skipped_done": len(done), "generated_tokens": generated,
+        "oom_splits": oom_splits,  # batches run as halves because they ran out of memory (engine.memory_cap_mb)
         "generated_tokens_per_s": round(generated / generate_s, 1) if generate_s > 0 else None,
         "job_tokens_per_s": round(generated / wall_s, 1),
     })

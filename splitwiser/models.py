@@ -35,11 +35,31 @@ class LoadedModel:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"model.device={name} but no CUDA GPU is visible; use model.device=cpu or auto")
-    return device
+    return torch.device("cuda", torch.cuda.current_device()) if device == torch.device("cuda") else device
+
+
+def resolve_devices(device: str, gpus) -> list[torch.device]:
+    """The job's devices, one model copy on each. gpus=auto: every visible GPU (CUDA_VISIBLE_DEVICES, as set
+    by SLURM, decides which) unless model.device names one device (cpu, cuda:N), and the CPU without a GPU;
+    gpus=N: the first N GPUs; gpus=[i, j]: those (a GPU listed twice gets two copies)."""
+    if gpus == "auto":
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        return [resolve_device(device)]
+    if device not in ("auto", "cuda"):
+        raise UserError(f"gpus={gpus} chooses GPUs and model.device={device} one device: give only one of them")
+    wanted = list(range(gpus)) if isinstance(gpus, int) else list(gpus)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    where = f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if "CUDA_VISIBLE_DEVICES" in os.environ else ""
+    if visible == 0:
+        raise UserError(f"gpus={gpus} but no CUDA GPU is visible here{where}; use gpus=auto")
+    if max(wanted) >= visible:
+        raise UserError(f"gpus={gpus} but {visible} GPU{'s' if visible > 1 else ''} visible here{where}")
+    return [torch.device("cuda", i) for i in wanted]
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -23,6 +23,7 @@ GENERATION_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("reference", pa.string()),
     ("prompt", pa.string()),
+    ("prompt_truncated", pa.bool_()),  # prompt.too_long=truncate cut the end of the text to fit the context
     ("generation", pa.string()),
     ("prompt_tokens", pa.int32()),
     ("generated_tokens", pa.int32()),
@@ -37,6 +38,7 @@ TIMING_SCHEMA = pa.schema([
     ("run", pa.int32()),
     ("worker", pa.int32()),  # the worker that decoded it (and wrote it)
     ("prefill_worker", pa.int32()),  # the worker that prefilled it: another one in mode=split
+    ("gpu", pa.int32()),  # the CUDA device index of both workers (null on the CPU)
     ("batch", pa.int64()),
     ("batch_size", pa.int32()),
     ("enqueue_ms", pa.float64()),
@@ -49,13 +51,29 @@ ERROR_SCHEMA = pa.schema([("id", pa.string()), ("error", pa.string())])
 
 
 def atomic_write(path: Path, write) -> None:
-    """Calls write(temp_path) and renames the result into place."""
+    """Calls write(temp_path) and renames the result into place. A failed write (disk full) leaves the files
+    already there as they were, and ends the job with one line: a rerun resumes from them."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(unwritable(path, e)) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def unwritable(path: Path, error: OSError) -> str:
+    return (f"cannot write {path}: {error.strerror or error}; the files written before are intact: "
+            "make room (or fix the directory) and rerun the job to resume")
+
+
+def check_free_space(directory: Path, need_bytes: int) -> None:
+    """Refuses to start a job whose outputs cannot fit, before any generation."""
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise UserError(f"output.dir={directory}: {free / 2**20:.1f} MB free, the job's outputs need at least "
+                        f"{need_bytes / 2**20:.1f} MB: make room or give another output.dir")
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
@@ -70,10 +88,11 @@ class OutputDir:
     def __init__(self, path: str, overwrite: bool):
         self.path = Path(path).expanduser()
         self.parts = self.path / "parts"
+        self.error_parts = self.parts / "errors"  # rows that failed while generating (out of memory)
         try:
             if overwrite:
                 shutil.rmtree(self.path, ignore_errors=True)
-            self.parts.mkdir(parents=True, exist_ok=True)
+            self.error_parts.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{uuid.uuid4().hex}"
             probe.write_bytes(b"ok")
             probe.unlink()
@@ -107,21 +126,32 @@ class OutputDir:
         return {i for t in self._finished_tables(GENERATION_SCHEMA, "generations.parquet") for i in t["id"].to_pylist()}
 
     def write_part(self, rows: list[dict]) -> None:
-        name = f"{uuid.uuid4().hex}.parquet"
-        write_parquet(pa.Table.from_pylist(rows, schema=PART_SCHEMA), self.parts / name)
+        write_parquet(pa.Table.from_pylist(rows, schema=PART_SCHEMA), self.parts / f"{uuid.uuid4().hex}.parquet")
+
+    def write_errors(self, rows: list[dict]) -> None:
+        """Rows that failed while generating: in errors.parquet at the end, unless a later run generates them."""
+        write_parquet(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), self.error_parts / f"{uuid.uuid4().hex}.parquet")
 
     def finalize(self, errors: pa.Table, manifest: dict) -> dict:
-        """Merges parts into generations.parquet and timing.parquet, writes errors and the manifest.
+        """Merges parts into generations.parquet and timing.parquet, writes errors (the data's, and those
+        met while generating, less any row a run has generated since) and the manifest.
 
         Returns the row counts of the merged files. Safe to interrupt: parts are removed only
         after the merged files are in place, and ids seen twice are kept once.
         """
-        parts = sorted(self.parts.glob("*.parquet"))
+        parts = sorted(self.parts.glob("*.parquet")) + sorted(self.error_parts.glob("*.parquet"))
         for schema, name in ((GENERATION_SCHEMA, "generations.parquet"), (TIMING_SCHEMA, "timing.parquet")):
             merged = pa.concat_tables(self._finished_tables(schema, name) or [schema.empty_table()])
             merged = _first_of_each_id(merged).sort_by("id")
             write_parquet(merged, self.path / name)
-        write_parquet(errors.cast(ERROR_SCHEMA), self.path / "errors.parquet")
+        # Rows that failed while generating, unless a later run generated them (the data's errors, such as a
+        # duplicate id, may share an id with a generated row).
+        generated = pq.read_table(self.path / "generations.parquet", columns=["id"])["id"]
+        failed = pa.concat_tables([pq.read_table(p, schema=ERROR_SCHEMA) for p in parts if p.parent == self.error_parts]
+                                  or [ERROR_SCHEMA.empty_table()])
+        failed = _first_of_each_id(failed.filter(pc.invert(pc.is_in(failed["id"], value_set=generated))))
+        errors = pa.concat_tables([errors.cast(ERROR_SCHEMA), failed])
+        write_parquet(errors, self.path / "errors.parquet")
         for part in parts:
             part.unlink()
         rows_ok = pq.read_metadata(self.path / "generations.parquet").num_rows

@@ -72,7 +72,8 @@ def write_timeline(out_dir: Path, path: Path, run: int | None = None) -> None:
     timing = pq.read_table(Path(out_dir) / "timing.parquet")
     run = pc.max(timing["run"]).as_py() if run is None else run
     rows = timing.filter(pc.equal(timing["run"], run)).to_pylist()
-    workers = sorted({r["worker"] for r in rows} | {r["prefill_worker"] for r in rows})
+    gpu_of = {r[key]: r["gpu"] for r in rows for key in ("worker", "prefill_worker")}
+    workers = sorted(gpu_of, key=lambda worker: (gpu_of[worker] or 0, worker))  # grouped by GPU
     lane = {worker: i for i, worker in enumerate(workers)}
     fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * len(workers)))
     s = 1e-3  # ms → s
@@ -83,7 +84,8 @@ def write_timeline(out_dir: Path, path: Path, run: int | None = None) -> None:
                   for r in rows if r["worker"] == worker]
         ax.broken_barh(decode, (lane[worker] - 0.35, 0.3), color="tab:blue", alpha=0.15)
         ax.broken_barh(prefill, (lane[worker] + 0.05, 0.3), color="tab:orange", alpha=0.3)
-    ax.set_yticks(range(len(workers)), [f"worker {w}" for w in workers])
+    several_gpus = len(set(gpu_of.values())) > 1
+    ax.set_yticks(range(len(workers)), [f"GPU {gpu_of[w]} worker {w}" if several_gpus else f"worker {w}" for w in workers])
     ax.set_xlabel("seconds since the job started")
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:orange"), plt.Rectangle((0, 0), 1, 1, color="tab:blue")],
               labels=["prefill", "decode"], loc="upper right")

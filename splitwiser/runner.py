@@ -43,6 +43,16 @@ def kv_slot_bytes(config, dtype: torch.dtype, max_len: int) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * max_len * dtype.itemsize
 
 
+def forward_bytes(config, dtype: torch.dtype, sequences: int, tokens: int, cached_tokens: int = 0) -> int:
+    """A rough estimate of the memory one forward over `sequences` x `tokens` takes beyond the weights: its
+    widest activations (attention projections and the MLP), the attention scores, and a KV cache of
+    `cached_tokens` per sequence (generate allocates its own)."""
+    heads, _, _ = head_geometry(config)
+    mlp = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * config.hidden_size)
+    activations = sequences * tokens * (4 * config.hidden_size + mlp) + sequences * heads * tokens * tokens
+    return activations * dtype.itemsize + sequences * kv_slot_bytes(config, dtype, cached_tokens)
+
+
 class Architecture:
     """How one model family computes a layer; subclasses name the modules."""
 

@@ -1,4 +1,5 @@
-"""Worker processes on one device, sharing one copy of the weights (mode=colocated and mode=split).
+"""Worker processes sharing a device's copy of the weights (mode=colocated and mode=split), on one device
+or several (gpus=: one model copy per GPU, `procs` workers on each, one queue of work units for all).
 
 The parent loaded the model; each worker receives it through torch.multiprocessing (spawn), which
 shares its tensors instead of copying them: CUDA IPC handles on a GPU, shared memory on the CPU.
@@ -23,9 +24,11 @@ still uses it; each drops its references to the shared tensors before it exits.
 import gc
 import logging
 import queue
+import re
 import threading
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,8 +37,8 @@ import torch.multiprocessing as mp
 
 from splitwiser.config import EngineConfig, WorkersFailed
 from splitwiser.data import load_shards, work_unit
-from splitwiser.engine import ContinuousEngine, Generation, Handoff, make_engine, prefill_group, resolve_batch_size, \
-    slot_length
+from splitwiser.engine import ContinuousEngine, Generation, Handoff, OutOfMemory, make_engine, prefill_group, \
+    resolve_batch_size, slot_length
 from splitwiser.models import LoadedModel
 from splitwiser.output import OutputDir
 from splitwiser.runner import SlotRunner, allocate_kv
@@ -86,12 +89,12 @@ def run_worker(main, rank: int, inbox: mp.Queue, started: mp.Barrier, events: mp
         raise SystemExit(1)
 
 
-def start_workers(context, mains: list, shared: list[list], work: Work, events: mp.Queue,
-                  queues: list[tuple]) -> dict[int, mp.Process]:
-    """Starts one process per main (rank = index), then hands each its shared tensors and the Work."""
-    started = context.Barrier(len(mains))
+def start_workers(context, specs: list[tuple], events: mp.Queue) -> dict[int, mp.Process]:
+    """Starts one process per (main, shared tensors, Work, queues) spec (rank = index), then hands each its
+    shared tensors and its Work."""
+    started = context.Barrier(len(specs))
     workers = {}
-    for rank, (main, tensors, extra) in enumerate(zip(mains, shared, queues)):
+    for rank, (main, tensors, work, extra) in enumerate(specs):
         inbox = context.Queue()
         workers[rank] = context.Process(target=run_worker, args=(main, rank, inbox, started, events, *extra),
                                         name=f"splitwiser-{main.__name__}-{rank}")
@@ -128,6 +131,7 @@ def colocated_worker(rank: int, loaded: LoadedModel, work: Work, events: mp.Queu
     generate_units(engine, work.shards, take_units(units, events, rank), work.unit_count,
                    OutputDir(str(work.out_path), overwrite=False), rank, work.run_index, work.job_start_ns,
                    progress=progress_event(events, rank), unit_done=lambda unit: events.put(("unit_done", rank, unit)))
+    events.put(("count", rank, "oom_splits", engine.oom_splits))
 
 
 def acquire_slots(free_slots: list[mp.Queue], want: int, first_choice: int) -> tuple[int, list[int]]:
@@ -154,7 +158,8 @@ def prompt_worker(rank: int, loaded: LoadedModel, pools: list, work: Work, event
     cfg = work.cfg
     runners = [SlotRunner(loaded.model, cfg.batch_size, slot_length(work.max_prompt_tokens, cfg.max_new_tokens),
                           kv=pool) for pool in pools]
-    requests, groups = load_shards(work.shards), 0
+    requests, groups, oom_splits = load_shards(work.shards), 0, 0
+    out = OutputDir(str(work.out_path), overwrite=False)  # for the prompts that do not fit in memory alone
     ready()
     for unit in take_units(units, events, rank):
         rows = list(work_unit(requests, work.unit_count, unit))  # shortest prompt first
@@ -168,18 +173,32 @@ def prompt_worker(rank: int, loaded: LoadedModel, pools: list, work: Work, event
             target, slots = acquire_slots(free_slots, fit, first_choice=groups % len(free_slots))
             group = rows[done:done + len(slots)]
             start = time.perf_counter_ns()
-            # .tolist() waits for the prefill: the keys are in the slots before the token worker hears of them
-            first = prefill_group(runners[target], [row["input_ids"] for row in group], slots).tolist()
+            firsts, splits = prefill_group(runners[target], [row["input_ids"] for row in group], slots,
+                                           cfg.memory_cap_mb)
             now = time.perf_counter_ns()
-            handoffs[target].put(Handoff(
-                slots, first, [row["prompt_tokens"] for row in group],
-                keys=[{k: v for k, v in row.items() if k != "input_ids"} for row in group],
-                generations=[Generation([], batch=groups, batch_size=len(group), enqueue_ns=enqueued,
-                                        prefill_start_ns=start, first_token_ns=now, prefill_worker=rank)
-                             for _ in group]))
+            oom_splits += splits
+            started, failed = [], []
+            for slot, row, first in zip(slots, group, firsts):
+                if isinstance(first, OutOfMemory):  # its slot goes back; the row to errors.parquet
+                    free_slots[target].put(slot)
+                    failed.append({"id": row["id"], "error": first.error(row["prompt_tokens"])})
+                else:
+                    started.append((slot, row, first))
+            if failed:
+                out.write_errors(failed)
+                events.put(("progress", rank, len(failed), 0))
+            if started:
+                handoffs[target].put(Handoff(
+                    [slot for slot, _, _ in started], [first for _, _, first in started],
+                    [row["prompt_tokens"] for _, row, _ in started],
+                    keys=[{k: v for k, v in row.items() if k != "input_ids"} for _, row, _ in started],
+                    generations=[Generation([], batch=groups, batch_size=len(group), enqueue_ns=enqueued,
+                                            prefill_start_ns=start, first_token_ns=now, prefill_worker=rank)
+                                 for _ in started]))
             done += len(group)
             groups += 1
         events.put(("unit_done", rank, unit))
+    events.put(("count", rank, "oom_splits", oom_splits))
     for handoff in handoffs:
         handoff.put(None)  # this prompt worker is done
 
@@ -213,7 +232,7 @@ def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Qu
         return got if got or open_prompt_workers else None
 
     writer = PartWriter(OutputDir(str(work.out_path), overwrite=False), loaded.tokenizer, work.cfg.batch_size, rank,
-                        work.run_index, work.job_start_ns, progress_event(events, rank))
+                        loaded.device, work.run_index, work.job_start_ns, progress_event(events, rank))
     for row, generation in engine.run_handed_over(receive, release=free_slots.put):
         writer.add(None, row, generation)
     writer.flush()
@@ -239,16 +258,20 @@ def plan(loaded: LoadedModel, cfg: EngineConfig, engines: int, procs: int, max_p
     return Work(cfg=cfg, max_prompt_tokens=max_prompt_tokens, requests=per_engine, threads=threads, **work)
 
 
-def run_colocated(loaded: LoadedModel, cfg: EngineConfig, procs: int, max_prompt_tokens: int, requests: int,
-                  progress, **work) -> int:
-    """Runs `procs` colocated workers over all units; returns the tokens they generated (and wrote)."""
-    share_on_cpu(loaded)
-    work = plan(loaded, cfg, procs, procs, max_prompt_tokens, requests, **work)
+def run_colocated(models: list[LoadedModel], cfg: EngineConfig, procs: int, max_prompt_tokens: int, requests: int,
+                  progress, **work) -> Counter:
+    """Runs `procs` colocated workers per model copy (device) over all units; returns supervise's totals."""
     context = mp.get_context("spawn")
     units, events = context.Queue(), context.Queue()
-    for unit in range(work.unit_count):
+    specs = []
+    for loaded in models:
+        share_on_cpu(loaded)
+        device_work = plan(loaded, cfg, procs, procs * len(models), max_prompt_tokens, -(-requests // len(models)),
+                           **work)
+        specs += [(colocated_worker, [loaded], device_work, (units,))] * procs
+    for unit in range(work["unit_count"]):
         units.put(unit)
-    workers = start_workers(context, [colocated_worker] * procs, [[loaded]] * procs, work, events, [(units,)] * procs)
+    workers = start_workers(context, specs, events)
     current: dict[int, set[int]] = {rank: set() for rank in workers}  # rank → units it holds unfinished
     finished_units: set[int] = set()
 
@@ -268,41 +291,52 @@ def run_colocated(loaded: LoadedModel, cfg: EngineConfig, procs: int, max_prompt
             current[rank].clear()
 
     return supervise(workers, events, progress, on_event, on_exit,
-                     all_done=lambda: len(finished_units) == work.unit_count)
+                     all_done=lambda: len(finished_units) == work["unit_count"])
 
 
-def run_split(loaded: LoadedModel, cfg: EngineConfig, prompt_procs: int, token_procs: int, max_prompt_tokens: int,
-              requests: int, progress, **work) -> int:
-    """Runs prompt and token workers over all units; returns the tokens generated (and written)."""
-    work = plan(loaded, cfg, token_procs, prompt_procs + token_procs, max_prompt_tokens, requests, **work)
-    max_len = slot_length(max_prompt_tokens, cfg.max_new_tokens)
-    pools = [allocate_kv(loaded.model, work.cfg.batch_size, max_len) for _ in range(token_procs)]
-    share_on_cpu(loaded, pools)
+def run_split(models: list[LoadedModel], cfg: EngineConfig, prompt_procs: int, token_procs: int,
+              max_prompt_tokens: int, requests: int, progress, **work) -> Counter:
+    """Runs prompt and token workers per model copy (device) over all units; returns supervise's totals.
+    A prompt worker hands over only to the token workers of its own device."""
     context = mp.get_context("spawn")
     units, events = context.Queue(), context.Queue()
-    free_slots = [context.Queue() for _ in range(token_procs)]
-    handoffs = [context.Queue() for _ in range(token_procs)]
-    for unit in range(work.unit_count):
+    specs, pools_of_devices = [], []
+    max_len = slot_length(max_prompt_tokens, cfg.max_new_tokens)
+    for loaded in models:
+        device_work = plan(loaded, cfg, token_procs, (prompt_procs + token_procs) * len(models), max_prompt_tokens,
+                           -(-requests // len(models)), **work)
+        pools = [allocate_kv(loaded.model, device_work.cfg.batch_size, max_len) for _ in range(token_procs)]
+        share_on_cpu(loaded, pools)
+        pools_of_devices.append(pools)
+        free_slots = [context.Queue() for _ in range(token_procs)]
+        handoffs = [context.Queue() for _ in range(token_procs)]
+        specs += [(prompt_worker, [loaded, pools], device_work, (units, free_slots, handoffs))] * prompt_procs
+        specs += [(token_worker, [loaded, pool], device_work, (slots, handed, prompt_procs))
+                  for pool, slots, handed in zip(pools, free_slots, handoffs)]
+    for unit in range(work["unit_count"]):
         units.put(unit)
-    workers = start_workers(context, [prompt_worker] * prompt_procs + [token_worker] * token_procs,
-                            [[loaded, pools]] * prompt_procs + [[loaded, pool] for pool in pools], work, events,
-                            [(units, free_slots, handoffs)] * prompt_procs +
-                            [(free_slots[i], handoffs[i], prompt_procs) for i in range(token_procs)])
+    workers = start_workers(context, specs, events)
 
     def on_exit(rank: int, exitcode: int) -> None:
         raise WorkersFailed(f"mode=split: worker {rank} exited with code {exitcode}, holding requests in its KV "
                            "slots; the finished rows are on disk: rerun the job to resume")
 
-    # The pools stay referenced here until every worker has exited.
+    # The pools (pools_of_devices) stay referenced here until every worker has exited.
     return supervise(workers, events, progress, on_event=lambda kind, rank, payload: None, on_exit=on_exit,
                      all_done=lambda: True)
 
 
-def supervise(workers: dict[int, mp.Process], events: mp.Queue, progress, on_event, on_exit, all_done) -> int:
+def exception_line(traceback_text: str) -> str:
+    """The `SomeError: message` line of a traceback (CUDA errors end with advice lines after it)."""
+    lines = traceback_text.strip().splitlines()
+    return next((line for line in reversed(lines) if re.match(r"[\w.]+(Error|Exception|Exit)\b", line)), lines[-1])
+
+
+def supervise(workers: dict[int, mp.Process], events: mp.Queue, progress, on_event, on_exit, all_done) -> Counter:
     """Follows the started workers' events until every one has exited and all_done() holds.
     on_exit(rank, code) is called, every turn, for each worker that has exited with a non-zero code.
-    Returns the tokens reported with their progress."""
-    generated, failures = 0, []
+    Returns the totals: generated_tokens (from the progress events) and the workers' counts (oom_splits)."""
+    totals, failures = Counter(), []
     try:
         while not all_done() or any(w.is_alive() for w in workers.values()):
             try:
@@ -311,7 +345,9 @@ def supervise(workers: dict[int, mp.Process], events: mp.Queue, progress, on_eve
                 kind = None
             if kind == "progress":
                 progress(*payload)
-                generated += payload[1]
+                totals["generated_tokens"] += payload[1]
+            elif kind == "count":
+                totals[payload[0]] += payload[1]
             elif kind == "error":
                 failures.append(payload[0])
             elif kind is not None:
@@ -322,7 +358,7 @@ def supervise(workers: dict[int, mp.Process], events: mp.Queue, progress, on_eve
                 if worker.exitcode not in (None, 0):
                     on_exit(rank, worker.exitcode)
             if not any(w.is_alive() for w in workers.values()) and not all_done():
-                detail = failures[-1].strip().splitlines()[-1] if failures else "killed"
+                detail = exception_line(failures[-1]) if failures else "killed"
                 raise WorkersFailed(f"all workers exited with work left ({detail}); rerun the job to resume")
     finally:
         for worker in workers.values():  # ours to end, on success, error or interrupt alike
@@ -332,4 +368,4 @@ def supervise(workers: dict[int, mp.Process], events: mp.Queue, progress, on_eve
                 worker.join()
     for failure in failures:  # the others finished its work; say what happened
         log.warning("a worker failed, its work was done by the others:\n%s", failure)
-    return generated
+    return totals

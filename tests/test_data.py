@@ -1,9 +1,12 @@
 """Reading every supported input format, and prompt building."""
 
+import json
+from dataclasses import replace
+
 import pytest
 from datasets import Dataset
 
-from conftest import SAMPLE, job_config, sample_rows
+from conftest import SAMPLE, job_config, sample_rows, write_csv
 from splitwiser.config import DataConfig
 from splitwiser.data import prepare_requests, read_dataset
 
@@ -39,6 +42,42 @@ def test_prompts_longer_than_the_context_are_set_aside(default_model):
     assert len(requests) + len(errors) == 4 and len(errors) >= 1
     assert all("over the 100 that fit the context" in e for e in errors["error"])
     assert all(n <= 100 for n in requests["prompt_tokens"])
+
+
+def test_too_long_prompts_are_truncated_to_fit_when_asked(default_model):
+    cfg = DataConfig(path=str(SAMPLE), limit=4)
+    prompt = replace(job_config().prompt, too_long="truncate")
+    requests, errors = prepare_requests(read_dataset(cfg), cfg, prompt, default_model.tokenizer,
+                                        max_prompt_tokens=100, done_ids=set())
+    assert len(errors) == 0 and len(requests) == 4
+    truncated = [r for r in requests if r["prompt_truncated"]]
+    assert truncated and len(truncated) < 4
+    for r in requests:
+        assert r["prompt_tokens"] == len(r["input_ids"]) <= 100
+        assert r["input_ids"] == default_model.tokenizer(r["prompt"], add_special_tokens=False).input_ids
+        assert r["prompt"].endswith("Impression:<|im_end|>\n<|im_start|>assistant\n")  # the template is kept whole
+    for r in truncated:
+        assert r["prompt_tokens"] > 90  # cut only as much as needed
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_rows_with_bytes_that_are_not_utf8_go_to_errors(tmp_path, default_model, fmt):
+    rows = sample_rows(3)
+    rows[1]["findings"] = "Lungs clear. BAD-BYTES here."
+    path = tmp_path / f"rows.{fmt}"
+    if fmt == "csv":
+        write_csv(path, rows)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_bytes(path.read_bytes().replace(b"BAD-BYTES", b"\xff\xfe\x80"))  # Latin-1 junk, not UTF-8
+
+    cfg = DataConfig(path=str(path))
+    requests, errors = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer,
+                                        1000, done_ids=set())
+    assert sorted(requests["id"]) == [rows[0]["id"], rows[2]["id"]]
+    assert errors["id"] == [rows[1]["id"]]
+    assert errors["error"] == ["findings is not valid UTF-8 (bad bytes shown here as U+FFFD)"]
+    assert "\ufffd" not in "".join(requests["prompt"])
 
 
 def test_chat_prompt_uses_the_instruction_and_the_model_template(default_model):

@@ -77,6 +77,9 @@ def test_output_dir_under_a_file(tmp_path):
     (("mode=split", "engine.kind=generate"), "mode=split hands KV slots over: it needs engine.kind=continuous"),
     (("procs=2", "prompt_procs=1"), "prompt_procs and token_procs are for mode=split"),
     ("data.part=3", "data.part=3: must be 0 to data.parts-1 (0)"),
+    ("gpus=0", "gpus=0: must be auto, a count (gpus=2) or a list of GPU indices (gpus=[0,1])"),
+    ("gpus=2", "gpus=2 but no CUDA GPU is visible here; use gpus=auto"),
+    (("gpus=[0]", "model.device=cpu"), "gpus=[0] chooses GPUs and model.device=cpu one device"),
 ])
 def test_nonsensical_config_values(tmp_path, override, message):
     overrides = (override,) if isinstance(override, str) else override

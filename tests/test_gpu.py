@@ -6,15 +6,19 @@ On the device: SPLITWISER_MODEL_DIR=<dir with config.json + tokenizer> python -m
 
 import json
 import os
+import subprocess
+import time
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import job_config
+from conftest import job_config, run_cli
 from splitwiser.bench import workload
 from splitwiser.config import DataConfig, EngineConfig, ModelConfig, PromptConfig
 from splitwiser.engine import ContinuousEngine, GenerateEngine
 from splitwiser.models import load_model
+from splitwiser.report import write_timeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
 
@@ -63,28 +67,46 @@ def test_job_on_gpu_writes_parquet(tmp_path):
     assert manifest["rows"]["ok"] == 50 and manifest["environment"]["device"].startswith("cuda")
 
 
+def tokens(out) -> dict[str, list[int]]:
+    table = pq.read_table(out / "generations.parquet")
+    return dict(zip(table["id"].to_pylist(), table["output_token_ids"].to_pylist()))
+
+
+def single_and(tmp_path, *overrides: str) -> dict:
+    """Runs the same fp32 job in one process and with `overrides`; asserts equal outputs; returns the latter's manifest."""
+    common = [f"model.path={model_dir()}", "model.weights=random", "model.dtype=float32", "data.limit=64",
+              "engine.ignore_eos=true", "engine.max_new_tokens=16", "engine.batch_size=8", "output.progress=false"]
+    single = run_cli(*common, f"output.dir={tmp_path}/single", "gpus=1")
+    multi = run_cli(*common, f"output.dir={tmp_path}/multi", *overrides)
+    assert single.returncode == 0 and multi.returncode == 0, multi.stderr[-3000:]
+    assert tokens(tmp_path / "multi") == tokens(tmp_path / "single")
+    assert "released" not in multi.stderr  # "producer process terminated before all shared CUDA tensors released"
+    return json.loads((tmp_path / "multi" / "manifest.json").read_text())
+
+
 @pytest.mark.parametrize("procs, mps, mode", [(2, "off", "colocated"), (2, "on", "colocated"), (4, "on", "colocated"),
                                              (2, "off", "split"), (2, "on", "split"), (4, "on", "split")])
 def test_workers_on_gpu_match_single_and_leave_no_daemon(tmp_path, procs, mps, mode):
     """Real processes over one CUDA-IPC-shared model, MPS started and stopped by the job (fp32: exact)."""
-    import subprocess
-    import time
-
-    import pyarrow.parquet as pq
-
-    from conftest import run_cli
-    common = [f"model.path={model_dir()}", "model.weights=random", "model.dtype=float32", "data.limit=64",
-              "engine.ignore_eos=true", "engine.max_new_tokens=16", "engine.batch_size=8", "output.progress=false"]
-    single = run_cli(*common, f"output.dir={tmp_path}/single")
-    multi = run_cli(*common, f"output.dir={tmp_path}/multi", f"procs={procs}", f"mps={mps}", f"mode={mode}")
-    assert single.returncode == 0 and multi.returncode == 0, multi.stderr[-3000:]
-    def tokens(name):
-        table = pq.read_table(tmp_path / name / "generations.parquet")
-        return dict(zip(table["id"].to_pylist(), table["output_token_ids"].to_pylist()))
-    assert tokens("multi") == tokens("single")
-    manifest = json.loads((tmp_path / "multi" / "manifest.json").read_text())
+    manifest = single_and(tmp_path, f"procs={procs}", f"mps={mps}", f"mode={mode}", "gpus=1")
     print(f"procs={procs} mps={mps} mode={mode}: {manifest['runs'][-1]['mps']}")
     assert manifest["runs"][-1]["mps"].startswith("on" if mps == "on" else "off")
-    assert "released" not in multi.stderr  # "producer process terminated before all shared CUDA tensors released"
     time.sleep(2)
     assert subprocess.run(["pgrep", "-f", "nvidia-cuda-mps-control -d"], capture_output=True).returncode != 0
+
+
+@pytest.mark.parametrize("gpus, mode", [("[0,0]", "colocated"), ("[0,0]", "split"), ("2", "colocated"), ("2", "split")])
+def test_one_model_copy_per_gpu_gives_the_one_gpu_outputs(tmp_path, gpus, mode):
+    """gpus=[0,0] runs the several-GPU path (two model copies, one queue of work) on one GPU; gpus=2 needs two."""
+    if gpus == "2" and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs (the nvidia-h200-x2 kind)")
+    manifest = single_and(tmp_path, f"gpus={gpus}", f"mode={mode}", "procs=2")
+    expected = {"[0,0]": ["cuda:0", "cuda:0"], "2": ["cuda:0", "cuda:1"]}[gpus]
+    assert manifest["runs"][-1]["devices"] == expected
+    timing = pq.read_table(tmp_path / "multi" / "timing.parquet").to_pylist()
+    assert {t["gpu"] for t in timing} <= {int(d[-1]) for d in expected}
+    workers = 2 * (2 if mode == "colocated" else 2)  # procs per device x devices
+    assert {t["worker"] for t in timing} <= set(range(workers))
+    write_timeline(tmp_path / "multi", tmp_path / "timeline.png")
+    print(f"gpus={gpus} mode={mode}: {manifest['runs'][-1]['engine']['kind']}, "
+          f"{manifest['runs'][-1]['generated_tokens_per_s']} tok/s")

@@ -45,7 +45,9 @@ def test_rows_add_up_and_files_have_their_schemas(tmp_path, messy_csv):
     assert on_disk["rows"] == {"input": 10, "ok": 6, "failed": 4}
     assert on_disk["runs"][0]["generated_tokens"] == sum(r["generated_tokens"] for r in rows)
     assert on_disk["environment"]["device"] == "cpu" and on_disk["weights"] == "pretrained"
-    assert not list((out / "parts").iterdir())
+    assert on_disk["runs"][0]["devices"] == ["cpu"] and on_disk["runs"][0]["mode"] == "single"
+    assert set(timing["gpu"].to_pylist()) == {None}
+    assert not list((out / "parts").rglob("*.parquet"))
 
 
 @pytest.mark.parametrize("engine", ["engine.kind=continuous engine.batch_size=3 engine.prefill_tokens=300",

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ROOT, job_config, sample_rows, write_csv
 from splitwiser.job import run
+from splitwiser.report import write_timeline
 
 
 def children_of(pid: int) -> list[int]:
@@ -57,6 +58,8 @@ def test_workers_give_the_single_process_outputs(tmp_path, single_outputs, procs
     # Which workers wrote the rows depends on who started first: a short job may go to one alone.
     writers = set(pq.read_table(tmp_path / "generations.parquet")["worker"].to_pylist())
     assert writers <= (set(range(workers // 2, workers)) if mode == "split" else set(range(workers)))
+    write_timeline(tmp_path, tmp_path / "timeline.png")
+    assert (tmp_path / "timeline.png").stat().st_size > 10_000
     assert not children_of(os.getpid()), "worker processes left behind"
 
 
@@ -115,7 +118,7 @@ def test_mps_on_without_a_gpu_fails_at_start(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: mps=on but MPS cannot run here: no CUDA GPU; use mps=auto or mps=off")
-    assert not (tmp_path / "parts").exists() or not list((tmp_path / "parts").iterdir())
+    assert not list(tmp_path.rglob("*.parquet"))
 
 
 def test_single_mode_with_several_procs_is_refused(tmp_path):
