@@ -118,4 +118,5 @@ def measure(system: System, loaded: LoadedModel, prompts: list[list[int]], max_n
         "latency_p50_ms": round(percentile(latency, 50), 1), "latency_p99_ms": round(percentile(latency, 99), 1),
         "ttft_p50_ms": round(percentile(ttft, 50), 1), "ttft_p99_ms": round(percentile(ttft, 99), 1),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
+        "latency_ms": sorted(round(ms, 2) for ms in latency),  # every request's, for the CDF plot
     }

@@ -1,4 +1,5 @@
-"""The benchmark's report: a markdown table per model and output length, and a throughput plot."""
+"""The benchmark's report: a markdown table per model and output length, a throughput plot and a latency
+CDF; and a job's timeline (write_timeline)."""
 
 from pathlib import Path
 
@@ -59,7 +60,28 @@ def write_report(rows: list[dict], path: Path, results: Path) -> None:
         figure.savefig(plot, dpi=100)
         plt.close(figure)
         lines += [f"![throughput]({plot.name})", ""]
+        if any(r.get("latency_ms") for r in ok):
+            lines += [f"![latency]({write_latency_cdf(ok, path.parent / f'latency-{model}-{new_tokens}.png').name})", ""]
     path.write_text("\n".join(lines))
+
+
+def write_latency_cdf(rows: list[dict], path: Path) -> Path:
+    """Each system's request latencies (from the run's start, every request queued at once) as a CDF."""
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for row in rows:
+        latencies = [ms / 1e3 for ms in row.get("latency_ms") or []]
+        if latencies:
+            axes.step(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))], where="post",
+                      label=f"{label(row)} ({row['requests']} req)")
+    axes.set_xscale("log")
+    axes.set_xlabel("seconds from the run's start to the request's last token (log scale)")
+    axes.set_ylabel("fraction of requests finished")
+    axes.set_title(f"{rows[0]['model']}, {rows[0]['max_new_tokens']} new tokens, {rows[0]['device_name']}")
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def write_timeline(out_dir: Path, path: Path, run: int | None = None) -> None:

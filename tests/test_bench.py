@@ -18,3 +18,5 @@ def test_quick_benchmark_writes_results_report_and_plots(tmp_path, default_model
     report = (tmp_path / "RESULTS.md").read_text()
     assert "## opt125m, 4 new tokens" in report and "## smollm2_135m, 4 new tokens" in report
     assert (tmp_path / "throughput-opt125m-4.png").stat().st_size > 1000
+    assert all(len(r["latency_ms"]) == 8 and r["latency_ms"] == sorted(r["latency_ms"]) for r in rows)
+    assert (tmp_path / "latency-opt125m-4.png").stat().st_size > 1000 and "![latency](latency-opt125m-4.png)" in report
