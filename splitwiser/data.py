@@ -158,9 +158,10 @@ def prepare_requests(
                 error = f"{data.text_column} is not valid UTF-8 (bad bytes shown here as U+FFFD)"
             else:
                 error = None
-            fitted = fit(text.strip()) if error is None else error
-            error, (prompt_text, token_ids, truncated) = (fitted, ("", [], False)) if isinstance(fitted, str) \
-                else (None, fitted)
+            fitted = fit(text.strip()) if error is None else None
+            if isinstance(fitted, str):
+                error = fitted
+            prompt_text, token_ids, truncated = ("", [], False) if error else fitted
             out["id"].append(row_id)
             out["prompt"].append(prompt_text)
             out["input_ids"].append(token_ids)

@@ -139,7 +139,7 @@ class OutputDir:
         Returns the row counts of the merged files. Safe to interrupt: parts are removed only
         after the merged files are in place, and ids seen twice are kept once.
         """
-        parts = sorted(self.parts.glob("*.parquet")) + sorted(self.error_parts.glob("*.parquet"))
+        parts, error_parts = sorted(self.parts.glob("*.parquet")), sorted(self.error_parts.glob("*.parquet"))
         for schema, name in ((GENERATION_SCHEMA, "generations.parquet"), (TIMING_SCHEMA, "timing.parquet")):
             merged = pa.concat_tables(self._finished_tables(schema, name) or [schema.empty_table()])
             merged = _first_of_each_id(merged).sort_by("id")
@@ -147,12 +147,12 @@ class OutputDir:
         # Rows that failed while generating, unless a later run generated them (the data's errors, such as a
         # duplicate id, may share an id with a generated row).
         generated = pq.read_table(self.path / "generations.parquet", columns=["id"])["id"]
-        failed = pa.concat_tables([pq.read_table(p, schema=ERROR_SCHEMA) for p in parts if p.parent == self.error_parts]
+        failed = pa.concat_tables([pq.read_table(p, schema=ERROR_SCHEMA) for p in error_parts]
                                   or [ERROR_SCHEMA.empty_table()])
         failed = _first_of_each_id(failed.filter(pc.invert(pc.is_in(failed["id"], value_set=generated))))
         errors = pa.concat_tables([errors.cast(ERROR_SCHEMA), failed])
         write_parquet(errors, self.path / "errors.parquet")
-        for part in parts:
+        for part in parts + error_parts:
             part.unlink()
         rows_ok = pq.read_metadata(self.path / "generations.parquet").num_rows
         manifest["rows"].update(ok=rows_ok, failed=errors.num_rows)
