@@ -11,7 +11,7 @@ from pathlib import Path
 
 import datasets
 import pyarrow as pa
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Features, Sequence, Value, load_dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
 from splitwiser.config import DataConfig, PromptConfig, UserError
@@ -171,7 +171,12 @@ def prepare_requests(
         return out
 
     part = data.part_rows(len(ds))
-    prepared = ds.select(part).map(to_request, batched=True, with_indices=True, remove_columns=ds.column_names)
+    # Typed: map would otherwise keep an input column's type for an output of the same name (numeric ids).
+    features = Features({"id": Value("string"), "prompt": Value("string"), "input_ids": Sequence(Value("int32")),
+                         "prompt_tokens": Value("int32"), "prompt_truncated": Value("bool"), "error": Value("string"),
+                         **({"reference": Value("string")} if data.reference_column else {})})
+    prepared = ds.select(part).map(to_request, batched=True, with_indices=True, remove_columns=ds.column_names,
+                                   features=features)
     prepared = prepared.filter(lambda row_id: row_id not in done_ids, input_columns="id")
     errors = prepared.filter(lambda error: error is not None, input_columns="error").select_columns(["id", "error"])
     requests = prepared.filter(lambda error: error is None, input_columns="error").remove_columns("error")

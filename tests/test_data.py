@@ -26,13 +26,15 @@ def test_each_format_reads_the_same_rows(tmp_path, rows, fmt):
     assert loaded["findings"] == [r["findings"] for r in rows]
 
 
-def test_limit_and_integer_ids(tmp_path, default_model):
-    ds = Dataset.from_list([{"n": i, "findings": f"finding {i}"} for i in range(5)])
+@pytest.mark.parametrize("column", ["n", "id"])  # "id": the requests' own id column has the same name
+def test_limit_and_integer_ids(tmp_path, default_model, column):
+    ds = Dataset.from_list([{column: i, "findings": f"finding {i}"} for i in range(5)])
     ds.to_parquet(str(tmp_path / "ints.parquet"))
-    cfg = DataConfig(path=str(tmp_path / "ints.parquet"), id_column="n", reference_column=None, limit=3)
+    cfg = DataConfig(path=str(tmp_path / "ints.parquet"), id_column=column, reference_column=None, limit=3)
     requests, errors = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer,
                                         1000, done_ids={"1"})
     assert sorted(requests["id"]) == ["0", "2"] and len(errors) == 0
+    assert requests.features["id"].dtype == "string"  # what generations.parquet holds
 
 
 def test_prompts_longer_than_the_context_are_set_aside(default_model):
