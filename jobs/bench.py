@@ -5,7 +5,9 @@ command, commit, device and versions), bench/RESULTS.md and plots beside it.
 """
 
 import logging
+import shutil
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from jobs import errors_in_one_line
-from splitwiser.bench import System, measure, workload
+from splitwiser.bench import System, measure, measure_job, workload, write_workload
 from splitwiser.config import DataConfig, ModelConfig, PromptConfig
 from splitwiser.job import environment
 from splitwiser.models import load_model
@@ -33,6 +35,8 @@ def main(cfg: DictConfig) -> None:
     grid = [(m, n, s) for m in cfg.models for n in preset.max_new_tokens for s in systems]
     command = " ".join(["python -m jobs.bench", *sys.argv[1:]])
     stamp = datetime.now(timezone.utc)
+    work = Path(tempfile.mkdtemp(prefix="splitwiser-bench-"))  # the workload file and the jobs' outputs
+    data = write_workload(Path(cfg.data), preset.requests, work / "workload.csv")
     rows, loaded_name, env = [], None, None
     for model_name, max_new_tokens, system in tqdm(grid, desc="benchmark", unit="run"):
         if loaded_name != model_name:
@@ -44,23 +48,35 @@ def main(cfg: DictConfig) -> None:
             loaded, loaded_name = load_model(OmegaConf.to_object(model_cfg)), model_name
             env = environment(loaded)
             style = "chat" if loaded.tokenizer.chat_template and model_name != "opt125m" else "plain"
-            prompts = workload(loaded, DataConfig(path=cfg.data), PromptConfig(style=style), preset.requests)
+            prompts = workload(loaded, data, PromptConfig(style=style))
+            # The same model and prompts for the systems that run as jobs.
+            job_overrides = [f"model={model_name}", f"model.path={model_cfg.path}", f"model.weights=random",
+                             f"model.dtype={cfg.dtype}", f"prompt.style={style}"]
+            if model_cfg.tokenizer:
+                job_overrides.append(f"model.tokenizer={model_cfg.tokenizer}")
         try:
-            result = measure(system, loaded, prompts, max_new_tokens)
+            if system.mode:
+                out = work / f"{model_name}-{max_new_tokens}-{system.name}-{system.mode}-p{system.procs}-mps{system.mps}"
+                result = measure_job(system, job_overrides, data, max_new_tokens, out, loaded.device)
+            else:
+                result = measure(system, loaded, prompts, max_new_tokens)
         except Exception as e:  # a baseline that fails here is a result too; say why
             log.warning("%s failed: %s", system, e)
-            result = {"system": system.name, "batch_size": system.batch_size, "cuda_graphs": system.cuda_graphs,
-                      "attention": system.attention, "max_new_tokens": max_new_tokens, "error": f"{type(e).__name__}: {e}"[:300]}
+            result = {"system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": system.batch_size,
+                      "cuda_graphs": system.cuda_graphs, "attention": system.attention, "max_new_tokens": max_new_tokens,
+                      "error": f"{type(e).__name__}: {e}"[:300]}
         result.update(model=model_name, preset=preset.name, date=stamp.date().isoformat(), command=command,
                       prompt_tokens_mean=round(sum(map(len, prompts)) / len(prompts), 1), **env)
-        log.info("%s", {k: result.get(k) for k in ("model", "system", "batch_size", "max_new_tokens",
-                                                  "tokens_per_s", "warmup_s", "run_s", "error")})
+        log.info("%s", {k: result.get(k) for k in ("model", "system", "mode", "procs", "mps", "batch_size",
+                                                  "max_new_tokens", "tokens_per_s", "warmup_s", "run_s", "error")})
         rows.append(result)
         # Written after every run, so that a grid cut short still leaves what it measured.
         results = Path(cfg.results_dir) / f"{stamp:%Y-%m-%d}-{env['device_name'].replace(' ', '-')}-{preset.name}.parquet"
         results.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows), results)
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # from_pylist reads the first row's only
+        pq.write_table(pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows]), results)
         write_report(rows, Path(cfg.report), results)
+    shutil.rmtree(work)
     log.info("wrote %s and %s", results, cfg.report)
 
 

@@ -1,25 +1,32 @@
-"""The benchmark: one workload (radiology findings → impression) through each system, in one
-process on one device, so that ratios between rows are fair.
+"""The benchmark: one workload (radiology findings → impression) through each system, on one device in
+one run, so that ratios between rows are fair.
 
 Systems:
 - generate: transformers `generate`, batch by batch (batch 20 is the paper's baseline);
 - generate_static: the same with `cache_implementation="static"` (transformers compiles the decode step);
 - generate_batch: transformers' own continuous batching;
 - continuous: Splitwiser's engine (KV slots, continuous batching, CUDA graphs).
-Each is warmed up on one batch first (compilation, graph capture: reported as warmup_s), then
-timed on the whole request set.
+In the bench's own process (measure), each is warmed up on one batch first (compilation, graph
+capture: reported as warmup_s), then timed on the whole request set. With a `mode`, generate or
+continuous runs as a real job instead (measure_job: `python -m jobs.run`, `procs` worker processes
+sharing one model, MPS off or on): the paper's N x generate, and Splitwiser's colocated and split modes.
 """
 
+import json
 import logging
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
-from itertools import cycle, islice
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 from transformers import GenerationConfig
 
-from splitwiser.config import DataConfig, EngineConfig, PromptConfig
+from splitwiser.config import DataConfig, EngineConfig, PromptConfig, UserError
 from splitwiser.data import prepare_requests, read_dataset
 from splitwiser.engine import ContinuousEngine, Generation, GenerateEngine
 from splitwiser.models import LoadedModel
@@ -30,11 +37,24 @@ log = logging.getLogger(__name__)
 @dataclass
 class System:
     name: str  # generate | generate_static | generate_batch | continuous
-    batch_size: int = 256
+    batch_size: int | str = 256  # a job may leave it to the job: auto
     requests: int | None = None  # fewer than the preset's, for the slow baselines
     cuda_graphs: bool = True
     attention: str = "auto"  # continuous: auto | live | sdpa
     repeats: int = 1  # timed runs; the median is reported (short runs are noisy)
+    # A job (`python -m jobs.run`) instead of the bench's process: single | colocated | split, with `procs`
+    # worker processes and mps=off|on|auto. name is the engine: generate or continuous.
+    mode: str | None = None
+    procs: int = 1
+    mps: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and (self.mode not in ("single", "colocated", "split")
+                                      or self.name not in ("generate", "continuous")):
+            raise UserError(f"system {self.name} mode={self.mode}: a job runs generate or continuous, in mode "
+                            "single, colocated or split")
+        if self.mode is None and not isinstance(self.batch_size, int):
+            raise UserError(f"system {self.name}: batch_size={self.batch_size} is for jobs; give a number")
 
 
 class GenerateBatchEngine:
@@ -74,19 +94,46 @@ def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, max_pr
     raise ValueError(f"unknown system {system.name}")
 
 
-def workload(loaded: LoadedModel, data: DataConfig, prompt: PromptConfig, requests: int) -> list[list[int]]:
-    """The sample's prompts, built by the job's own pipeline, cycled to `requests` prompts."""
-    prepared, _ = prepare_requests(read_dataset(data), data, prompt, loaded.tokenizer,
-                                   loaded.context_length, done_ids=set())
-    prompts = prepared.shuffle(seed=0)["input_ids"]  # arrival order is not length order
-    return list(islice(cycle(prompts), requests))
+def write_workload(sample: Path, requests: int, path: Path) -> Path:
+    """The sample's rows shuffled (arrival order is not length order) and cycled to `requests` rows, with ids
+    in that order: the one dataset that every system reads, in the bench's process or as a job."""
+    data = DataConfig(path=str(sample))
+    rows = read_dataset(data).shuffle(seed=0)
+    rows = rows.select([i % len(rows) for i in range(requests)]).remove_columns(data.id_column)
+    rows.add_column(data.id_column, [f"{i:07d}" for i in range(requests)]).to_csv(str(path), index=False)
+    return path
+
+
+def workload(loaded: LoadedModel, path: Path, prompt: PromptConfig) -> list[list[int]]:
+    """The workload's prompts, built by the job's own pipeline, in the file's order."""
+    prepared, _ = prepare_requests(read_dataset(DataConfig(path=str(path))), DataConfig(path=str(path)), prompt,
+                                   loaded.tokenizer, loaded.context_length, done_ids=set())
+    return prepared.sort("id")["input_ids"]
 
 
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: float, latency_ms: list[float],
+            ttft_ms: list[float], warmup_s: float, peak_memory_gb: float | None) -> dict:
+    """One result row: latency and time to first token count from the run's start (every request is queued
+    at once, as in a batch job)."""
+    return {
+        "system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": system.batch_size,
+        "cuda_graphs": system.cuda_graphs, "attention": system.attention, "requests": len(lengths),
+        "max_new_tokens": max_new_tokens, "generated_tokens": sum(lengths),
+        "all_lengths_full": all(n == max_new_tokens for n in lengths),
+        "warmup_s": round(warmup_s, 3), "run_s": round(run_s, 3), "tokens_per_s": round(sum(lengths) / run_s, 1),
+        "latency_p50_ms": round(percentile(latency_ms, 50), 1), "latency_p99_ms": round(percentile(latency_ms, 99), 1),
+        "ttft_p50_ms": round(percentile(ttft_ms, 50), 1), "ttft_p99_ms": round(percentile(ttft_ms, 99), 1),
+        "peak_memory_gb": peak_memory_gb,
+        "latency_ms": sorted(round(ms, 2) for ms in latency_ms),  # every request's, for the CDF plot
+    }
+
+
 def measure(system: System, loaded: LoadedModel, prompts: list[list[int]], max_new_tokens: int) -> dict:
+    """The system in the bench's process: warmed up on one batch, then timed on every prompt."""
     prompts = prompts[:system.requests] if system.requests else prompts
     cuda = loaded.device.type == "cuda"
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
@@ -106,17 +153,69 @@ def measure(system: System, loaded: LoadedModel, prompts: list[list[int]], max_n
         synchronize()
         runs.append(((time.perf_counter_ns() - run_start) / 1e9, run_start, results))
     run_s, run_start, results = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
-    tokens = sum(len(g.token_ids) for g in results)
-    latency = [(g.finish_ns - run_start) / 1e6 for g in results]  # every request is there at the start
-    ttft = [(g.first_token_ns - run_start) / 1e6 for g in results]
     del engine
-    return {
-        "system": system.name, "batch_size": system.batch_size, "cuda_graphs": system.cuda_graphs,
-        "attention": system.attention, "requests": len(prompts), "max_new_tokens": max_new_tokens, "generated_tokens": tokens,
-        "all_lengths_full": all(len(g.token_ids) == max_new_tokens for g in results),
-        "warmup_s": round(warmup_s, 3), "run_s": round(run_s, 3), "runs_s": [round(r[0], 3) for r in runs], "tokens_per_s": round(tokens / run_s, 1),
-        "latency_p50_ms": round(percentile(latency, 50), 1), "latency_p99_ms": round(percentile(latency, 99), 1),
-        "ttft_p50_ms": round(percentile(ttft, 50), 1), "ttft_p99_ms": round(percentile(ttft, 99), 1),
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
-        "latency_ms": sorted(round(ms, 2) for ms in latency),  # every request's, for the CDF plot
-    }
+    row = summary(system, max_new_tokens, [len(g.token_ids) for g in results], run_s,
+                  [(g.finish_ns - run_start) / 1e6 for g in results], [(g.first_token_ns - run_start) / 1e6 for g in results],
+                  warmup_s, round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None)
+    return {**row, "runs_s": [round(r[0], 3) for r in runs]}
+
+
+class DeviceMemoryPeak:
+    """The most memory in use on a CUDA device (by every process) while the block runs, beyond what was in use
+    at its start: sampled every 20 ms, since the job's workers are other processes."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_gb = device, None
+        self.stop = threading.Event()
+
+    def used(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+    def sample(self, baseline: int) -> None:
+        peak = 0
+        while not self.stop.wait(0.02):
+            peak = max(peak, self.used() - baseline)
+        self.peak_gb = round(peak / 1e9, 3)
+
+    def __enter__(self) -> "DeviceMemoryPeak":
+        if self.device.type == "cuda":
+            self.thread = threading.Thread(target=self.sample, args=(self.used(),), daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.stop.set()
+            self.thread.join()
+
+
+def measure_job(system: System, job_overrides: list[str], data: Path, max_new_tokens: int, out: Path,
+                device: torch.device) -> dict:
+    """The system as a real job, `python -m jobs.run` with its own worker processes (and MPS daemon):
+    tokens/s over the span from the first prefill to the last token (what the workers do once started),
+    as the bench's process times its run; job_s from launch to Parquet, Python's start-up included."""
+    command = [sys.executable, "-m", "jobs.run", *job_overrides, f"data.path={data}", f"engine.kind={system.name}",
+               f"engine.batch_size={system.batch_size}", f"engine.max_new_tokens={max_new_tokens}",
+               "engine.ignore_eos=true", f"engine.cuda_graphs={system.cuda_graphs}", f"engine.attention={system.attention}",
+               f"mode={system.mode}", f"procs={system.procs}", f"mps={system.mps}", f"output.dir={out}",
+               "output.overwrite=true", "output.progress=false"]
+    if system.requests:
+        command.append(f"data.limit={system.requests}")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the job sizes its KV cache by the free memory
+    with DeviceMemoryPeak(device) as memory:
+        start = time.perf_counter()
+        job = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True)
+        job_s = time.perf_counter() - start
+    if job.returncode != 0:
+        raise RuntimeError(f"the job failed: {(job.stderr.strip().splitlines() or ['no output'])[-1]}")
+    run = json.loads((out / "manifest.json").read_text())["runs"][-1]
+    timing = pq.read_table(out / "timing.parquet").to_pylist()
+    lengths = pq.read_table(out / "generations.parquet", columns=["generated_tokens"])["generated_tokens"].to_pylist()
+    first = min(t["prefill_start_ms"] for t in timing)
+    run_s = (max(t["finish_ms"] for t in timing) - first) / 1e3
+    row = summary(system, max_new_tokens, lengths, run_s, [t["finish_ms"] - first for t in timing],
+                  [t["first_token_ms"] - first for t in timing], job_s - run_s, memory.peak_gb)
+    # warmup_s here: launch to the first prefill (start-up, model, data, workers' imports and warm-up).
+    return {**row, "job_s": round(job_s, 2), "mps": run["mps"], "engine": run["engine"]["kind"]}

@@ -1,5 +1,6 @@
-"""The benchmark's report: a markdown table per model and output length, a throughput plot and a latency
-CDF; and a job's timeline (write_timeline)."""
+"""The benchmark's report: a markdown table per model and output length, a throughput plot, a latency
+CDF and, for the systems that ran as jobs, tokens/s against worker processes; and a job's timeline
+(write_timeline)."""
 
 from pathlib import Path
 
@@ -8,15 +9,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLUMNS = ["system", "batch_size", "cuda_graphs", "attention", "requests", "tokens_per_s", "vs_paper", "warmup_s", "run_s",
-           "job_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms", "peak_memory_gb"]
+COLUMNS = ["system", "mode", "procs", "mps", "batch_size", "cuda_graphs", "attention", "requests", "tokens_per_s",
+           "vs_paper", "warmup_s", "run_s", "job_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms", "peak_memory_gb"]
+
+
+def mps_state(row: dict) -> str:
+    """"on" or "off" for a job (its manifest says why, e.g. "off (one process)"), "" in the bench's process."""
+    return (row.get("mps") or "").split(" ")[0]
 
 
 def label(row: dict) -> str:
-    if row["system"] != "continuous":
-        return f"{row['system']} b{row['batch_size']}"
-    graphs = "" if row.get("cuda_graphs", True) else " eager"
-    return f"{row['system']} b{row['batch_size']} {row.get('attention', 'sdpa')}{graphs}"
+    name = f"{row['system']} b{row['batch_size']}"
+    if row["system"] == "continuous":
+        name += f" {row.get('attention', 'sdpa')}" + ("" if row.get("cuda_graphs", True) else " eager")
+    if row.get("mode"):
+        name += f" {row['mode']} x{row['procs']}" + (" MPS" if mps_state(row) == "on" else "")
+    return name
 
 
 def write_report(rows: list[dict], path: Path, results: Path) -> None:
@@ -28,25 +36,33 @@ def write_report(rows: list[dict], path: Path, results: Path) -> None:
         f"torch {first['torch']}, transformers {first['transformers']}; data in `{results}`.",
         "", "Random weights, EOS ignored (every request generates max_new_tokens), greedy. "
         "`vs_paper`: tokens/s over the paper's baseline (`generate` batch 20) in the same table. "
-        "`job_s`: warm-up plus the run scaled to the preset's request count (what one job would take "
-        "after model load). Latency and time to first token count from the run's start: every request "
-        "is there at once, as in a batch job.", "",
+        "Systems with a `mode` ran as real jobs (`python -m jobs.run`: `procs` worker processes sharing "
+        "one model, MPS on or off); the others in the benchmark's own process. `run_s`: the run, or for a "
+        "job the span from its first prefill to its last token. `warmup_s`: warm-up, or for a job launch to "
+        "first prefill. `job_s`: a job's launch to Parquet; in the bench's process, warm-up plus the run "
+        "scaled to the preset's request count (what one job would take after model load). Latency and "
+        "time to first token count from the run's start: every request is there at once, as in a batch "
+        "job. `peak_memory_gb`: this process's allocations, or for a job the whole device's beyond what "
+        "was in use before it (every worker's CUDA context included).", "",
     ]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["max_new_tokens"]), []).append(row)
     for (model, new_tokens), group in groups.items():
         ok = [r for r in group if "error" not in r or r.get("error") is None]
-        paper = next((r["tokens_per_s"] for r in ok if r["system"] == "generate" and r["batch_size"] == 20), None)
+        paper = next((r["tokens_per_s"] for r in ok if r["system"] == "generate" and r["batch_size"] == 20
+                      and not r.get("mode")), None)
         full = max(r.get("requests", 0) for r in ok) if ok else 0
         lines += [f"## {model}, {new_tokens} new tokens, prompts of {group[0]['prompt_tokens_mean']} tokens on average",
                   "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
         for row in group:
             if row.get("error"):
-                lines.append(f"| {row['system']} | {row['batch_size']} | failed: {row['error']} |")
+                lines.append(f"| {row['system']} | {row.get('mode') or ''} | {row.get('procs', 1)} | | {row['batch_size']} "
+                             f"| failed: {row['error']} |")
                 continue
             derived = {"vs_paper": f"{row['tokens_per_s'] / paper:.1f}x" if paper else "",
-                       "job_s": round(row["warmup_s"] + row["run_s"] * full / row["requests"], 2)}
+                       "mode": row.get("mode") or "", "mps": mps_state(row),
+                       "job_s": row.get("job_s") or round(row["warmup_s"] + row["run_s"] * full / row["requests"], 2)}
             lines.append("| " + " | ".join(str(derived.get(c, row.get(c, ""))) for c in COLUMNS) + " |")
         lines.append("")
         plot = path.parent / f"throughput-{model}-{new_tokens}.png"
@@ -62,6 +78,8 @@ def write_report(rows: list[dict], path: Path, results: Path) -> None:
         lines += [f"![throughput]({plot.name})", ""]
         if any(r.get("latency_ms") for r in ok):
             lines += [f"![latency]({write_latency_cdf(ok, path.parent / f'latency-{model}-{new_tokens}.png').name})", ""]
+        if any(r.get("procs", 1) > 1 for r in ok):
+            lines += [f"![workers]({write_procs_plot(ok, path.parent / f'procs-{model}-{new_tokens}.png').name})", ""]
     path.write_text("\n".join(lines))
 
 
@@ -78,6 +96,32 @@ def write_latency_cdf(rows: list[dict], path: Path) -> Path:
     axes.set_ylabel("fraction of requests finished")
     axes.set_title(f"{rows[0]['model']}, {rows[0]['max_new_tokens']} new tokens, {rows[0]['device_name']}")
     axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_procs_plot(rows: list[dict], path: Path) -> Path:
+    """Tokens/s against worker processes, one line per engine x mode x MPS, from the systems that ran as
+    jobs; a one-process job (mode=single) starts every line of its engine."""
+    jobs = [r for r in rows if r.get("mode")]
+    lines: dict[tuple, list[dict]] = {}
+    for row in jobs:
+        if row["mode"] != "single":
+            lines.setdefault((row["system"], row["batch_size"], row["mode"], mps_state(row)), []).append(row)
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for (system, batch_size, mode, mps), points in lines.items():
+        single = [r for r in jobs if r["mode"] == "single" and (r["system"], r["batch_size"]) == (system, batch_size)]
+        points = sorted(single + points, key=lambda r: r["procs"])
+        axes.plot([r["procs"] for r in points], [r["tokens_per_s"] for r in points], marker="o",
+                  linestyle="-" if mps == "on" else "--", label=f"{system} b{batch_size} {mode}, MPS {mps}")
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.set_xlabel("worker processes on the GPU")
+    axes.set_ylabel("generated tokens/s (log scale)")
+    axes.set_title(f"{rows[0]['model']}, {rows[0]['max_new_tokens']} new tokens, {rows[0]['device_name']}")
+    axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
