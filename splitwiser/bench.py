@@ -120,7 +120,7 @@ def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: floa
     """One result row: latency and time to first token count from the run's start (every request is queued
     at once, as in a batch job)."""
     return {
-        "system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": system.batch_size,
+        "system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": str(system.batch_size),
         "cuda_graphs": system.cuda_graphs, "attention": system.attention, "requests": len(lengths),
         "max_new_tokens": max_new_tokens, "generated_tokens": sum(lengths),
         "all_lengths_full": all(n == max_new_tokens for n in lengths),

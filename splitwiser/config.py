@@ -163,7 +163,9 @@ class JobConfig:
     mps: MPSConfig = field(default_factory=MPSConfig)
     # auto: every visible GPU (the CPU without one); N: the first N; [0, 2]: those. One model copy per GPU.
     gpus: Any = "auto"
-    procs: int = 1  # worker processes per device, sharing its copy of the weights
+    # Worker processes per device, sharing its copy of the weights. auto: 2 colocated workers when the
+    # probe's estimate of the generation says their gain pays for their start-up, else 1 (job.choose_procs).
+    procs: Any = 1
     # single: the engine in this process (procs=1, one device); colocated: `procs` worker processes per
     # device, each prefilling and decoding its own requests; split: prompt workers prefill into the KV
     # slots of token workers, which decode (the paper's design; at least one of each per device).
@@ -175,9 +177,13 @@ class JobConfig:
         gpu_list = isinstance(self.gpus, list) and self.gpus and all(isinstance(i, int) and i >= 0 for i in self.gpus)
         if not (self.gpus == "auto" or (isinstance(self.gpus, int) and self.gpus >= 1) or gpu_list):
             raise UserError(f"gpus={self.gpus}: must be auto, a count (gpus=2) or a list of GPU indices (gpus=[0,1])")
-        _check_positive("procs", self.procs)
+        if not (self.procs == "auto" or (isinstance(self.procs, int) and self.procs >= 1)):
+            raise UserError(f"procs={self.procs}: must be auto or at least 1")
         _check_choice("mode", self.mode, ("auto", "single", "colocated", "split"))
-        if self.mode == "auto" and self.procs > 1:
+        if self.procs == "auto" and self.mode not in ("auto", "colocated"):
+            raise UserError(f"procs=auto chooses between one process and colocated workers; mode={self.mode} "
+                            "needs a number of processes")
+        if self.mode == "auto" and self.procs != "auto" and self.procs > 1:
             self.mode = "colocated"
         if self.mode == "single" and self.procs != 1:
             raise UserError(f"mode=single runs one process, procs={self.procs}; use mode=colocated")
@@ -193,8 +199,9 @@ class JobConfig:
             self.procs = self.prompt_procs + self.token_procs
 
     def run_mode(self, devices: int) -> str:
-        """The mode that runs on `devices` devices: auto is single for one process on one device."""
-        if self.mode == "auto":
+        """The mode that runs on `devices` devices: auto is single for one process on one device (for procs=auto,
+        until choose_procs picks more)."""
+        if self.mode == "auto" or (self.procs == "auto" and devices == 1):
             return "single" if devices == 1 else "colocated"
         if self.mode == "single" and devices > 1:
             raise UserError(f"mode=single runs one process on one device; gpus={self.gpus} gives {devices}: "

@@ -220,6 +220,7 @@ class ContinuousEngine:
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.prefill_groups = 0
         self.oom_splits = 0  # prefill groups split because they ran out of memory
+        self.probe_tokens_per_s: dict[int, float] | None = None  # make_engine's probe (batch_size=auto)
 
     def run(self, prompts: Iterable[list[int]]) -> Iterator[tuple[int, Generation]]:
         source = enumerate(prompts)
@@ -345,12 +346,43 @@ class ContinuousEngine:
         a few hundred ms once, instead of stalls inside the run. Slots are all free, so the steps
         it runs touch nothing that is read later."""
         if self.use_graphs:
-            batch = 8
-            while batch < self.cfg.batch_size:
+            for batch in self.buckets():
                 self._decode(batch)
-                batch *= 2
-            self._decode(self.cfg.batch_size)
             torch.cuda.synchronize(self.device)
+
+    def buckets(self) -> list[int]:
+        """The decode batch sizes, one CUDA graph each: powers of two from 8 below the slot count, and the slot count."""
+        sizes = [8]
+        while sizes[-1] * 2 < self.cfg.batch_size:
+            sizes.append(sizes[-1] * 2)
+        return [size for size in sizes if size < self.cfg.batch_size] + [self.cfg.batch_size]
+
+    def probe(self, steps: int = 5) -> dict[int, float]:
+        """Decode tokens/s of each bucket, every slot attending over a long context (the slot's length less
+        half the new tokens): how much a wider running batch pays on this device. Leaves the state as it was."""
+        state = (self.tokens, self.positions, self.generated, self.active, self.finished, self.output)
+        saved = [tensor.clone() for tensor in state]
+        self.positions.fill_(self.runner.max_len - 1 - self.cfg.max_new_tokens // 2)
+        self.active.fill_(False)  # the step computes every slot all the same; nothing advances
+        synchronize = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
+        tokens_per_s = {}
+        for batch in self.buckets():
+            self._decode(batch)  # captured, or warmed up, outside the timing
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                self._decode(batch)
+            synchronize()
+            tokens_per_s[batch] = batch * steps / (time.perf_counter() - start)
+        for tensor, old in zip(state, saved):
+            tensor.copy_(old)
+        return tokens_per_s
+
+    def use_best_batch_size(self, probe: dict[int, float]) -> None:
+        """engine.batch_size=auto: runs at most as many slots as the smallest bucket within 5% of the best
+        tokens/s (past it, more slots add latency and little throughput). The KV cache keeps its size."""
+        best = max(probe.values())
+        self.cfg = replace(self.cfg, batch_size=min(b for b, tokens_per_s in probe.items() if tokens_per_s >= 0.95 * best))
 
     def _bucket(self, needed: int) -> int:
         """Decode batch sizes come in powers of two (one CUDA graph each), capped at the slot count."""
@@ -395,12 +427,19 @@ def resolve_batch_size(loaded: LoadedModel, cfg: EngineConfig, max_len: int, req
 
 
 def make_engine(loaded: LoadedModel, cfg: EngineConfig, max_prompt_tokens: int, requests: int):
-    """The configured engine, with engine.batch_size resolved (engine.cfg.batch_size is the number)."""
-    cfg = replace(cfg, batch_size=resolve_batch_size(loaded, cfg, max_prompt_tokens + cfg.max_new_tokens, requests))
+    """The configured engine, with engine.batch_size resolved (engine.cfg.batch_size is the number). On a GPU,
+    a continuous engine with batch_size=auto is warmed up and probed: engine.probe_tokens_per_s holds the
+    decode tokens/s of each batch bucket, and the engine runs the best (use_best_batch_size)."""
+    resolved = replace(cfg, batch_size=resolve_batch_size(loaded, cfg, max_prompt_tokens + cfg.max_new_tokens, requests))
     if cfg.kind == "generate":
-        return GenerateEngine(loaded, cfg)
+        return GenerateEngine(loaded, resolved)
     try:
-        return ContinuousEngine(loaded, cfg, max_prompt_tokens)
+        engine = ContinuousEngine(loaded, resolved, max_prompt_tokens)
     except UnsupportedModel as e:
         log.warning("engine.kind=continuous does not support this model (%s): using engine.kind=generate", e)
-        return GenerateEngine(loaded, cfg)
+        return GenerateEngine(loaded, resolved)
+    if cfg.batch_size == "auto" and loaded.device.type == "cuda":
+        engine.warm_up()
+        engine.probe_tokens_per_s = engine.probe()
+        engine.use_best_batch_size(engine.probe_tokens_per_s)
+    return engine

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from splitwiser.config import JobConfig, WorkersFailed, to_plain_dict
 from splitwiser.data import load_shards, prepare_requests, read_dataset, work_unit, write_shards
-from splitwiser.engine import Generation, make_engine
+from splitwiser.engine import ContinuousEngine, Generation, make_engine
 from splitwiser.models import LoadedModel, load_model, resolve_devices
 from splitwiser.mps import MPSState, mps_session
 from splitwiser.output import OutputDir, check_free_space
@@ -174,6 +174,37 @@ class Stages:
         self.mark = now
 
 
+# Generation tokens/s of 2 colocated workers with MPS over one process, measured on an H100 (bench/NOTES.md,
+# runs 8 and 11: 1.29x and 1.41x); the lower one, erring towards one process.
+COLOCATED_GAIN = 1.29
+
+
+def seconds_since_process_start() -> float | None:
+    """How long this process has run (Linux): Python's start-up and imports, which every worker repeats."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, in ticks since boot
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def choose_procs(engine, requests: int, start_up_s: float | None) -> tuple[int, dict]:
+    """procs=auto: 2 colocated workers when the time they would save (the generation, estimated from the
+    engine's decode probe, run COLOCATED_GAIN times faster) is more than their start-up (a fresh process's
+    imports: about this process's own start-up); else 1. Returns (procs, the reasons, for the manifest)."""
+    if engine.device.type != "cuda" or not isinstance(engine, ContinuousEngine):
+        return 1, {"procs": 1, "why": "workers gain only on a CUDA GPU, measured with engine.kind=continuous"}
+    probe = engine.probe_tokens_per_s or engine.probe()
+    tokens_per_s = probe[engine.cfg.batch_size]
+    generation_s = requests * engine.cfg.max_new_tokens / tokens_per_s
+    saved_s = generation_s * (1 - 1 / COLOCATED_GAIN)
+    procs = 2 if start_up_s is not None and saved_s > start_up_s else 1
+    return procs, {"procs": procs, "decode_tokens_per_s": round(tokens_per_s), "estimated_generation_s": round(generation_s, 2),
+                   "saved_by_2_workers_s": round(saved_s, 2), "worker_start_up_s": start_up_s and round(start_up_s, 2),
+                   "assumed_gain": COLOCATED_GAIN}
+
+
 @contextlib.contextmanager
 def mps_blamed_for_dead_workers(mps: MPSState):
     """When every worker died under MPS, say so: a dying MPS server takes all its clients with it."""
@@ -189,6 +220,7 @@ def mps_blamed_for_dead_workers(mps: MPSState):
 def run(job: JobConfig) -> dict:
     started = datetime.now(timezone.utc)
     start_ns = time.perf_counter_ns()
+    start_up_s = seconds_since_process_start()
     stages = Stages()
     out = OutputDir(job.output.dir, job.output.overwrite)
     out.check_same_job(fingerprint(job))
@@ -197,9 +229,10 @@ def run(job: JobConfig) -> dict:
     stages.done("read_s")
     devices = resolve_devices(job.model.device, job.gpus)
     mode = job.run_mode(len(devices))
-    # MPS before the model: the parent's CUDA context must be an MPS client like its workers'. One
-    # control daemon serves every GPU of the node.
-    with mps_session(job.mps, wanted=mode != "single") as mps:
+    auto_procs = job.procs == "auto"
+    # MPS before the model: the parent's CUDA context must be an MPS client like its workers' (with
+    # procs=auto on a GPU, workers may follow). One control daemon serves every GPU of the node.
+    with mps_session(job.mps, wanted=mode != "single" or (auto_procs and devices[0].type == "cuda")) as mps:
         models = [load_model(replace(job.model, device=str(device))) for device in devices]
         loaded = models[0]  # the tokenizer and context length are the same on every device
         stages.done("load_model_s")
@@ -213,21 +246,33 @@ def run(job: JobConfig) -> dict:
         check_free_space(out.path, 4 * (sum(requests["prompt_tokens"]) + len(requests) * job.engine.max_new_tokens))
         shards = out.path / "shards"
         # Units small enough that every worker gets several: one that finishes early takes more.
-        unit_rows = min(job.engine.shard_rows, max(1, -(-len(requests) // (4 * job.procs * len(devices)))))
+        most_procs = 2 if auto_procs else job.procs
+        unit_rows = min(job.engine.shard_rows, max(1, -(-len(requests) // (4 * most_procs * len(devices)))))
         unit_count = write_shards(requests, shards, unit_rows)
         max_prompt_tokens = max(requests["prompt_tokens"], default=1)
         stages.done("prepare_s")
 
         runs = (out.previous_manifest() or {}).get("runs", [])
-        if mode == "single":  # warmed up before the bar starts, so that its tokens/s is generation's
+        procs, engine_info = (1 if auto_procs else job.procs), {}
+        if mode == "single" or auto_procs:  # warmed up before the bar starts, so that its tokens/s is generation's
             engine = make_engine(loaded, job.engine, max_prompt_tokens, len(requests))
             if len(requests):
                 engine.warm_up()
+            engine_info["batch_size"] = engine.cfg.batch_size
+            if getattr(engine, "probe_tokens_per_s", None):  # batch_size=auto on a GPU: what it was chosen from
+                engine_info["probe_tokens_per_s"] = {str(b): round(v) for b, v in engine.probe_tokens_per_s.items()}
+            if auto_procs:
+                procs, engine_info["procs_auto"] = choose_procs(engine, len(requests), start_up_s)
+                log.info("procs=auto: %d (%s)", procs, engine_info["procs_auto"])
+                if procs > 1 or len(devices) > 1:
+                    mode = "colocated"
+                    del engine, engine_info["batch_size"]  # the workers build their own engines
             stages.done("warm_up_s")
-            engine_info = {"kind": type(engine).__name__, "batch_size": engine.cfg.batch_size}
+        if mode == "single":
+            engine_info["kind"] = type(engine).__name__
         else:  # each worker builds and warms up its own engine: part of generate_s here
-            engine_info = {"kind": f"{job.procs} x {job.engine.kind} (colocated)" if mode == "colocated" else
-                           f"{job.prompt_procs} prompt + {job.token_procs} token workers (split)"}
+            engine_info["kind"] = (f"{procs} x {job.engine.kind} (colocated)" if mode == "colocated" else
+                                   f"{job.prompt_procs} prompt + {job.token_procs} token workers (split)")
             if len(devices) > 1:
                 engine_info["kind"] += f" on each of {len(devices)} devices"
         with Progress(len(requests), job.output.progress) as progress, mps_blamed_for_dead_workers(mps):
@@ -239,7 +284,7 @@ def run(job: JobConfig) -> dict:
                 work = dict(shards=shards, unit_count=unit_count, out_path=out.path, run_index=len(runs),
                             job_start_ns=start_ns)
                 if mode == "colocated":
-                    totals = run_colocated(models, job.engine, job.procs, max_prompt_tokens, len(requests),
+                    totals = run_colocated(models, job.engine, procs, max_prompt_tokens, len(requests),
                                            progress, **work)
                 else:
                     totals = run_split(models, job.engine, job.prompt_procs, job.token_procs, max_prompt_tokens,
@@ -253,7 +298,7 @@ def run(job: JobConfig) -> dict:
     wall_s = (time.perf_counter_ns() - start_ns) / 1e9
     runs.append({
         "started": started.isoformat(), "wall_s": round(wall_s, 3), "stages": stages.seconds,
-        "engine": engine_info, "devices": [str(device) for device in devices], "procs": job.procs, "mode": mode,
+        "engine": engine_info, "devices": [str(device) for device in devices], "procs": procs, "mode": mode,
         "mps": mps.note,
         "rows_generated": len(requests), "rows_skipped_done": len(done), "generated_tokens": generated,
         "oom_splits": oom_splits,  # batches run as halves because they ran out of memory (engine.memory_cap_mb)

@@ -50,7 +50,7 @@ def write_report(rows: list[dict], path: Path, results: Path) -> None:
         groups.setdefault((row["model"], row["max_new_tokens"]), []).append(row)
     for (model, new_tokens), group in groups.items():
         ok = [r for r in group if "error" not in r or r.get("error") is None]
-        paper = next((r["tokens_per_s"] for r in ok if r["system"] == "generate" and r["batch_size"] == 20
+        paper = next((r["tokens_per_s"] for r in ok if r["system"] == "generate" and str(r["batch_size"]) == "20"
                       and not r.get("mode")), None)
         full = max(r.get("requests", 0) for r in ok) if ok else 0
         lines += [f"## {model}, {new_tokens} new tokens, prompts of {group[0]['prompt_tokens_mean']} tokens on average",

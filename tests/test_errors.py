@@ -69,7 +69,8 @@ def test_output_dir_under_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("procs=0", "procs=0: must be at least 1"),
+    ("procs=0", "procs=0: must be auto or at least 1"),
+    (("procs=auto", "mode=split"), "procs=auto chooses between one process and colocated workers; mode=split needs"),
     ("engine.batch_size=-1", "engine.batch_size=-1: must be auto or at least 1"),
     ("engine.batch_size=many", "engine.batch_size=many: must be auto or at least 1"),
     ("model.dtype=float8", "model.dtype=float8 is not one of"),

@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import job_config, run_cli
-from splitwiser.bench import workload
-from splitwiser.config import DataConfig, EngineConfig, ModelConfig, PromptConfig
-from splitwiser.engine import ContinuousEngine, GenerateEngine
+from conftest import SAMPLE, job_config, run_cli
+from splitwiser.bench import workload, write_workload
+from splitwiser.config import EngineConfig, ModelConfig, PromptConfig
+from splitwiser.engine import ContinuousEngine, GenerateEngine, make_engine
+from splitwiser.job import choose_procs
 from splitwiser.models import load_model
 from splitwiser.report import write_timeline
 
@@ -27,9 +28,9 @@ def model_dir() -> str:
     return os.environ.get("SPLITWISER_MODEL_DIR") or load_model(ModelConfig(device="cpu")).source
 
 
-def both_engines(model: ModelConfig, requests: int, max_new_tokens: int, slots: int, attention: str = "sdpa"):
+def both_engines(model: ModelConfig, requests: int, max_new_tokens: int, slots: int, attention: str, tmp_path):
     loaded = load_model(model)
-    prompts = workload(loaded, DataConfig(), PromptConfig(style="plain"), requests)
+    prompts = workload(loaded, write_workload(SAMPLE, requests, tmp_path / "workload.csv"), PromptConfig(style="plain"))
     cfg = EngineConfig(batch_size=slots, max_new_tokens=max_new_tokens, ignore_eos=True, attention=attention)
     engine = ContinuousEngine(loaded, cfg, max(map(len, prompts)))
     assert engine.runner.live_attention == (attention != "sdpa")
@@ -40,20 +41,20 @@ def both_engines(model: ModelConfig, requests: int, max_new_tokens: int, slots: 
 
 @pytest.mark.parametrize("attention", ["sdpa", "live"])
 @pytest.mark.parametrize("architecture", ["llama", "opt"])
-def test_cuda_graph_engine_equals_generate_in_float32(architecture, attention):
+def test_cuda_graph_engine_equals_generate_in_float32(architecture, attention, tmp_path):
     model = ModelConfig(path=model_dir(), weights="random", dtype="float32", device="cuda") if architecture == "llama" \
         else ModelConfig(name="opt125m", path="facebook/opt-125m", architecture="opt", tokenizer=model_dir(),
                          weights="random", dtype="float32", device="cuda")
-    fast, reference = both_engines(model, requests=40, max_new_tokens=16, slots=16, attention=attention)
+    fast, reference = both_engines(model, requests=40, max_new_tokens=16, slots=16, attention=attention, tmp_path=tmp_path)
     matches = sum(f == r for f, r in zip(fast, reference))
     print(f"{architecture} {attention} float32: {matches}/40 requests identical")
     assert matches == 40
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "live"])
-def test_float16_match_rate_is_reported_and_high(attention):
+def test_float16_match_rate_is_reported_and_high(attention, tmp_path):
     model = ModelConfig(path=model_dir(), weights="random", dtype="float16", device="cuda")
-    fast, reference = both_engines(model, requests=64, max_new_tokens=32, slots=32, attention=attention)
+    fast, reference = both_engines(model, requests=64, max_new_tokens=32, slots=32, attention=attention, tmp_path=tmp_path)
     same_tokens = sum(a == b for f, r in zip(fast, reference) for a, b in zip(f, r))
     identical = sum(f == r for f, r in zip(fast, reference))
     print(f"{attention} float16: {identical}/64 requests identical, {same_tokens}/{64 * 32} tokens")
@@ -65,6 +66,29 @@ def test_job_on_gpu_writes_parquet(tmp_path):
     manifest = run(job_config(f"model.path={model_dir()}", "model.weights=random", "data.limit=50",
                               f"output.dir={tmp_path}", "engine.batch_size=32", "engine.ignore_eos=true"))
     assert manifest["rows"]["ok"] == 50 and manifest["environment"]["device"].startswith("cuda")
+
+
+def test_auto_batch_size_and_procs_come_from_a_probe_and_are_in_the_manifest(tmp_path):
+    from splitwiser.job import run
+    manifest = run(job_config(f"model.path={model_dir()}", "model.weights=random", "data.limit=64", "procs=auto",
+                              f"output.dir={tmp_path}", "engine.ignore_eos=true", "engine.max_new_tokens=16"))
+    last = manifest["runs"][-1]
+    probe = {int(b): v for b, v in last["engine"]["probe_tokens_per_s"].items()}
+    print(f"probe (decode tokens/s per batch): {probe}; chose {last['engine']['batch_size']}; "
+          f"procs=auto: {last['engine']['procs_auto']}")
+    assert last["engine"]["batch_size"] in probe and probe[last["engine"]["batch_size"]] >= 0.95 * max(probe.values())
+    # 64 rows take well under a second: the workers' start-up cannot pay.
+    assert last["procs"] == 1 and last["mode"] == "single" and manifest["rows"]["ok"] == 64
+    assert last["engine"]["procs_auto"]["worker_start_up_s"] > 0
+
+
+def test_auto_procs_picks_workers_for_a_long_generation():
+    loaded = load_model(ModelConfig(path=model_dir(), weights="random", device="cuda"))
+    engine = make_engine(loaded, EngineConfig(max_new_tokens=64, ignore_eos=True), 200, requests=10**6)
+    procs, why = choose_procs(engine, requests=10**6, start_up_s=30.0)  # 64M tokens: minutes of generation
+    print(f"1M requests: {why}")
+    assert procs == 2 and why["saved_by_2_workers_s"] > 30
+    assert choose_procs(engine, requests=100, start_up_s=30.0)[0] == 1
 
 
 def tokens(out) -> dict[str, list[int]]:

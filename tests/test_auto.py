@@ -1,0 +1,41 @@
+"""engine.batch_size=auto and procs=auto: the probe, the choice, and what the manifest says (CPU; the GPU
+side, where both probe for real, is in test_gpu.py)."""
+
+import json
+
+from conftest import SAMPLE, run_cli
+from splitwiser.bench import workload, write_workload
+from splitwiser.config import EngineConfig, PromptConfig
+from splitwiser.engine import ContinuousEngine
+from splitwiser.job import choose_procs, seconds_since_process_start
+
+
+def test_the_probe_times_every_bucket_and_leaves_the_engine_as_it_was(tmp_path, default_model):
+    prompts = workload(default_model, write_workload(SAMPLE, 12, tmp_path / "w.csv"), PromptConfig())
+    cfg = EngineConfig(batch_size=16, max_new_tokens=6)
+    probed = ContinuousEngine(default_model, cfg, max(map(len, prompts)))
+    probe = probed.probe(steps=2)
+    assert sorted(probe) == [8, 16] and all(tokens_per_s > 0 for tokens_per_s in probe.values())
+    fresh = ContinuousEngine(default_model, cfg, max(map(len, prompts)))
+    outputs = {i: g.token_ids for i, g in probed.run(prompts)}
+    assert len(outputs) == 12 and outputs == {i: g.token_ids for i, g in fresh.run(prompts)}
+
+
+def test_the_best_batch_is_the_smallest_within_five_percent_of_the_fastest(default_model):
+    engine = ContinuousEngine(default_model, EngineConfig(batch_size=64, max_new_tokens=4), 50)
+    engine.use_best_batch_size({8: 100.0, 16: 180.0, 32: 192.0, 64: 200.0})
+    assert engine.cfg.batch_size == 32
+    engine.use_best_batch_size({8: 100.0, 16: 300.0, 32: 200.0})  # a wider batch can be slower
+    assert engine.cfg.batch_size == 16
+
+
+def test_procs_auto_on_a_cpu_runs_one_process_and_says_why(tmp_path, default_model):
+    engine = ContinuousEngine(default_model, EngineConfig(batch_size=8, max_new_tokens=4), 50)
+    procs, why = choose_procs(engine, requests=10**6, start_up_s=1.0)
+    assert procs == 1 and "CUDA" in why["why"]
+    assert 0 < seconds_since_process_start() < 24 * 3600
+    result = run_cli("procs=auto", "data.limit=3", "engine.max_new_tokens=2", f"output.dir={tmp_path}/o",
+                     "output.progress=false")
+    assert result.returncode == 0, result.stderr
+    last = json.loads((tmp_path / "o" / "manifest.json").read_text())["runs"][-1]
+    assert last["procs"] == 1 and last["mode"] == "single" and last["engine"]["procs_auto"]["procs"] == 1
