@@ -18,8 +18,12 @@ def mps_state(row: dict) -> str:
     return (row.get("mps") or "").split(" ")[0]
 
 
+def engine_label(row: dict) -> str:
+    return f"{row['system']} " + ("auto batch" if row["batch_size"] == "auto" else f"b{row['batch_size']}")
+
+
 def label(row: dict) -> str:
-    name = f"{row['system']} b{row['batch_size']}"
+    name = engine_label(row)
     if row["system"] == "continuous":
         name += f" {row.get('attention', 'sdpa')}" + ("" if row.get("cuda_graphs", True) else " eager")
     if row.get("mode"):
@@ -115,8 +119,10 @@ def write_procs_plot(rows: list[dict], path: Path) -> Path:
         single = [r for r in jobs if r["mode"] == "single" and (r["system"], r["batch_size"]) == (system, batch_size)]
         points = sorted(single + points, key=lambda r: r["procs"])
         axes.plot([r["procs"] for r in points], [r["tokens_per_s"] for r in points], marker="o",
-                  linestyle="-" if mps == "on" else "--", label=f"{system} b{batch_size} {mode}, MPS {mps}")
+                  linestyle="-" if mps == "on" else "--", label=f"{engine_label(points[-1])} {mode}, MPS {mps}")
     axes.set_xscale("log", base=2)
+    procs = sorted({r["procs"] for r in jobs})
+    axes.set_xticks(procs, [str(n) for n in procs])
     axes.set_yscale("log")
     axes.set_xlabel("worker processes on the GPU")
     axes.set_ylabel("generated tokens/s (log scale)")
