@@ -1,4 +1,5 @@
-"""The benchmark: python -m jobs.bench [preset=quick|full] (see conf/bench.yaml, splitwiser/bench.py).
+"""The benchmark: python -m jobs.bench [preset=quick|full|workers|paper] (conf/bench.yaml, conf/preset/,
+splitwiser/bench.py).
 
 Writes bench/results/<date>-<device>.parquet (one row per model x length x system, with the
 command, commit, device and versions), bench/RESULTS.md and plots beside it.
@@ -62,7 +63,7 @@ def main(cfg: DictConfig) -> None:
                 result = measure(system, loaded, prompts, max_new_tokens)
         except Exception as e:  # a baseline that fails here is a result too; say why
             log.warning("%s failed: %s", system, e)
-            result = {"system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": system.batch_size,
+            result = {"system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": str(system.batch_size),
                       "cuda_graphs": system.cuda_graphs, "attention": system.attention, "max_new_tokens": max_new_tokens,
                       "error": f"{type(e).__name__}: {e}"[:300]}
         result.update(model=model_name, preset=preset.name, date=stamp.date().isoformat(), command=command,
