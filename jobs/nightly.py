@@ -7,9 +7,8 @@ from datetime import date
 import hydra
 from omegaconf import DictConfig
 
-from jobs import errors_in_one_line, unwind_on_sigterm
+from jobs import errors_in_one_line, start_worker_server, unwind_on_sigterm
 from splitwiser.config import to_job_config
-from splitwiser.nightly import nightly
 
 log = logging.getLogger("splitwiser")
 
@@ -18,6 +17,9 @@ log = logging.getLogger("splitwiser")
 @errors_in_one_line
 def main(cfg: DictConfig) -> None:
     unwind_on_sigterm()
+    start_worker_server(cfg)
+    from splitwiser.nightly import nightly  # torch, transformers, datasets: after the worker server started
+
     manifests = nightly(to_job_config(cfg), date.today())
     for manifest in manifests:
         log.info("partition %s: %d rows ok, %d failed", manifest["config"]["output"]["dir"],

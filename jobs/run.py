@@ -5,9 +5,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from jobs import errors_in_one_line, unwind_on_sigterm
+from jobs import errors_in_one_line, start_worker_server, unwind_on_sigterm
 from splitwiser.config import to_job_config
-from splitwiser.job import run
 
 log = logging.getLogger("splitwiser")
 
@@ -16,6 +15,9 @@ log = logging.getLogger("splitwiser")
 @errors_in_one_line
 def main(cfg: DictConfig) -> None:
     unwind_on_sigterm()
+    start_worker_server(cfg)
+    from splitwiser.job import run  # torch, transformers, datasets: after the worker server started
+
     manifest = run(to_job_config(cfg))
     last = manifest["runs"][-1]
     log.info("done: %d rows ok, %d failed, %d generated this run at %s tokens/s; wrote %s",

@@ -1,8 +1,11 @@
 """Worker processes sharing a device's copy of the weights (mode=colocated and mode=split), on one device
 or several (gpus=: one model copy per GPU, `procs` workers on each, one queue of work units for all).
 
-The parent loaded the model; each worker receives it through torch.multiprocessing (spawn), which
-shares its tensors instead of copying them: CUDA IPC handles on a GPU, shared memory on the CPU.
+The parent loaded the model; each worker receives it through torch.multiprocessing, which shares its
+tensors instead of copying them: CUDA IPC handles on a GPU, shared memory on the CPU. Workers fork
+from a fork server that has imported this module (torch, transformers, datasets) once, before any
+CUDA call: a worker starts in a moment instead of repeating those imports (24-33 s on the GPU
+machine), and jobs.run starts that server before its own imports, so that the two run side by side.
 Work units (contiguous slices of the length-sorted Arrow shards) are handed out from a queue, so a
 worker that finishes early takes more. The parent follows progress through an event queue.
 
@@ -23,6 +26,7 @@ still uses it; each drops its references to the shared tensors before it exits.
 
 import gc
 import logging
+import os
 import queue
 import re
 import threading
@@ -60,14 +64,31 @@ class Work:
     threads: int  # CPU threads per worker
 
 
-def run_worker(main, rank: int, inbox: mp.Queue, started: mp.Barrier, events: mp.Queue, *queues) -> None:
-    """A worker process: main(rank, *shared, work, events, ready, *queues). The shared tensors (model, KV
-    pools) and the Work come through `inbox` after the process has started: spawn writes a process's
-    arguments into a pipe that the child reads only after its imports (~15 s on the GPU machine), so
-    big arguments would make each start wait for the previous worker's imports. main calls ready()
-    once warmed up; generation starts when every worker is (a barrier), so that work is shared out
-    among all of them. Errors go to the parent, which fails the job with them."""
+def worker_context():
+    """Worker processes come from the fork server, which imports this module first (if jobs.run has not
+    started it already)."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def mps_environment() -> dict[str, str]:
+    """The parent's MPS settings, for workers: the fork server may have started before the job started MPS."""
+    return {key: value for key, value in os.environ.items() if key.startswith("CUDA_MPS_")}
+
+
+def run_worker(main, rank: int, environment: dict, inbox: mp.Queue, started: mp.Barrier, events: mp.Queue,
+               *queues) -> None:
+    """A worker process: main(rank, *shared, work, events, ready, *queues). It takes the parent's MPS
+    settings before its first CUDA call. The shared tensors (model, KV pools) and the Work come through
+    `inbox` after the process has started: a process's arguments go through a pipe that a spawned child
+    reads only after its imports, so big arguments would make each start wait for the previous worker's.
+    main calls ready() once warmed up; generation starts when every worker is (a barrier), so that work
+    is shared out among all of them. Errors go to the parent, which fails the job with them."""
     try:
+        for key in [key for key in os.environ if key.startswith("CUDA_MPS_")]:
+            del os.environ[key]
+        os.environ.update(environment)
         shared, work = inbox.get()
         torch.set_num_threads(work.threads)
 
@@ -96,7 +117,8 @@ def start_workers(context, specs: list[tuple], events: mp.Queue) -> dict[int, mp
     workers = {}
     for rank, (main, tensors, work, extra) in enumerate(specs):
         inbox = context.Queue()
-        workers[rank] = context.Process(target=run_worker, args=(main, rank, inbox, started, events, *extra),
+        workers[rank] = context.Process(target=run_worker, args=(main, rank, mps_environment(), inbox, started, events,
+                                                                 *extra),
                                         name=f"splitwiser-{main.__name__}-{rank}")
         workers[rank].start()
         inbox.put((tensors, work))
@@ -261,7 +283,7 @@ def plan(loaded: LoadedModel, cfg: EngineConfig, engines: int, procs: int, max_p
 def run_colocated(models: list[LoadedModel], cfg: EngineConfig, procs: int, max_prompt_tokens: int, requests: int,
                   progress, **work) -> Counter:
     """Runs `procs` colocated workers per model copy (device) over all units; returns supervise's totals."""
-    context = mp.get_context("spawn")
+    context = worker_context()
     units, events = context.Queue(), context.Queue()
     specs = []
     for loaded in models:
@@ -298,7 +320,7 @@ def run_split(models: list[LoadedModel], cfg: EngineConfig, prompt_procs: int, t
               max_prompt_tokens: int, requests: int, progress, **work) -> Counter:
     """Runs prompt and token workers per model copy (device) over all units; returns supervise's totals.
     A prompt worker hands over only to the token workers of its own device."""
-    context = mp.get_context("spawn")
+    context = worker_context()
     units, events = context.Queue(), context.Queue()
     specs, pools_of_devices = [], []
     max_len = slot_length(max_prompt_tokens, cfg.max_new_tokens)

@@ -30,6 +30,18 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def workers_of(pid: int) -> list[int]:
+    """The worker processes of a job running in process `pid`, in start order: the children of its fork
+    server (which, like the resource tracker, lives as long as the job's process)."""
+    servers = [child for child in children_of(pid) if b"forkserver" in Path(f"/proc/{child}/cmdline").read_bytes()]
+    return sorted(worker for server in servers for worker in children_of(server))
+
+
+def left_behind(pid: int) -> list[int]:
+    """Processes a finished job leaves: any child but the fork server, and any worker."""
+    return [c for c in children_of(pid) if b"forkserver" not in Path(f"/proc/{c}/cmdline").read_bytes()] + workers_of(pid)
+
+
 def outputs(out: Path) -> dict[str, list[int]]:
     table = pq.read_table(out / "generations.parquet")
     return dict(zip(table["id"].to_pylist(), table["output_token_ids"].to_pylist()))
@@ -60,7 +72,7 @@ def test_workers_give_the_single_process_outputs(tmp_path, single_outputs, procs
     assert writers <= (set(range(workers // 2, workers)) if mode == "split" else set(range(workers)))
     write_timeline(tmp_path, tmp_path / "timeline.png")
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
-    assert not children_of(os.getpid()), "worker processes left behind"
+    assert not left_behind(os.getpid()), "worker processes left behind"
 
 
 def kill_a_worker_mid_run(*overrides: str, worker: int) -> tuple[int, str]:
@@ -72,7 +84,7 @@ def kill_a_worker_mid_run(*overrides: str, worker: int) -> tuple[int, str]:
     deadline = time.time() + 300
     while time.time() < deadline and len(list((out / "parts").glob("*.parquet"))) < 1:
         time.sleep(0.1)
-    workers = sorted(p for p in children_of(job.pid) if b"multiprocessing" in Path(f"/proc/{p}/cmdline").read_bytes())
+    workers = workers_of(job.pid)
     assert len(workers) == 2, workers
     os.kill(workers[worker], signal.SIGKILL)
     log, _ = job.communicate(timeout=600)
