@@ -25,7 +25,7 @@ from splitwiser.engine import ContinuousEngine, Generation, make_engine
 from splitwiser.models import LoadedModel, load_model, resolve_devices
 from splitwiser.mps import MPSState, mps_session
 from splitwiser.output import OutputDir, check_free_space
-from splitwiser.workers import run_colocated, run_split
+from splitwiser.workers import fork_server_running, run_colocated, run_split
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,8 @@ class Stages:
 
 
 # Generation tokens/s of 2 colocated workers with MPS over one process, measured on an H100 (bench/NOTES.md,
-# runs 8 and 11: 1.29x and 1.41x); the lower one, erring towards one process.
-COLOCATED_GAIN = 1.29
+# runs 8, 11 and 13: 1.29x, 1.41x, 1.16x); the lowest, erring towards one process.
+COLOCATED_GAIN = 1.16
 
 
 def seconds_since_process_start() -> float | None:
@@ -191,8 +191,8 @@ def seconds_since_process_start() -> float | None:
 
 def choose_procs(engine, requests: int, start_up_s: float | None) -> tuple[int, dict]:
     """procs=auto: 2 colocated workers when the time they would save (the generation, estimated from the
-    engine's decode probe, run COLOCATED_GAIN times faster) is more than their start-up (a fresh process's
-    imports: about this process's own start-up); else 1. Returns (procs, the reasons, for the manifest)."""
+    engine's decode probe, run COLOCATED_GAIN times faster) is more than `start_up_s`, what starting them
+    costs (None: unknown, too much); else 1. Returns (procs, the reasons, for the manifest)."""
     if engine.device.type != "cuda" or not isinstance(engine, ContinuousEngine):
         return 1, {"procs": 1, "why": "workers gain only on a CUDA GPU, measured with engine.kind=continuous"}
     probe = engine.probe_tokens_per_s or engine.probe()
@@ -220,7 +220,9 @@ def mps_blamed_for_dead_workers(mps: MPSState):
 def run(job: JobConfig) -> dict:
     started = datetime.now(timezone.utc)
     start_ns = time.perf_counter_ns()
-    start_up_s = seconds_since_process_start()
+    # What starting workers would cost beyond their engines' warm-up (procs=auto): nothing if the fork
+    # server runs already (jobs.run starts it with the process), else about this process's own imports.
+    worker_imports_s = 0.0 if fork_server_running() else seconds_since_process_start()
     stages = Stages()
     out = OutputDir(job.output.dir, job.output.overwrite)
     out.check_same_job(fingerprint(job))
@@ -230,8 +232,10 @@ def run(job: JobConfig) -> dict:
     devices = resolve_devices(job.model.device, job.gpus)
     mode = job.run_mode(len(devices))
     auto_procs = job.procs == "auto"
-    # MPS before the model: the parent's CUDA context must be an MPS client like its workers' (with
-    # procs=auto on a GPU, workers may follow). One control daemon serves every GPU of the node.
+    # MPS before any worker starts (with procs=auto on a GPU, workers may follow): they take its settings
+    # before their first CUDA call. The parent's CUDA was initialised by the device check above, so it
+    # is not a client itself (seen on the H100: sharing its tensors with the clients works; bench/NOTES.md
+    # run 13). One control daemon serves every GPU of the node.
     with mps_session(job.mps, wanted=mode != "single" or (auto_procs and devices[0].type == "cuda")) as mps:
         models = [load_model(replace(job.model, device=str(device))) for device in devices]
         loaded = models[0]  # the tokenizer and context length are the same on every device
@@ -255,6 +259,7 @@ def run(job: JobConfig) -> dict:
         runs = (out.previous_manifest() or {}).get("runs", [])
         procs, engine_info = (1 if auto_procs else job.procs), {}
         if mode == "single" or auto_procs:  # warmed up before the bar starts, so that its tokens/s is generation's
+            warm_up_start = time.perf_counter()
             engine = make_engine(loaded, job.engine, max_prompt_tokens, len(requests))
             if len(requests):
                 engine.warm_up()
@@ -262,6 +267,8 @@ def run(job: JobConfig) -> dict:
             if getattr(engine, "probe_tokens_per_s", None):  # batch_size=auto on a GPU: what it was chosen from
                 engine_info["probe_tokens_per_s"] = {str(b): round(v) for b, v in engine.probe_tokens_per_s.items()}
             if auto_procs:
+                # Each worker builds and warms up its own engine, as this process just did.
+                start_up_s = None if worker_imports_s is None else worker_imports_s + time.perf_counter() - warm_up_start
                 procs, engine_info["procs_auto"] = choose_procs(engine, len(requests), start_up_s)
                 log.info("procs=auto: %d (%s)", procs, engine_info["procs_auto"])
                 if procs > 1 or len(devices) > 1:

@@ -2,8 +2,9 @@
 reuse one that already runs (a cluster's), and stop only a daemon this job started.
 
 MPS lets the kernels of several processes share the GPU at once instead of time-slicing their
-contexts. It never touches the GPU's compute mode. Start it before CUDA is first used in the
-parent: its context must be an MPS client too, so that the workers can share its tensors.
+contexts. It never touches the GPU's compute mode. Start it before the workers start: they are its
+clients. (The parent, whose CUDA was initialised before, is not; on an H100 the workers share its
+tensors all the same: bench/NOTES.md, run 13.)
 """
 
 import contextlib

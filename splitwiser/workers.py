@@ -28,6 +28,7 @@ import gc
 import logging
 import os
 import queue
+from multiprocessing import forkserver
 import re
 import threading
 import time
@@ -70,6 +71,11 @@ def worker_context():
     context = mp.get_context("forkserver")
     context.set_forkserver_preload([__name__])
     return context
+
+
+def fork_server_running() -> bool:
+    """Whether the fork server runs already (jobs.run starts it before its imports)."""
+    return getattr(forkserver._forkserver, "_forkserver_pid", None) is not None  # no public way to ask
 
 
 def mps_environment() -> dict[str, str]:
