@@ -14,17 +14,15 @@ register_configs()
 warnings.filterwarnings("ignore", message="Specifying null_placement in SortOptions", category=FutureWarning)
 
 
-def unwind_on_sigterm() -> None:
-    """SIGTERM (scancel, a preempted node, kill) unwinds like Ctrl-C: workers and an MPS daemon the job
-    started are stopped; finished batches are already on disk, and a rerun resumes."""
+def set_up_job_process(cfg) -> None:
+    """For a process that runs jobs (jobs.run, jobs.nightly), before it imports torch:
+    - SIGTERM (scancel, a preempted node, kill) unwinds like Ctrl-C: workers and an MPS daemon the job
+      started are stopped; finished batches are already on disk, and a rerun resumes.
+    - A job with worker processes forks them from a server that imports splitwiser.workers (torch,
+      transformers, datasets) once. Started here, before this process imports the same modules, the two
+      imports run side by side instead of one after the other. (gpus=auto on a node with several GPUs
+      is only known after torch is imported: there the server starts with the first worker.)"""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
-def start_worker_server(cfg) -> None:
-    """A job with worker processes forks them from a server that imports splitwiser.workers (torch,
-    transformers, datasets) once. Started here, before this process imports the same modules, the two
-    imports run side by side instead of one after the other. (gpus=auto on a node with several GPUs
-    is only known after torch is imported: there the server starts with the first worker.)"""
     several_gpus = (isinstance(cfg.gpus, int) and cfg.gpus > 1) or (not isinstance(cfg.gpus, (int, str)) and len(cfg.gpus) > 1)
     if cfg.procs != 1 or cfg.mode in ("colocated", "split") or several_gpus:
         multiprocessing.set_forkserver_preload(["splitwiser.workers"])

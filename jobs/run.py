@@ -5,7 +5,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from jobs import errors_in_one_line, start_worker_server, unwind_on_sigterm
+from jobs import errors_in_one_line, set_up_job_process
 from splitwiser.config import to_job_config
 
 log = logging.getLogger("splitwiser")
@@ -14,9 +14,8 @@ log = logging.getLogger("splitwiser")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @errors_in_one_line
 def main(cfg: DictConfig) -> None:
-    unwind_on_sigterm()
-    start_worker_server(cfg)
-    from splitwiser.job import run  # torch, transformers, datasets: after the worker server started
+    set_up_job_process(cfg)
+    from splitwiser.job import run  # torch, transformers, datasets: after set_up_job_process
 
     manifest = run(to_job_config(cfg))
     last = manifest["runs"][-1]
