@@ -217,5 +217,5 @@ def measure_job(system: System, job_overrides: list[str], data: Path, max_new_to
     run_s = (max(t["finish_ms"] for t in timing) - first) / 1e3
     row = summary(system, max_new_tokens, lengths, run_s, [t["finish_ms"] - first for t in timing],
                   [t["first_token_ms"] - first for t in timing], job_s - run_s, memory.peak_gb)
-    # warmup_s here: launch to the first prefill (start-up, model, data, workers' imports and warm-up).
+    # warmup_s here: all but the generation span (start-up, model, data, warm-up, and the final writes).
     return {**row, "job_s": round(job_s, 2), "mps": run["mps"], "engine": run["engine"]["kind"]}
