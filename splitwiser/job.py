@@ -274,6 +274,7 @@ def run(job: JobConfig) -> dict:
                 if procs > 1 or len(devices) > 1:
                     mode = "colocated"
                     del engine, engine_info["batch_size"]  # the workers build their own engines
+                    torch.cuda.empty_cache()  # and size their KV caches by the free memory: give this one's back
             stages.done("warm_up_s")
         if mode == "single":
             engine_info["kind"] = type(engine).__name__
