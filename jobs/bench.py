@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from jobs import errors_in_one_line
-from splitwiser.bench import System, measure, measure_job, workload, write_workload
+from splitwiser.bench import System, measure, measure_job, system_columns, workload, write_workload
 from splitwiser.config import DataConfig, ModelConfig, PromptConfig
 from splitwiser.job import environment
 from splitwiser.models import load_model
@@ -63,9 +63,7 @@ def main(cfg: DictConfig) -> None:
                 result = measure(system, loaded, prompts, max_new_tokens)
         except Exception as e:  # a baseline that fails here is a result too; say why
             log.warning("%s failed: %s", system, e)
-            result = {"system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": str(system.batch_size),
-                      "cuda_graphs": system.cuda_graphs, "attention": system.attention, "max_new_tokens": max_new_tokens,
-                      "error": f"{type(e).__name__}: {e}"[:300]}
+            result = {**system_columns(system, max_new_tokens), "error": f"{type(e).__name__}: {e}"[:300]}
         result.update(model=model_name, preset=preset.name, date=stamp.date().isoformat(), command=command,
                       prompt_tokens_mean=round(sum(map(len, prompts)) / len(prompts), 1), **env)
         log.info("%s", {k: result.get(k) for k in ("model", "system", "mode", "procs", "mps", "batch_size",

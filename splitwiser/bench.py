@@ -115,14 +115,18 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def system_columns(system: System, max_new_tokens: int) -> dict:
+    """What a result row says of the system it measured (a failed one's row too)."""
+    return {"system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": str(system.batch_size),
+            "cuda_graphs": system.cuda_graphs, "attention": system.attention, "max_new_tokens": max_new_tokens}
+
+
 def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: float, latency_ms: list[float],
             ttft_ms: list[float], warmup_s: float, peak_memory_gb: float | None) -> dict:
     """One result row: latency and time to first token count from the run's start (every request is queued
     at once, as in a batch job)."""
     return {
-        "system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": str(system.batch_size),
-        "cuda_graphs": system.cuda_graphs, "attention": system.attention, "requests": len(lengths),
-        "max_new_tokens": max_new_tokens, "generated_tokens": sum(lengths),
+        **system_columns(system, max_new_tokens), "requests": len(lengths), "generated_tokens": sum(lengths),
         "all_lengths_full": all(n == max_new_tokens for n in lengths),
         "warmup_s": round(warmup_s, 3), "run_s": round(run_s, 3), "tokens_per_s": round(sum(lengths) / run_s, 1),
         "latency_p50_ms": round(percentile(latency_ms, 50), 1), "latency_p99_ms": round(percentile(latency_ms, 99), 1),

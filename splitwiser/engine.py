@@ -352,10 +352,11 @@ class ContinuousEngine:
 
     def buckets(self) -> list[int]:
         """The decode batch sizes, one CUDA graph each: powers of two from 8 below the slot count, and the slot count."""
-        sizes = [8]
-        while sizes[-1] * 2 < self.cfg.batch_size:
-            sizes.append(sizes[-1] * 2)
-        return [size for size in sizes if size < self.cfg.batch_size] + [self.cfg.batch_size]
+        sizes, size = [], 8
+        while size < self.cfg.batch_size:
+            sizes.append(size)
+            size *= 2
+        return sizes + [self.cfg.batch_size]
 
     def probe(self, steps: int = 5) -> dict[int, float]:
         """Decode tokens/s of each bucket, every slot attending over a long context (the slot's length less

@@ -69,22 +69,32 @@ def write_report(rows: list[dict], path: Path, results: Path) -> None:
                        "job_s": row.get("job_s") or round(row["warmup_s"] + row["run_s"] * full / row["requests"], 2)}
             lines.append("| " + " | ".join(str(derived.get(c, row.get(c, ""))) for c in COLUMNS) + " |")
         lines.append("")
-        plot = path.parent / f"throughput-{model}-{new_tokens}.png"
-        figure, axes = plt.subplots(figsize=(8, 0.4 * len(ok) + 1.2))
-        axes.barh([label(r) for r in ok], [r["tokens_per_s"] for r in ok], color="tab:blue")
-        axes.invert_yaxis()  # the grid order, top to bottom
-        axes.set_xscale("log")
-        axes.set_xlabel("generated tokens/s (log scale)")
-        axes.set_title(f"{model}, {new_tokens} new tokens, {first['device_name']}")
-        figure.tight_layout()
-        figure.savefig(plot, dpi=100)
-        plt.close(figure)
-        lines += [f"![throughput]({plot.name})", ""]
+        if ok:
+            lines += [f"![throughput]({write_throughput_plot(ok, path.parent / f'throughput-{model}-{new_tokens}.png').name})",
+                      ""]
         if any(r.get("latency_ms") for r in ok):
             lines += [f"![latency]({write_latency_cdf(ok, path.parent / f'latency-{model}-{new_tokens}.png').name})", ""]
         if any(r.get("procs", 1) > 1 for r in ok):
             lines += [f"![workers]({write_procs_plot(ok, path.parent / f'procs-{model}-{new_tokens}.png').name})", ""]
     path.write_text("\n".join(lines))
+
+
+def save_plot(figure, axes, rows: list[dict], path: Path) -> Path:
+    """Titles a plot of one model and output length with the device, and writes it."""
+    axes.set_title(f"{rows[0]['model']}, {rows[0]['max_new_tokens']} new tokens, {rows[0]['device_name']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_throughput_plot(rows: list[dict], path: Path) -> Path:
+    figure, axes = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
+    axes.barh([label(r) for r in rows], [r["tokens_per_s"] for r in rows], color="tab:blue")
+    axes.invert_yaxis()  # the grid order, top to bottom
+    axes.set_xscale("log")
+    axes.set_xlabel("generated tokens/s (log scale)")
+    return save_plot(figure, axes, rows, path)
 
 
 def write_latency_cdf(rows: list[dict], path: Path) -> Path:
@@ -98,12 +108,8 @@ def write_latency_cdf(rows: list[dict], path: Path) -> Path:
     axes.set_xscale("log")
     axes.set_xlabel("seconds from the run's start to the request's last token (log scale)")
     axes.set_ylabel("fraction of requests finished")
-    axes.set_title(f"{rows[0]['model']}, {rows[0]['max_new_tokens']} new tokens, {rows[0]['device_name']}")
     axes.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_plot(figure, axes, rows, path)
 
 
 def write_procs_plot(rows: list[dict], path: Path) -> Path:
@@ -126,12 +132,8 @@ def write_procs_plot(rows: list[dict], path: Path) -> Path:
     axes.set_yscale("log")
     axes.set_xlabel("worker processes on the GPU")
     axes.set_ylabel("generated tokens/s (log scale)")
-    axes.set_title(f"{rows[0]['model']}, {rows[0]['max_new_tokens']} new tokens, {rows[0]['device_name']}")
     axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_plot(figure, axes, rows, path)
 
 
 def write_timeline(out_dir: Path, path: Path, run: int | None = None) -> None:
