@@ -93,12 +93,16 @@ def uses_chat(prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> bool:
     return prompt.style == "chat" or (prompt.style == "auto" and bool(tokenizer.chat_template))
 
 
-def build_prompt(text: str, prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> str:
-    if uses_chat(prompt, tokenizer):
-        messages = [{"role": "system", "content": prompt.instruction},
-                    {"role": "user", "content": prompt.chat_message.format(text=text)}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return prompt.template.format(text=text)
+def build_prompts(texts: list[str], prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    if not uses_chat(prompt, tokenizer):
+        return [prompt.template.format(text=text) for text in texts]
+    if not texts:
+        return []
+    # One call for the batch: the template renders each conversation as alone, at half the cost of a call each.
+    return tokenizer.apply_chat_template(
+        [[{"role": "system", "content": prompt.instruction},
+          {"role": "user", "content": prompt.chat_message.format(text=text)}] for text in texts],
+        tokenize=False, add_generation_prompt=True)
 
 
 def prepare_requests(
@@ -114,8 +118,8 @@ def prepare_requests(
 
     A request has: id, reference (if configured), prompt, input_ids, prompt_tokens, prompt_truncated.
     """
-    ids = [str(i) for i in range(len(ds))] if data.id_column is None else [
-        None if _missing(v) or str(v).strip() == "" else str(v) for v in ds[data.id_column]]
+    ids = [str(i) for i in range(len(ds))] if data.id_column is None else [  # [:]: a column at once, not row by row
+        None if _missing(v) or str(v).strip() == "" else str(v) for v in ds.select_columns(data.id_column)[:][data.id_column]]
     first_row = {}
     for index, row_id in enumerate(ids):
         first_row.setdefault(row_id, index)
@@ -123,7 +127,7 @@ def prepare_requests(
 
     def tokenize(texts: list[str]) -> tuple[list[str], list[list[int]]]:
         """Prompts and their token ids, in one call: the fast tokenizer encodes a batch in parallel."""
-        prompt_texts = [build_prompt(text, prompt, tokenizer) for text in texts]
+        prompt_texts = build_prompts(texts, prompt, tokenizer)
         return prompt_texts, tokenizer(prompt_texts, add_special_tokens=adds_special).input_ids if texts else []
 
     def fit(text: str, prompt_text: str, token_ids: list[int]) -> tuple[str, list[int], bool] | str:
@@ -181,9 +185,12 @@ def prepare_requests(
                          **({"reference": Value("string")} if data.reference_column else {})})
     prepared = ds.select(part).map(to_request, batched=True, with_indices=True, remove_columns=ds.column_names,
                                    features=features)
-    prepared = prepared.filter(lambda row_id: row_id not in done_ids, input_columns="id")
-    errors = prepared.filter(lambda error: error is not None, input_columns="error").select_columns(["id", "error"])
-    requests = prepared.filter(lambda error: error is None, input_columns="error").remove_columns("error")
+    # Batched: a filter calls its function once per 1,000 rows instead of once per row.
+    if done_ids:
+        prepared = prepared.filter(lambda row_ids: [i not in done_ids for i in row_ids], input_columns="id", batched=True)
+    errors = prepared.filter(lambda errors: [e is not None for e in errors], input_columns="error", batched=True)
+    requests = prepared.filter(lambda errors: [e is None for e in errors], input_columns="error", batched=True)
+    errors, requests = errors.select_columns(["id", "error"]), requests.remove_columns("error")
     return requests.sort("prompt_tokens"), errors
 
 
