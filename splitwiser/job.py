@@ -298,6 +298,7 @@ def run(job: JobConfig) -> dict:
                     totals = run_split(models, job.engine, job.prompt_procs, job.token_procs, max_prompt_tokens,
                                        len(requests), progress, **work)
                 generated, oom_splits = totals["generated_tokens"], totals["oom_splits"]
+                engine_info["batch_size"] = totals["batch_size"]  # of all the decoding workers together
             else:
                 generated = oom_splits = 0
         stages.done("generate_s")

@@ -154,6 +154,7 @@ def colocated_worker(rank: int, loaded: LoadedModel, work: Work, events: mp.Queu
     from splitwiser.job import generate_units  # here: job.py imports this module
 
     engine = make_engine(loaded, work.cfg, work.max_prompt_tokens, work.requests)
+    events.put(("count", rank, "batch_size", engine.cfg.batch_size))
     engine.warm_up()
     ready()
     generate_units(engine, work.shards, take_units(units, events, rank), work.unit_count,
@@ -237,6 +238,7 @@ def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Qu
     from splitwiser.job import PartWriter
 
     engine = ContinuousEngine(loaded, work.cfg, work.max_prompt_tokens, kv=pool)
+    events.put(("count", rank, "batch_size", engine.cfg.batch_size))
     for slot in range(work.cfg.batch_size):  # free slots are parked on a never-read position: safe at once
         free_slots.put(slot)
     engine.warm_up()
@@ -363,7 +365,8 @@ def exception_line(traceback_text: str) -> str:
 def supervise(workers: dict[int, mp.Process], events: mp.Queue, progress, on_event, on_exit, all_done) -> Counter:
     """Follows the started workers' events until every one has exited and all_done() holds.
     on_exit(rank, code) is called, every turn, for each worker that has exited with a non-zero code.
-    Returns the totals: generated_tokens (from the progress events) and the workers' counts (oom_splits)."""
+    Returns the totals: generated_tokens (from the progress events) and the workers' counts (oom_splits, and
+    batch_size: the decoding workers' running batches together)."""
     totals, failures = Counter(), []
     try:
         while not all_done() or any(w.is_alive() for w in workers.values()):

@@ -68,8 +68,10 @@ def test_workers_give_the_single_process_outputs(tmp_path, single_outputs, procs
     assert last["mps"] == "off (no CUDA GPU)"
     assert last["generated_tokens"] == sum(map(len, single_outputs.values()))
     # Which workers wrote the rows depends on who started first: a short job may go to one alone.
+    decoders = range(workers // 2, workers) if mode == "split" else range(workers)
     writers = set(pq.read_table(tmp_path / "generations.parquet")["worker"].to_pylist())
-    assert writers <= (set(range(workers // 2, workers)) if mode == "split" else set(range(workers)))
+    assert writers <= set(decoders)
+    assert last["engine"]["batch_size"] == 2 * len(decoders)  # each decoding worker's engine.batch_size, summed
     write_timeline(tmp_path, tmp_path / "timeline.png")
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
     assert not left_behind(os.getpid()), "worker processes left behind"
