@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
 from collections.abc import Iterable
@@ -62,7 +63,12 @@ class Progress:
 
 class PartWriter:
     """Collects finished requests and writes them as part files of `rows` rows (the worker's batch size),
-    then calls progress(rows, tokens) and on_write(written) with the (key, row, generation) triples."""
+    then calls progress(rows, tokens) and on_write(written) with the (key, row, generation) triples.
+
+    A part is decoded and written on a thread while the engine goes on (in one process the GPU would
+    wait for it otherwise); one part at a time, so that at most two parts' rows are held in memory.
+    Use it as a context manager: leaving it waits for the writes, and the last part is written if
+    nothing failed."""
 
     def __init__(self, out: OutputDir, tokenizer, rows: int, worker: int, device: torch.device, run_index: int,
                  job_start_ns: int, progress, on_write=lambda written: None):
@@ -70,16 +76,43 @@ class PartWriter:
         self.gpu = device.index if device.type == "cuda" else None
         self.run_index, self.job_start_ns, self.progress, self.on_write = run_index, job_start_ns, progress, on_write
         self.finished: list[tuple[object, dict, Generation]] = []
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="part-writer")
+        self.writing: tuple[Future, list] | None = None  # the part on the thread, and its rows
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def __exit__(self, error_type, *exc) -> None:
+        try:
+            if error_type is None:
+                self.flush()
+                self.wait()
+        finally:
+            self.thread.shutdown(wait=True)  # a part being written is finished, even on an error
 
     def add(self, key, row: dict, generation: Generation) -> None:
         self.finished.append((key, row, generation))
         if len(self.finished) >= self.rows:
             self.flush()
+        elif self.writing and self.writing[0].done():
+            self.wait()
 
     def flush(self) -> None:
+        """Hands the finished rows to the thread, after the part before them is written."""
         finished, self.finished = self.finished, []
-        if not finished:
-            return
+        if finished:
+            self.wait()
+            self.writing = self.thread.submit(self.write, finished), finished
+
+    def wait(self) -> None:
+        """Waits for the part on the thread (raising its error), then reports it."""
+        if self.writing:
+            (future, finished), self.writing = self.writing, None
+            future.result()
+            self.progress(len(finished), sum(len(g.token_ids) for _, _, g in finished))
+            self.on_write(finished)
+
+    def write(self, finished: list) -> None:
         failed = [{"id": row["id"], "error": g.error} for _, row, g in finished if g.error]
         if failed:
             self.out.write_errors(failed)
@@ -95,8 +128,6 @@ class PartWriter:
             "prefill_start_ms": ms(g.prefill_start_ns), "first_token_ms": ms(g.first_token_ns),
             "finish_ms": ms(g.finish_ns),
         } for (_, row, g), text in zip(finished, texts) if not g.error])
-        self.progress(len(finished), sum(len(g.token_ids) for _, _, g in finished))
-        self.on_write(finished)
 
 
 def generate_units(engine, shards: Path, units: Iterable[int], unit_count: int, out: OutputDir, worker: int,
@@ -112,7 +143,8 @@ def generate_units(engine, shards: Path, units: Iterable[int], unit_count: int, 
         requests, index = load_shards(shards), 0
         for unit in units:
             outstanding[unit] = 0
-            for row in work_unit(requests, unit_count, unit):
+            columns = work_unit(requests, unit_count, unit)[:]  # a unit at once: 8x faster than row by row
+            for row in (dict(zip(columns, values)) for values in zip(*columns.values())):
                 pending[index] = (unit, row)
                 outstanding[unit] += 1
                 index += 1
@@ -127,14 +159,13 @@ def generate_units(engine, shards: Path, units: Iterable[int], unit_count: int, 
             if outstanding[unit] == 0 and unit in streamed:
                 unit_done(unit)
 
-    writer = PartWriter(out, engine.tokenizer, engine.cfg.batch_size, worker, engine.device, run_index, job_start_ns,
-                        progress, on_write=written)
     generated = 0
-    for index, generation in engine.run(prompts()):
-        unit, row = pending.pop(index)
-        writer.add(unit, row, generation)
-        generated += len(generation.token_ids)
-    writer.flush()
+    with PartWriter(out, engine.tokenizer, engine.cfg.batch_size, worker, engine.device, run_index, job_start_ns,
+                    progress, on_write=written) as writer:
+        for index, generation in engine.run(prompts()):
+            unit, row = pending.pop(index)
+            writer.add(unit, row, generation)
+            generated += len(generation.token_ids)
     return generated
 
 

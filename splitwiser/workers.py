@@ -261,11 +261,10 @@ def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Qu
                 got.append(item)
         return got if got or open_prompt_workers else None
 
-    writer = PartWriter(OutputDir(str(work.out_path), overwrite=False), loaded.tokenizer, work.cfg.batch_size, rank,
-                        loaded.device, work.run_index, work.job_start_ns, progress_event(events, rank))
-    for row, generation in engine.run_handed_over(receive, release=free_slots.put):
-        writer.add(None, row, generation)
-    writer.flush()
+    with PartWriter(OutputDir(str(work.out_path), overwrite=False), loaded.tokenizer, work.cfg.batch_size, rank,
+                    loaded.device, work.run_index, work.job_start_ns, progress_event(events, rank)) as writer:
+        for row, generation in engine.run_handed_over(receive, release=free_slots.put):
+            writer.add(None, row, generation)
 
 
 def share_on_cpu(loaded: LoadedModel, pools: list = ()) -> None:
