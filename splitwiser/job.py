@@ -208,6 +208,10 @@ class Stages:
 # Generation tokens/s of 2 colocated workers with MPS over one process, measured on an H100 (bench/NOTES.md,
 # runs 8, 11 and 13: 1.29x, 1.41x, 1.16x); the lowest, erring towards one process.
 COLOCATED_GAIN = 1.16
+# A one-process job's generation tokens/s over its decode probe's (the prefills, the waves' tails and the host's
+# work between them), measured on an H100 with OPT-125m, 64 tokens (bench/NOTES.md, runs 13, 15 and 16:
+# 0.55, 0.51, 0.55, 0.51, 0.56, 0.58): taking the probe alone put a 60,000-row job's generation at half its time.
+JOB_SHARE_OF_PROBE = 0.55
 
 
 def seconds_since_process_start() -> float | None:
@@ -222,13 +226,13 @@ def seconds_since_process_start() -> float | None:
 
 def choose_procs(engine, requests: int, start_up_s: float | None) -> tuple[int, dict]:
     """procs=auto: 2 colocated workers when the time they would save (the generation, estimated from the
-    engine's decode probe, run COLOCATED_GAIN times faster) is more than `start_up_s`, what starting them
+    engine's decode probe and JOB_SHARE_OF_PROBE, run COLOCATED_GAIN times faster) is more than `start_up_s`, what starting them
     costs (None: unknown, too much); else 1. Returns (procs, the reasons, for the manifest)."""
     if engine.device.type != "cuda" or not isinstance(engine, ContinuousEngine):
         return 1, {"procs": 1, "why": "workers gain only on a CUDA GPU, measured with engine.kind=continuous"}
     probe = engine.probe_tokens_per_s or engine.probe()
     tokens_per_s = probe[engine.cfg.batch_size]
-    generation_s = requests * engine.cfg.max_new_tokens / tokens_per_s
+    generation_s = requests * engine.cfg.max_new_tokens / (tokens_per_s * JOB_SHARE_OF_PROBE)
     saved_s = generation_s * (1 - 1 / COLOCATED_GAIN)
     procs = 2 if start_up_s is not None and saved_s > start_up_s else 1
     return procs, {"procs": procs, "decode_tokens_per_s": round(tokens_per_s), "estimated_generation_s": round(generation_s, 2),
