@@ -96,8 +96,6 @@ def uses_chat(prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> bool:
 def build_prompts(texts: list[str], prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> list[str]:
     if not uses_chat(prompt, tokenizer):
         return [prompt.template.format(text=text) for text in texts]
-    if not texts:
-        return []
     # One call for the batch: the template renders each conversation as alone, at half the cost of a call each.
     return tokenizer.apply_chat_template(
         [[{"role": "system", "content": prompt.instruction},
@@ -127,8 +125,10 @@ def prepare_requests(
 
     def tokenize(texts: list[str]) -> tuple[list[str], list[list[int]]]:
         """Prompts and their token ids, in one call: the fast tokenizer encodes a batch in parallel."""
+        if not texts:  # a batch whose every row is an error: the tokenizer and the chat template refuse []
+            return [], []
         prompt_texts = build_prompts(texts, prompt, tokenizer)
-        return prompt_texts, tokenizer(prompt_texts, add_special_tokens=adds_special).input_ids if texts else []
+        return prompt_texts, tokenizer(prompt_texts, add_special_tokens=adds_special).input_ids
 
     def fit(text: str, prompt_text: str, token_ids: list[int]) -> tuple[str, list[int], bool] | str:
         """(prompt, its token ids, whether the text was truncated), or why the row cannot be generated."""
