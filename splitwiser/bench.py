@@ -106,8 +106,8 @@ def write_workload(sample: Path, requests: int, path: Path) -> Path:
 
 def workload(loaded: LoadedModel, path: Path, prompt: PromptConfig) -> list[list[int]]:
     """The workload's prompts, built by the job's own pipeline, in the file's order."""
-    prepared, _ = prepare_requests(read_dataset(DataConfig(path=str(path))), DataConfig(path=str(path)), prompt,
-                                   loaded.tokenizer, loaded.context_length, done_ids=set())
+    prepared = prepare_requests(read_dataset(DataConfig(path=str(path))), DataConfig(path=str(path)), prompt,
+                                loaded.tokenizer, loaded.context_length, done={}).requests
     return prepared.sort("id")["input_ids"]
 
 

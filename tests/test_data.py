@@ -31,16 +31,18 @@ def test_limit_and_integer_ids(tmp_path, default_model, column):
     ds = Dataset.from_list([{column: i, "findings": f"finding {i}"} for i in range(5)])
     ds.to_parquet(str(tmp_path / "ints.parquet"))
     cfg = DataConfig(path=str(tmp_path / "ints.parquet"), id_column=column, reference_column=None, limit=3)
-    requests, errors = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer,
-                                        1000, done_ids={"1"})
-    assert sorted(requests["id"]) == ["0", "2"] and len(errors) == 0
+    first = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer, 1000, done={})
+    done = {"1": dict(zip(first.requests["id"], first.requests["prompt"]))["1"]}
+    requests, errors, reused = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer,
+                                                1000, done=done)
+    assert sorted(requests["id"]) == ["0", "2"] and len(errors) == 0 and reused == ["1"]
     assert requests.features["id"].dtype == "string"  # what generations.parquet holds
 
 
 def test_prompts_longer_than_the_context_are_set_aside(default_model):
     cfg = DataConfig(path=str(SAMPLE), limit=4)
-    requests, errors = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer,
-                                        max_prompt_tokens=100, done_ids=set())
+    requests, errors, _ = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer,
+                                           max_prompt_tokens=100, done={})
     assert len(requests) + len(errors) == 4 and len(errors) >= 1
     assert all("over the 100 that fit the context" in e for e in errors["error"])
     assert all(n <= 100 for n in requests["prompt_tokens"])
@@ -49,8 +51,8 @@ def test_prompts_longer_than_the_context_are_set_aside(default_model):
 def test_too_long_prompts_are_truncated_to_fit_when_asked(default_model):
     cfg = DataConfig(path=str(SAMPLE), limit=4)
     prompt = replace(job_config().prompt, too_long="truncate")
-    requests, errors = prepare_requests(read_dataset(cfg), cfg, prompt, default_model.tokenizer,
-                                        max_prompt_tokens=100, done_ids=set())
+    requests, errors, _ = prepare_requests(read_dataset(cfg), cfg, prompt, default_model.tokenizer,
+                                           max_prompt_tokens=100, done={})
     assert len(errors) == 0 and len(requests) == 4
     truncated = [r for r in requests if r["prompt_truncated"]]
     assert truncated and len(truncated) < 4
@@ -74,8 +76,8 @@ def test_rows_with_bytes_that_are_not_utf8_go_to_errors(tmp_path, default_model,
     path.write_bytes(path.read_bytes().replace(b"BAD-BYTES", b"\xff\xfe\x80"))  # Latin-1 junk, not UTF-8
 
     cfg = DataConfig(path=str(path))
-    requests, errors = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer,
-                                        1000, done_ids=set())
+    requests, errors, _ = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer,
+                                           1000, done={})
     assert sorted(requests["id"]) == [rows[0]["id"], rows[2]["id"]]
     assert errors["id"] == [rows[1]["id"]]
     assert errors["error"] == ["findings is not valid UTF-8 (bad bytes shown here as U+FFFD)"]
@@ -84,7 +86,7 @@ def test_rows_with_bytes_that_are_not_utf8_go_to_errors(tmp_path, default_model,
 
 def test_chat_prompt_uses_the_instruction_and_the_model_template(default_model):
     cfg = DataConfig(path=str(SAMPLE), limit=1)
-    requests, _ = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer, 1000, set())
+    requests = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer, 1000, {}).requests
     prompt = requests["prompt"][0]
     assert prompt.startswith("<|im_start|>system\nYou are a radiologist.")
     assert "Findings: " + sample_rows(1)[0]["findings"] in prompt
