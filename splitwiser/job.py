@@ -17,11 +17,12 @@ from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from splitwiser.config import JobConfig, WorkersFailed, to_plain_dict
-from splitwiser.data import load_shards, prepare_requests, read_dataset, work_unit, write_shards
+from splitwiser.config import JobConfig, UserError, WorkersFailed, to_plain_dict
+from splitwiser.data import data_path, load_shards, prepare_requests, read_dataset, work_unit, write_shards
 from splitwiser.engine import ContinuousEngine, Generation, make_engine
 from splitwiser.models import LoadedModel, load_model, resolve_devices
 from splitwiser.mps import MPSState, mps_session
@@ -35,7 +36,7 @@ def fingerprint(job: JobConfig) -> dict:
     """What makes two runs the same job, so that one may resume the other."""
     return {
         "model": job.model.path, "weights": job.model.weights, "dtype": job.model.dtype,
-        "tokenizer": job.model.tokenizer, "data": str(Path(job.data.path).expanduser().resolve()),
+        "tokenizer": job.model.tokenizer, "data": str(data_path(job.data.path)),
         "text_column": job.data.text_column, "part": [job.data.part, job.data.parts], "prompt": to_plain_dict(job.prompt),
         "max_new_tokens": job.engine.max_new_tokens, "ignore_eos": job.engine.ignore_eos,
     }
@@ -259,8 +260,8 @@ def run(job: JobConfig) -> dict:
     # server runs already (jobs.run starts it with the process), else about this process's own imports.
     worker_imports_s = 0.0 if fork_server_running() else seconds_since_process_start()
     stages = Stages()
-    out = OutputDir(job.output.dir, job.output.overwrite)
-    out.check_same_job(fingerprint(job))
+    out = OutputDir(job.output.dir)
+    out.check(fingerprint(job), job.output.overwrite)  # refused before anything is read, loaded or written
     rows = read_dataset(job.data)  # before the model: a bad path or column fails in a second
     rows_in = len(job.data.part_rows(len(rows)))
     stages.done("read_s")
@@ -274,77 +275,93 @@ def run(job: JobConfig) -> dict:
     with mps_session(job.mps, wanted=mode != "single" or (auto_procs and devices[0].type == "cuda")) as mps:
         models = [load_model(replace(job.model, device=str(device))) for device in devices]
         loaded = models[0]  # the tokenizer and context length are the same on every device
+        check_max_new_tokens(job.engine.max_new_tokens, loaded.context_length)
         stages.done("load_model_s")
+        with out.locked():  # every check has passed: the directory is created (or cleared) and is ours
+            return run_locked(job, out, rows, rows_in, devices, mode, models, mps, stages, started, start_ns,
+                              worker_imports_s)
 
-        done = out.done_ids()
-        max_prompt = loaded.context_length - job.engine.max_new_tokens
-        requests, errors = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, done)
-        log.info("%d rows: %d already done, %d to generate, %d set aside (errors.parquet)",
-                 rows_in, len(done), len(requests), len(errors))
-        # The least the outputs take: shards of the prompts' token ids, and the generated token ids.
-        check_free_space(out.path, 4 * (sum(requests["prompt_tokens"]) + len(requests) * job.engine.max_new_tokens))
-        shards = out.path / "shards"
-        # Units small enough that every worker gets several: one that finishes early takes more.
-        most_procs = 2 if auto_procs else job.procs
-        unit_rows = min(job.engine.shard_rows, max(1, -(-len(requests) // (4 * most_procs * len(devices)))))
-        unit_count = write_shards(requests, shards, unit_rows)
-        max_prompt_tokens = max(requests["prompt_tokens"], default=1)
-        stages.done("prepare_s")
 
-        runs = (out.previous_manifest() or {}).get("runs", [])
-        procs, engine_info = (1 if auto_procs else job.procs), {}
-        if mode == "single" or auto_procs:  # warmed up before the bar starts, so that its tokens/s is generation's
-            warm_up_start = time.perf_counter()
-            engine = make_engine(loaded, job.engine, max_prompt_tokens, len(requests))
-            if len(requests):
-                engine.warm_up()
-            engine_info["batch_size"] = engine.cfg.batch_size
-            if getattr(engine, "probe_tokens_per_s", None):  # batch_size=auto on a GPU: what it was chosen from
-                engine_info["probe_tokens_per_s"] = {str(b): round(v) for b, v in engine.probe_tokens_per_s.items()}
-            if auto_procs:
-                # Each worker builds and warms up its own engine, as this process just did.
-                start_up_s = None if worker_imports_s is None else worker_imports_s + time.perf_counter() - warm_up_start
-                procs, engine_info["procs_auto"] = choose_procs(engine, len(requests), start_up_s)
-                log.info("procs=auto: %d (%s)", procs, engine_info["procs_auto"])
-                if procs > 1 or len(devices) > 1:
-                    mode = "colocated"
-                    del engine, engine_info["batch_size"]  # the workers build their own engines
-                    torch.cuda.empty_cache()  # and size their KV caches by the free memory: give this one's back
-            stages.done("warm_up_s")
+def check_max_new_tokens(max_new_tokens: int, context_length: int) -> None:
+    if max_new_tokens >= context_length:
+        raise UserError(f"engine.max_new_tokens={max_new_tokens}: the model's context is {context_length} tokens, "
+                        "prompt and generation together; give fewer")
+
+
+def run_locked(job: JobConfig, out: OutputDir, rows, rows_in: int, devices: list, mode: str, models: list,
+               mps: MPSState, stages: Stages, started: datetime, start_ns: int, worker_imports_s) -> dict:
+    """The part of the job that writes into the output directory, which it holds locked."""
+    auto_procs, loaded = job.procs == "auto", models[0]
+    runs = out.start_run(fingerprint(job), job.output.overwrite, started.isoformat())
+    done = out.done()
+    max_prompt = loaded.context_length - job.engine.max_new_tokens
+    requests, errors, reused = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, done)
+    log.info("%d rows: %d already done, %d to generate, %d set aside (errors.parquet)",
+             rows_in, len(reused), len(requests), len(errors))
+    # The least the outputs take: shards of the prompts' token ids, and the generated token ids.
+    check_free_space(out.path, 4 * (sum(requests["prompt_tokens"]) + len(requests) * job.engine.max_new_tokens))
+    shards = out.path / "shards"
+    # Units small enough that every worker gets several: one that finishes early takes more.
+    most_procs = 2 if auto_procs else job.procs
+    unit_rows = min(job.engine.shard_rows, max(1, -(-len(requests) // (4 * most_procs * len(devices)))))
+    unit_count = write_shards(requests, shards, unit_rows)
+    max_prompt_tokens = max(requests["prompt_tokens"], default=1)
+    stages.done("prepare_s")
+
+    procs, engine_info = (1 if auto_procs else job.procs), {}
+    if mode == "single" or auto_procs:  # warmed up before the bar starts, so that its tokens/s is generation's
+        warm_up_start = time.perf_counter()
+        engine = make_engine(loaded, job.engine, max_prompt_tokens, len(requests))
+        if len(requests):
+            engine.warm_up()
+        engine_info["batch_size"] = engine.cfg.batch_size
+        if getattr(engine, "probe_tokens_per_s", None):  # batch_size=auto on a GPU: what it was chosen from
+            engine_info["probe_tokens_per_s"] = {str(b): round(v) for b, v in engine.probe_tokens_per_s.items()}
+        if auto_procs:
+            # Each worker builds and warms up its own engine, as this process just did.
+            start_up_s = None if worker_imports_s is None else worker_imports_s + time.perf_counter() - warm_up_start
+            procs, engine_info["procs_auto"] = choose_procs(engine, len(requests), start_up_s)
+            log.info("procs=auto: %d (%s)", procs, engine_info["procs_auto"])
+            if procs > 1 or len(devices) > 1:
+                mode = "colocated"
+                del engine, engine_info["batch_size"]  # the workers build their own engines
+                torch.cuda.empty_cache()  # and size their KV caches by the free memory: give this one's back
+        stages.done("warm_up_s")
+    if mode == "single":
+        engine_info["kind"] = type(engine).__name__
+    else:  # each worker builds and warms up its own engine: part of generate_s here
+        engine_info["kind"] = (f"{procs} x {job.engine.kind} (colocated)" if mode == "colocated" else
+                               f"{job.prompt_procs} prompt + {job.token_procs} token workers (split)")
+        if len(devices) > 1:
+            engine_info["kind"] += f" on each of {len(devices)} devices"
+    with Progress(len(requests), job.output.progress) as progress, mps_blamed_for_dead_workers(mps):
         if mode == "single":
-            engine_info["kind"] = type(engine).__name__
-        else:  # each worker builds and warms up its own engine: part of generate_s here
-            engine_info["kind"] = (f"{procs} x {job.engine.kind} (colocated)" if mode == "colocated" else
-                                   f"{job.prompt_procs} prompt + {job.token_procs} token workers (split)")
-            if len(devices) > 1:
-                engine_info["kind"] += f" on each of {len(devices)} devices"
-        with Progress(len(requests), job.output.progress) as progress, mps_blamed_for_dead_workers(mps):
-            if mode == "single":
-                generated = generate_units(engine, shards, list(range(unit_count)), unit_count, out, worker=0,
-                                           run_index=len(runs), job_start_ns=start_ns, progress=progress)
-                oom_splits = engine.oom_splits
-            elif unit_count:
-                work = dict(shards=shards, unit_count=unit_count, out_path=out.path, run_index=len(runs),
-                            job_start_ns=start_ns)
-                if mode == "colocated":
-                    totals = run_colocated(models, job.engine, procs, max_prompt_tokens, len(requests),
-                                           progress, **work)
-                else:
-                    totals = run_split(models, job.engine, job.prompt_procs, job.token_procs, max_prompt_tokens,
-                                       len(requests), progress, **work)
-                generated, oom_splits = totals["generated_tokens"], totals["oom_splits"]
-                engine_info["batch_size"] = totals["batch_size"]  # of all the decoding workers together
+            generated = generate_units(engine, shards, list(range(unit_count)), unit_count, out, worker=0,
+                                       run_index=len(runs) - 1, job_start_ns=start_ns, progress=progress)
+            oom_splits = engine.oom_splits
+        elif unit_count:
+            work = dict(shards=shards, unit_count=unit_count, out=out, run_index=len(runs) - 1,
+                        job_start_ns=start_ns)
+            if mode == "colocated":
+                totals = run_colocated(models, job.engine, procs, max_prompt_tokens, len(requests),
+                                       progress, **work)
             else:
-                generated = oom_splits = 0
-        stages.done("generate_s")
+                totals = run_split(models, job.engine, job.prompt_procs, job.token_procs, max_prompt_tokens,
+                                   len(requests), progress, **work)
+            generated, oom_splits = totals["generated_tokens"], totals["oom_splits"]
+            engine_info["batch_size"] = totals["batch_size"]  # of all the decoding workers together
+        else:
+            generated = oom_splits = 0
+    stages.done("generate_s")
     generate_s = stages.seconds["generate_s"]
 
     wall_s = (time.perf_counter_ns() - start_ns) / 1e9
-    runs.append({
-        "started": started.isoformat(), "wall_s": round(wall_s, 3), "stages": stages.seconds,
+    runs = out.finish_run({
+        "wall_s": round(wall_s, 3), "stages": stages.seconds,
         "engine": engine_info, "devices": [str(device) for device in devices], "procs": procs, "mode": mode,
         "mps": mps.note,
-        "rows_generated": len(requests), "rows_skipped_done": len(done), "generated_tokens": generated,
+        "rows_generated": len(requests), "rows_skipped_done": len(reused), "generated_tokens": generated,
+        "cpu_threads": torch.get_num_threads(), "corrupt_parts_moved_aside": out.moved_aside,
         "oom_splits": oom_splits,  # batches run as halves because they ran out of memory (engine.memory_cap_mb)
         "generated_tokens_per_s": round(generated / generate_s, 1) if generate_s > 0 else None,
         "job_tokens_per_s": round(generated / wall_s, 1),
@@ -356,7 +373,10 @@ def run(job: JobConfig) -> dict:
         "model_source": loaded.source,
         "environment": environment(loaded),
         "rows": {"input": rows_in},
-        "wall_s": round(wall_s, 3),
-        "runs": runs,
+        "wall_s_last_run": round(wall_s, 3),
+        "wall_s_finished_runs": round(sum(r.get("wall_s", 0) for r in runs), 3),
+        "runs": runs,  # every run of this job, as it started: a killed one shows finished: false
     }
-    return out.finalize(errors.with_format("arrow")[:], manifest)
+    generated_ids = requests.select_columns(["id", "prompt"])[:]
+    wanted = pa.table({"id": generated_ids["id"] + reused, "prompt": generated_ids["prompt"] + [done[i] for i in reused]})
+    return out.finalize(errors.with_format("arrow")[:], wanted, manifest)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from splitwiser.config import JobConfig, UserError
 from splitwiser.data import read_dataset
 from splitwiser.job import fingerprint, run
-from splitwiser.output import atomic_write, write_parquet
+from splitwiser.output import atomic_write, exclusive, write_parquet
 
 log = logging.getLogger(__name__)
 LEDGER_SCHEMA = pa.schema([("id", pa.string()), ("key", pa.string()), ("partition", pa.string())])
@@ -57,7 +57,8 @@ class Ledger:
 def run_partition(job: JobConfig, partition: Path, ledger: Ledger) -> dict:
     """Runs (or resumes) the job over partition/input.parquet, then records its rows in the ledger."""
     data = replace(job.data, path=str(partition / "input.parquet"), limit=None, part=0, parts=1)
-    manifest = run(replace(job, data=data, output=replace(job.output, dir=str(partition))))
+    # A partition resumes; it is never overwritten (its input.parquet is not the job's own output).
+    manifest = run(replace(job, data=data, output=replace(job.output, dir=str(partition), overwrite=False)))
     done = pq.read_table(partition / "input.parquet", columns=[job.data.id_column, KEY_COLUMN])
     ledger.add(done[job.data.id_column].to_pylist(), done[KEY_COLUMN].to_pylist(), partition.name)
     return manifest
@@ -80,6 +81,12 @@ def nightly(job: JobConfig, night: date) -> list[dict]:
         raise UserError("the nightly job runs the whole dataset; data.part/data.parts are for array jobs")
     root = Path(job.output.dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
+    with exclusive(root, "output.dir"):  # one nightly job at a time updates the ledger and names partitions
+        return nightly_locked(job, night, root)
+
+
+def nightly_locked(job: JobConfig, night: date, root: Path) -> list[dict]:
+    """nightly(), with root held by this job."""
     ledger = Ledger(root / "ledger.parquet")
     manifests, finished = [], ledger.partitions()
     for partition in sorted(p.parent for p in root.glob("*/input.parquet")):

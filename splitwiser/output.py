@@ -6,8 +6,12 @@ timing.parquet; a re-run reads the ids already there and in any parts left by a 
 and skips them. A row is never written twice, and never lost.
 """
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -17,6 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from splitwiser.config import UserError
+
+log = logging.getLogger(__name__)
 
 # One row per request. A part file holds all of these; the merge splits them into two files.
 GENERATION_SCHEMA = pa.schema([
@@ -48,6 +54,8 @@ TIMING_SCHEMA = pa.schema([
 ])
 PART_SCHEMA = pa.unify_schemas([GENERATION_SCHEMA, TIMING_SCHEMA])
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("error", pa.string())])
+JOB_ID_KEY = b"splitwiser.job_id"  # a part file's Parquet metadata: the job that wrote it (job.json's job_id)
+TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # atomic_write's temporary files
 
 
 def atomic_write(path: Path, write) -> None:
@@ -84,80 +92,200 @@ def write_json(data: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
 
 
+@contextlib.contextmanager
+def exclusive(directory: Path, option: str):
+    """Holds an exclusive lock on directory/.lock, which the OS releases if the process dies; a second
+    holder is refused with one line naming the process that has it."""
+    try:
+        lock = (directory / ".lock").open("a+")
+    except OSError as e:
+        raise UserError(f"{option}={directory} is not writable: {e.strerror or e}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise UserError(f"{option}={directory} is in use by another job (pid {holder}); wait for it to end, "
+                            f"or give another {option}") from None
+        except OSError as e:  # a file system without locks (some network mounts): go on, say so
+            log.warning("%s=%s: cannot lock (%s); do not start a second job into it", option, directory, e)
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
 class OutputDir:
-    def __init__(self, path: str, overwrite: bool):
+    """One job's output directory. Splitwiser touches only the files it writes there (OWN_FILES, and its
+    temporary files); the job holds an exclusive lock on it while it runs, and job.json names the job
+    (its fingerprint, an id that its part files carry, and each run as it starts and ends)."""
+
+    OWN_FILES = {"generations.parquet", "timing.parquet", "errors.parquet", "manifest.json", "job.json", ".lock",
+                 "parts", "shards"}
+
+    def __init__(self, path: str, job_id: str | None = None):
         self.path = Path(path).expanduser()
         self.parts = self.path / "parts"
         self.error_parts = self.parts / "errors"  # rows that failed while generating (out of memory)
-        try:
-            if overwrite:
-                shutil.rmtree(self.path, ignore_errors=True)
-            self.error_parts.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-test-{uuid.uuid4().hex}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as e:
-            raise UserError(f"output.dir={path} is not writable: {e.strerror or e}") from None
+        self.corrupt_parts = self.parts / "corrupt"  # unreadable parts, moved aside: their rows are generated again
+        self.job_id = job_id  # set by start_run; written into every part file
+        self.moved_aside: list[str] = []
 
     @property
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
 
-    def previous_manifest(self) -> dict | None:
-        return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
+    @property
+    def identity_path(self) -> Path:
+        return self.path / "job.json"
 
-    def check_same_job(self, fingerprint: dict) -> None:
-        """Refuses to resume into a directory that holds results of a different job."""
-        previous = self.previous_manifest()
+    def check(self, fingerprint: dict, overwrite: bool) -> None:
+        """Everything about the directory that can refuse the job, without writing anything."""
+        existing = next(p for p in (self.path, *self.path.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"output.dir={self.path} is not writable: {existing} is "
+                            f"{'a file' if not existing.is_dir() else 'not writable by this user'}")
+        data = Path(fingerprint["data"])
+        if data.is_relative_to(self.path.resolve()) and data.relative_to(self.path.resolve()).parts[0] in self.OWN_FILES:
+            raise UserError(f"data.path={data} is one of the job's own output files in output.dir={self.path}, which "
+                            "the job rewrites: copy it elsewhere first")
+        if overwrite:
+            foreign = next((p.name for p in sorted(self.path.iterdir()) if not self._is_own(p.name)), None) \
+                if self.path.is_dir() else None
+            if foreign:
+                raise UserError(f"output.dir={self.path} holds files Splitwiser did not write (e.g. {foreign}); "
+                                "output.overwrite=true replaces only a job's own outputs: give a new output.dir")
+            return
+        previous = self._identity() or (json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None)
         if previous is None or previous.get("fingerprint") == fingerprint:
             return
         changed = sorted(k for k in fingerprint if previous["fingerprint"].get(k) != fingerprint[k])
         raise UserError(f"output.dir={self.path} holds results of a different job (changed: {', '.join(changed)}); "
                         "give a new output.dir, or output.overwrite=true to replace them")
 
-    def _finished_tables(self, schema: pa.Schema, name: str) -> list[pa.Table]:
-        tables = [pq.read_table(p, schema=PART_SCHEMA) for p in sorted(self.parts.glob("*.parquet"))]
-        tables = [t.select(schema.names) for t in tables]
-        if (self.path / name).exists():
-            tables.insert(0, pq.read_table(self.path / name, schema=schema))
-        return tables
+    def _is_own(self, name: str) -> bool:
+        return name in self.OWN_FILES or TEMP_FILE.fullmatch(name) is not None
 
-    def done_ids(self) -> set[str]:
-        return {i for t in self._finished_tables(GENERATION_SCHEMA, "generations.parquet") for i in t["id"].to_pylist()}
+    def _identity(self) -> dict | None:
+        return json.loads(self.identity_path.read_text()) if self.identity_path.exists() else None
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Creates the directory and holds it exclusively while the job runs."""
+        try:
+            self.error_parts.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"output.dir={self.path} is not writable: {e.strerror or e}") from None
+        with exclusive(self.path, "output.dir"):
+            yield
+
+    def start_run(self, fingerprint: dict, overwrite: bool, started: str) -> list[dict]:
+        """Under the lock: checks the directory again, clears a replaced job's outputs and dead runs' temporary
+        files, and records this run in job.json before any part is written. Returns the runs so far, this one last."""
+        self.check(fingerprint, overwrite)
+        if overwrite:
+            self._remove_own_outputs()
+        for tmp in [p for d in (self.path, self.parts, self.error_parts) for p in d.glob(".*.tmp")]:
+            tmp.unlink(missing_ok=True)  # written by a run that died mid-write: no live run writes here (the lock)
+        identity = self._identity()
+        if identity is None:  # a new job (or a directory finished before job.json existed: its runs go on)
+            previous = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
+            identity = {"fingerprint": fingerprint, "job_id": uuid.uuid4().hex, "runs": previous.get("runs", [])}
+        identity["runs"].append({"started": started, "finished": False})
+        write_json(identity, self.identity_path)
+        self.job_id = identity["job_id"]
+        return identity["runs"]
+
+    def finish_run(self, record: dict) -> list[dict]:
+        """Records this run's figures in job.json; returns every run's."""
+        identity = self._identity()
+        identity["runs"][-1].update(record, finished=True)
+        write_json(identity, self.identity_path)
+        return identity["runs"]
+
+    def _remove_own_outputs(self) -> None:
+        for name in self.OWN_FILES - {".lock"}:
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        self.error_parts.mkdir(parents=True, exist_ok=True)
+
+    def _readable(self, part: Path, schema: pa.Schema) -> pa.Table | None:
+        """A part file of this job, or None: a part of a replaced job is removed, an unreadable one moved aside."""
+        try:
+            table = pq.read_table(part, schema=schema)
+        except (pa.ArrowException, OSError) as e:
+            self.corrupt_parts.mkdir(exist_ok=True)
+            os.replace(part, self.corrupt_parts / part.name)
+            self.moved_aside.append(part.name)
+            log.warning("part file %s is unreadable (%s): moved to %s, its rows are generated again",
+                        part.name, str(e).splitlines()[0] if str(e) else type(e).__name__, self.corrupt_parts)
+            return None
+        if (pq.read_schema(part).metadata or {}).get(JOB_ID_KEY, b"").decode() != self.job_id:
+            part.unlink()  # left by a job this directory no longer holds (a worker that outlived it)
+            return None
+        return table
+
+    def _candidates(self) -> pa.Table:
+        """Every generated row on disk (the merged files and this job's parts), with its timing: PART_SCHEMA."""
+        tables = [t for t in (self._readable(p, PART_SCHEMA) for p in sorted(self.parts.glob("*.parquet"))) if t]
+        merged = self.path / "generations.parquet"
+        if merged.exists():
+            generations = pq.read_table(merged, schema=GENERATION_SCHEMA)
+            timing = pq.read_table(self.path / "timing.parquet", schema=TIMING_SCHEMA)
+            timing = timing.take(pc.index_in(generations["id"], value_set=timing["id"]))  # row for row
+            columns = {**{n: timing[n] for n in TIMING_SCHEMA.names}, **{n: generations[n] for n in GENERATION_SCHEMA.names}}
+            tables.insert(0, pa.table([columns[n] for n in PART_SCHEMA.names], schema=PART_SCHEMA))
+        return pa.concat_tables(tables or [PART_SCHEMA.empty_table()])
+
+    def done(self) -> dict[str, str]:
+        """id → the prompt its generation on disk was made from."""
+        table = self._candidates()
+        return dict(zip(table["id"].to_pylist(), table["prompt"].to_pylist()))
 
     def write_part(self, rows: list[dict]) -> None:
-        write_parquet(pa.Table.from_pylist(rows, schema=PART_SCHEMA), self.parts / f"{uuid.uuid4().hex}.parquet")
+        table = pa.Table.from_pylist(rows, schema=PART_SCHEMA.with_metadata({JOB_ID_KEY: self.job_id}))
+        write_parquet(table, self.parts / f"{uuid.uuid4().hex}.parquet")
 
     def write_errors(self, rows: list[dict]) -> None:
         """Rows that failed while generating: in errors.parquet at the end, unless a later run generates them."""
-        write_parquet(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), self.error_parts / f"{uuid.uuid4().hex}.parquet")
+        table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA.with_metadata({JOB_ID_KEY: self.job_id}))
+        write_parquet(table, self.error_parts / f"{uuid.uuid4().hex}.parquet")
 
-    def finalize(self, errors: pa.Table, manifest: dict) -> dict:
-        """Merges parts into generations.parquet and timing.parquet, writes errors (the data's, and those
-        met while generating, less any row a run has generated since) and the manifest.
+    def finalize(self, errors: pa.Table, wanted: pa.Table, manifest: dict) -> dict:
+        """Merges the generations on disk whose (id, prompt) is in `wanted` (the input's rows as they are now)
+        into generations.parquet and timing.parquet, writes errors (the data's, and those met while generating,
+        less any row generated since) and the manifest. A row no longer in the input, or whose prompt changed,
+        is left out.
 
-        Returns the row counts of the merged files. Safe to interrupt: parts are removed only
-        after the merged files are in place, and ids seen twice are kept once.
+        Returns the manifest, with its row counts. Safe to interrupt: parts are removed only after the merged
+        files are in place, and ids seen twice are kept once.
         """
         parts, error_parts = sorted(self.parts.glob("*.parquet")), sorted(self.error_parts.glob("*.parquet"))
+        rows = self._candidates()
+        rows = _first_of_each_id(rows.filter(pc.is_in(_row_keys(rows), value_set=_row_keys(wanted))))
+        rows = rows.sort_by("id")
         for schema, name in ((GENERATION_SCHEMA, "generations.parquet"), (TIMING_SCHEMA, "timing.parquet")):
-            merged = pa.concat_tables(self._finished_tables(schema, name) or [schema.empty_table()])
-            merged = _first_of_each_id(merged).sort_by("id")
-            write_parquet(merged, self.path / name)
-        # Rows that failed while generating, unless a later run generated them (the data's errors, such as a
-        # duplicate id, may share an id with a generated row).
-        generated = pq.read_table(self.path / "generations.parquet", columns=["id"])["id"]
-        failed = pa.concat_tables([pq.read_table(p, schema=ERROR_SCHEMA) for p in error_parts]
-                                  or [ERROR_SCHEMA.empty_table()])
-        failed = _first_of_each_id(failed.filter(pc.invert(pc.is_in(failed["id"], value_set=generated))))
-        errors = pa.concat_tables([errors.cast(ERROR_SCHEMA), failed])
+            write_parquet(rows.select(schema.names).cast(schema), self.path / name)
+        failed = [t for t in (self._readable(p, ERROR_SCHEMA) for p in error_parts) if t]
+        failed = pa.concat_tables(failed or [ERROR_SCHEMA.empty_table()])
+        still_failed = pc.and_(pc.is_in(failed["id"], value_set=wanted["id"]),
+                               pc.invert(pc.is_in(failed["id"], value_set=rows["id"])))
+        errors = pa.concat_tables([errors.cast(ERROR_SCHEMA), _first_of_each_id(failed.filter(still_failed))])
         write_parquet(errors, self.path / "errors.parquet")
         for part in parts + error_parts:
-            part.unlink()
-        rows_ok = pq.read_metadata(self.path / "generations.parquet").num_rows
-        manifest["rows"].update(ok=rows_ok, failed=errors.num_rows)
+            part.unlink(missing_ok=True)
+        manifest["rows"].update(ok=rows.num_rows, failed=errors.num_rows)
         write_json(manifest, self.manifest_path)
         return manifest
+
+
+def _row_keys(table: pa.Table) -> pa.Array:
+    """A row's id and prompt as one value: a generation holds for the input row with the same of both."""
+    return pc.binary_join_element_wise(table["id"], table["prompt"], "\x00")
 
 
 def _first_of_each_id(table: pa.Table) -> pa.Table:

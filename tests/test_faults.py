@@ -130,6 +130,7 @@ def test_a_full_disk_stops_the_job_cleanly_and_a_rerun_resumes(tmp_path, small_d
     rerun = run_cli(*args)
     assert rerun.returncode == 0, rerun.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["runs"][0]["rows_skipped_done"] == kept
+    assert manifest["runs"][0]["finished"] is False  # the run the full disk stopped
+    assert manifest["runs"][-1]["rows_skipped_done"] == kept
     assert manifest["rows"] == {"input": 40, "ok": 40, "failed": 0}
     assert sorted(pq.read_table(out / "generations.parquet")["id"].to_pylist()) == sorted(r["id"] for r in sample_rows(40))
