@@ -25,9 +25,9 @@ from itertools import count, islice
 
 import torch
 
-from splitwiser.config import EngineConfig
+from splitwiser.config import EngineConfig, UserError
 from splitwiser.models import LoadedModel
-from splitwiser.runner import KVPool, SlotRunner, UnsupportedModel, forward_bytes, kv_slot_bytes
+from splitwiser.runner import KVPool, SlotRunner, UnsupportedModel, forward_bytes, free_memory, gigabytes, kv_slot_bytes
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +386,8 @@ class ContinuousEngine:
         self.cfg = replace(self.cfg, batch_size=min(b for b, tokens_per_s in probe.items() if tokens_per_s >= 0.95 * best))
 
     def _bucket(self, needed: int) -> int:
-        """Decode batch sizes come in powers of two (one CUDA graph each), capped at the slot count."""
-        return min(self.cfg.batch_size, max(8, 1 << (needed - 1).bit_length()))
+        """The decode batch for the `needed` first slots, capped at the slot count."""
+        return min(self.cfg.batch_size, decode_bucket(needed))
 
     def _decode(self, batch: int) -> None:
         if not self.use_graphs:
@@ -410,11 +410,43 @@ class ContinuousEngine:
         return graph
 
 
+def decode_bucket(needed: int) -> int:
+    """Decode batch sizes come in powers of two from 8 (one CUDA graph each)."""
+    return max(8, 1 << (needed - 1).bit_length())
+
+
 def resolve_batch_size(loaded: LoadedModel, cfg: EngineConfig, max_len: int, requests: int, share: int = 1) -> int:
-    """engine.batch_size=auto, from the device and the job (measured: bench/RESULTS.md); `share`:
-    how many engines (worker processes) split the GPU's memory."""
-    if cfg.batch_size != "auto":
-        return cfg.batch_size
+    """engine.batch_size as a number, for an engine given `requests`; `share`: how many engines (worker
+    processes) split the device's memory. Every engine's KV cache is sized here: one that does not fit in
+    the free memory is refused before anything is allocated."""
+    if cfg.batch_size == "auto":
+        slots = auto_batch_size(loaded, cfg, max_len, requests, share)
+    else:  # an engine never runs more requests at once, nor decodes them in a wider bucket: more slots take memory only
+        slots = min(cfg.batch_size, decode_bucket(requests))
+    if cfg.kind == "continuous":
+        check_kv_fits(loaded, cfg, slots, max_len, share)
+    return slots
+
+
+def check_kv_fits(loaded: LoadedModel, cfg: EngineConfig, slots: int, max_len: int, engines: int) -> None:
+    """Raises UserError where `engines` KV caches of `slots` slots need more than the device's free memory (a
+    mistyped engine.batch_size would try to allocate terabytes)."""
+    slot_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, max_len)
+    need, free = engines * slots * slot_bytes, free_memory(loaded.device)
+    if free is None or need <= free:
+        return
+    setting = f"engine.batch_size={cfg.batch_size}" + ("" if slots == cfg.batch_size else f" ({slots} slots)")
+    whose = "its KV cache needs" if engines == 1 else f"the KV caches of {engines} workers on {loaded.device} need"
+    fit = free // (engines * slot_bytes)
+    advice = (f"at most engine.batch_size={fit} fits" if fit else
+              "not one slot fits: lower engine.max_new_tokens" + (" or procs" if engines > 1 else ""))
+    if loaded.device.type == "cuda" and cfg.batch_size != "auto":
+        advice += "; engine.batch_size=auto sizes it to the memory"
+    raise UserError(f"{setting}: {whose} {gigabytes(need)}, {gigabytes(free)} free; {advice}")
+
+
+def auto_batch_size(loaded: LoadedModel, cfg: EngineConfig, max_len: int, requests: int, share: int) -> int:
+    """engine.batch_size=auto, from the device and the job (measured: bench/RESULTS.md)."""
     if loaded.device.type != "cuda":
         return 16
     if cfg.kind == "generate":

@@ -43,6 +43,22 @@ def kv_slot_bytes(config, dtype: torch.dtype, max_len: int) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * max_len * dtype.itemsize
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that new allocations on `device` can take: the GPU's free memory, or the host's MemAvailable (Linux;
+    None where it is not known)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def gigabytes(count: int) -> str:
+    return f"{count / 2**30:,.{1 if count < 10 * 2**30 else 0}f} GB"
+
+
 def forward_bytes(config, dtype: torch.dtype, sequences: int, tokens: int, cached_tokens: int = 0) -> int:
     """A rough estimate of the memory one forward over `sequences` x `tokens` takes beyond the weights: its
     widest activations (attention projections and the MLP), the attention scores, and a KV cache of

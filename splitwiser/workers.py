@@ -21,34 +21,45 @@ worker that finishes early takes more. The parent follows progress through an ev
   is on disk stays, and a rerun resumes.
 
 Workers always exit before the parent returns, so no shared CUDA tensor is released while a worker
-still uses it; each drops its references to the shared tensors before it exits.
+still uses it; each drops its references to the shared tensors before it exits. A worker whose job's
+process has died (SIGKILL included) exits at once; so many workers that they could not all start are
+refused before the first starts (check_workers_fit), and a start that fails ends those started before it.
 """
 
+import bisect
 import gc
 import logging
 import os
 import queue
-from multiprocessing import forkserver
+from multiprocessing import connection, forkserver, parent_process
 import re
+import resource
 import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from itertools import chain
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
-from splitwiser.config import EngineConfig, WorkersFailed
+from splitwiser.config import EngineConfig, UserError, WorkersFailed
 from splitwiser.data import load_shards, work_unit
 from splitwiser.engine import ContinuousEngine, Generation, Handoff, OutOfMemory, make_engine, prefill_group, \
     resolve_batch_size, slot_length
 from splitwiser.models import LoadedModel
 from splitwiser.output import OutputDir
-from splitwiser.runner import SlotRunner, allocate_kv
+from splitwiser.runner import SlotRunner, allocate_kv, free_memory, gigabytes
 
 log = logging.getLogger(__name__)
+# What starting a worker costs the job, measured on the CPU with the default model: its pipes (status, data,
+# inbox) hold 5 file descriptors, and each CPU tensor it is sent holds one more until the worker has taken it;
+# a worker's own memory (beside the shared weights and its KV cache, which check_kv_fits counts) is ~300 MB.
+FDS_PER_WORKER = 5
+WORKER_BYTES = 300 * 2**20
 
 
 @dataclass
@@ -59,7 +70,7 @@ class Work:
     requests: int  # requests per engine, for its choices
     shards: Path
     unit_count: int
-    out_path: Path
+    out: OutputDir  # its job_id set: the parts it writes carry it
     run_index: int
     job_start_ns: int
     threads: int  # CPU threads per worker
@@ -83,6 +94,20 @@ def mps_environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key.startswith("CUDA_MPS_")}
 
 
+def exit_with_the_job() -> None:
+    """Ends this worker process at once when the job's process has gone, however it died (SIGKILL too), so that
+    it writes no more parts. Its parent is the fork server, which lives on while any worker does (each holds
+    the server's "alive" pipe open): a parent-death signal would never come. The pipe the job started this
+    worker through is held by the job alone, and reads EOF once it has gone."""
+    job = parent_process().sentinel
+
+    def watch() -> None:
+        connection.wait([job])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-the-job", daemon=True).start()
+
+
 def run_worker(main, rank: int, environment: dict, inbox: mp.Queue, started: mp.Barrier, events: mp.Queue,
                *queues) -> None:
     """A worker process: main(rank, *shared, work, events, ready, *queues). It takes the parent's MPS
@@ -91,6 +116,7 @@ def run_worker(main, rank: int, environment: dict, inbox: mp.Queue, started: mp.
     reads only after its imports, so big arguments would make each start wait for the previous worker's.
     main calls ready() once warmed up; generation starts when every worker is (a barrier), so that work
     is shared out among all of them. Errors go to the parent, which fails the job with them."""
+    exit_with_the_job()
     try:
         for key in [key for key in os.environ if key.startswith("CUDA_MPS_")]:
             del os.environ[key]
@@ -116,22 +142,76 @@ def run_worker(main, rank: int, environment: dict, inbox: mp.Queue, started: mp.
         raise SystemExit(1)
 
 
+def worker_fds(loaded: LoadedModel, mode: str, procs: int) -> int:
+    """The file descriptors that starting `procs` workers on the device of `loaded` takes in the job until each
+    has its tensors: a worker's pipes, and one per CPU tensor it is sent (the model's; in mode=split, a prompt
+    worker gets every token worker's KV pool, a token worker its own); CUDA tensors travel as IPC handles."""
+    if loaded.device.type != "cpu":
+        return procs * FDS_PER_WORKER
+    model = len({t.untyped_storage().data_ptr() for t in chain(loaded.model.parameters(), loaded.model.buffers())})
+    if mode == "colocated":
+        return procs * (FDS_PER_WORKER + model)
+    prompt_procs = procs // 2  # as mode=split divides procs by default
+    token_procs = procs - prompt_procs
+    pools = (prompt_procs + 1) * token_procs  # sent: every pool to each prompt worker, and its own to a token worker
+    return procs * (FDS_PER_WORKER + model) + pools * 2 * loaded.model.config.num_hidden_layers
+
+
+def check_workers_fit(setting: str, procs: int, devices: int, fds: Callable[[int], int]) -> None:
+    """Raises UserError, before any worker starts, where `procs` worker processes on each of `devices` devices
+    cannot start here: the file descriptors they take in the job (fds(procs) per device) over what RLIMIT_NOFILE
+    leaves, or their memory (WORKER_BYTES each) over MemAvailable. It says the most that can."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    fds_free = None if limit == resource.RLIM_INFINITY else limit - len(os.listdir("/dev/fd"))
+    memory = free_memory(torch.device("cpu"))
+
+    def fits(procs: int) -> bool:
+        return ((fds_free is None or devices * fds(procs) <= fds_free) and
+                (memory is None or devices * procs * WORKER_BYTES <= memory))
+
+    if fits(procs):
+        return
+    most = bisect.bisect_left(range(procs), True, key=lambda n: not fits(n)) - 1
+    workers, needs = procs * devices, []
+    if memory is not None and workers * WORKER_BYTES > memory:
+        needs.append(f"about {gigabytes(workers * WORKER_BYTES)} of memory, {gigabytes(memory)} is available")
+    if fds_free is not None and devices * fds(procs) > fds_free:
+        needs.append(f"about {devices * fds(procs):,} open files, {fds_free:,} more can open here "
+                     f"(ulimit -n: {limit:,})")
+    raise UserError(f"{setting}: {workers} worker processes need {' and '.join(needs)}; "
+                    f"at most {most * devices} can start here")
+
+
 def start_workers(context, specs: list[tuple], events: mp.Queue) -> dict[int, mp.Process]:
     """Starts one process per (main, shared tensors, Work, queues) spec (rank = index), then hands each its
-    shared tensors and its Work."""
+    shared tensors and its Work. Where a start fails (or Ctrl-C comes), the workers started before it are ended."""
     started = context.Barrier(len(specs))
     workers = {}
-    for rank, (main, tensors, work, extra) in enumerate(specs):
-        inbox = context.Queue()
-        workers[rank] = context.Process(target=run_worker, args=(main, rank, mps_environment(), inbox, started, events,
-                                                                 *extra),
-                                        name=f"splitwiser-{main.__name__}-{rank}")
-        workers[rank].start()
-        inbox.put((tensors, work))
-        inbox.cancel_join_thread()  # a worker that dies before reading its inbox must not hang our exit
-        # The child unpickles its arguments after its imports: they must still exist then.
-        workers[rank].keep = (inbox, started)
+    try:
+        for rank, (main, tensors, work, extra) in enumerate(specs):
+            inbox = context.Queue()
+            worker = context.Process(target=run_worker, args=(main, rank, mps_environment(), inbox, started, events,
+                                                              *extra),
+                                     name=f"splitwiser-{main.__name__}-{rank}")
+            worker.start()
+            workers[rank] = worker
+            inbox.put((tensors, work))
+            inbox.cancel_join_thread()  # a worker that dies before reading its inbox must not hang our exit
+            # The child unpickles its arguments after its imports: they must still exist then.
+            worker.keep = (inbox, started)
+    except BaseException:
+        end_workers(workers.values(), wait_s=0)
+        raise
     return workers
+
+
+def end_workers(workers, wait_s: float) -> None:
+    """Gives each worker wait_s seconds to exit, then terminates it; returns once every one has exited."""
+    for worker in workers:
+        worker.join(timeout=wait_s)
+        if worker.is_alive():
+            worker.terminate()
+            worker.join()
 
 
 def take_units(units: mp.Queue, events: mp.Queue, rank: int):
@@ -158,7 +238,7 @@ def colocated_worker(rank: int, loaded: LoadedModel, work: Work, events: mp.Queu
     engine.warm_up()
     ready()
     generate_units(engine, work.shards, take_units(units, events, rank), work.unit_count,
-                   OutputDir(str(work.out_path), overwrite=False), rank, work.run_index, work.job_start_ns,
+                   work.out, rank, work.run_index, work.job_start_ns,
                    progress=progress_event(events, rank), unit_done=lambda unit: events.put(("unit_done", rank, unit)))
     events.put(("count", rank, "oom_splits", engine.oom_splits))
 
@@ -188,7 +268,6 @@ def prompt_worker(rank: int, loaded: LoadedModel, pools: list, work: Work, event
     runners = [SlotRunner(loaded.model, cfg.batch_size, slot_length(work.max_prompt_tokens, cfg.max_new_tokens),
                           kv=pool) for pool in pools]
     requests, groups, oom_splits = load_shards(work.shards), 0, 0
-    out = OutputDir(str(work.out_path), overwrite=False)  # for the prompts that do not fit in memory alone
     ready()
     for unit in take_units(units, events, rank):
         rows = list(work_unit(requests, work.unit_count, unit))  # shortest prompt first
@@ -214,7 +293,7 @@ def prompt_worker(rank: int, loaded: LoadedModel, pools: list, work: Work, event
                 else:
                     started.append((slot, row, first))
             if failed:
-                out.write_errors(failed)
+                work.out.write_errors(failed)
                 events.put(("progress", rank, len(failed), 0))
             if started:
                 handoffs[target].put(Handoff(
@@ -261,7 +340,7 @@ def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Qu
                 got.append(item)
         return got if got or open_prompt_workers else None
 
-    with PartWriter(OutputDir(str(work.out_path), overwrite=False), loaded.tokenizer, work.cfg.batch_size, rank,
+    with PartWriter(work.out, loaded.tokenizer, work.cfg.batch_size, rank,
                     loaded.device, work.run_index, work.job_start_ns, progress_event(events, rank)) as writer:
         for row, generation in engine.run_handed_over(receive, release=free_slots.put):
             writer.add(None, row, generation)
@@ -290,6 +369,7 @@ def plan(loaded: LoadedModel, cfg: EngineConfig, engines: int, procs: int, max_p
 def run_colocated(models: list[LoadedModel], cfg: EngineConfig, procs: int, max_prompt_tokens: int, requests: int,
                   progress, **work) -> Counter:
     """Runs `procs` colocated workers per model copy (device) over all units; returns supervise's totals."""
+    check_workers_fit(f"procs={procs}", procs, len(models), lambda n: worker_fds(models[0], "colocated", n))
     context = worker_context()
     units, events = context.Queue(), context.Queue()
     specs = []
@@ -300,8 +380,7 @@ def run_colocated(models: list[LoadedModel], cfg: EngineConfig, procs: int, max_
         specs += [(colocated_worker, [loaded], device_work, (units,))] * procs
     for unit in range(work["unit_count"]):
         units.put(unit)
-    workers = start_workers(context, specs, events)
-    current: dict[int, set[int]] = {rank: set() for rank in workers}  # rank → units it holds unfinished
+    current: dict[int, set[int]] = {rank: set() for rank in range(len(specs))}  # rank → units it holds unfinished
     finished_units: set[int] = set()
 
     def on_event(kind: str, rank: int, payload) -> None:
@@ -319,7 +398,7 @@ def run_colocated(models: list[LoadedModel], cfg: EngineConfig, procs: int, max_
                 units.put(unit)
             current[rank].clear()
 
-    return supervise(workers, events, progress, on_event, on_exit,
+    return supervise(start_workers(context, specs, events), events, progress, on_event, on_exit,
                      all_done=lambda: len(finished_units) == work["unit_count"])
 
 
@@ -327,6 +406,8 @@ def run_split(models: list[LoadedModel], cfg: EngineConfig, prompt_procs: int, t
               max_prompt_tokens: int, requests: int, progress, **work) -> Counter:
     """Runs prompt and token workers per model copy (device) over all units; returns supervise's totals.
     A prompt worker hands over only to the token workers of its own device."""
+    check_workers_fit(f"prompt_procs={prompt_procs} + token_procs={token_procs}", prompt_procs + token_procs,
+                      len(models), lambda n: worker_fds(models[0], "split", n))
     context = worker_context()
     units, events = context.Queue(), context.Queue()
     specs, pools_of_devices = [], []
@@ -344,15 +425,14 @@ def run_split(models: list[LoadedModel], cfg: EngineConfig, prompt_procs: int, t
                   for pool, slots, handed in zip(pools, free_slots, handoffs)]
     for unit in range(work["unit_count"]):
         units.put(unit)
-    workers = start_workers(context, specs, events)
 
     def on_exit(rank: int, exitcode: int) -> None:
         raise WorkersFailed(f"mode=split: worker {rank} exited with code {exitcode}, holding requests in its KV "
                            "slots; the finished rows are on disk: rerun the job to resume")
 
     # The pools (pools_of_devices) stay referenced here until every worker has exited.
-    return supervise(workers, events, progress, on_event=lambda kind, rank, payload: None, on_exit=on_exit,
-                     all_done=lambda: True)
+    return supervise(start_workers(context, specs, events), events, progress,
+                     on_event=lambda kind, rank, payload: None, on_exit=on_exit, all_done=lambda: True)
 
 
 def exception_line(traceback_text: str) -> str:
@@ -390,12 +470,8 @@ def supervise(workers: dict[int, mp.Process], events: mp.Queue, progress, on_eve
             if not any(w.is_alive() for w in workers.values()) and not all_done():
                 detail = exception_line(failures[-1]) if failures else "killed"
                 raise WorkersFailed(f"all workers exited with work left ({detail}); rerun the job to resume")
-    finally:
-        for worker in workers.values():  # ours to end, on success, error or interrupt alike
-            worker.join(timeout=60 if all_done() else 0)
-            if worker.is_alive():
-                worker.terminate()
-                worker.join()
+    finally:  # ours to end, on success, error or interrupt alike
+        end_workers(workers.values(), wait_s=60 if all_done() else 0)
     for failure in failures:  # the others finished its work; say what happened
         log.warning("a worker failed, its work was done by the others:\n%s", failure)
     return totals
