@@ -1,45 +1,149 @@
 """Command-line entry points (Hydra). Thin: the work is in splitwiser/."""
 
 import functools
+import logging
 import multiprocessing
+import os
 import signal
 import sys
 import warnings
 from multiprocessing import forkserver
+from pathlib import Path
+from typing import NoReturn
 
-from splitwiser.config import UserError, WorkersFailed, register_configs
+import hydra
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from splitwiser.config import JobConfig, UserError, WorkersFailed, register_configs, to_job_config
 
 register_configs()
 # datasets' sort passes an option that pyarrow has deprecated: noise for the user, not theirs to fix.
 warnings.filterwarnings("ignore", message="Specifying null_placement in SortOptions", category=FutureWarning)
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+log = logging.getLogger("splitwiser")
 
 
-def set_up_job_process(cfg) -> None:
+class Terminated(SystemExit):
+    """SIGTERM (scancel, a preempted node, kill): unwinds like Ctrl-C and exits with status 128 + 15."""
+
+
+def terminate(signum, frame) -> NoReturn:
+    raise Terminated(128 + signum)
+
+
+def cpu_threads(requested: int | None) -> tuple[int, str]:
+    """The CPU threads of a job (its workers share them), and where the number comes from: engine.cpu_threads;
+    else the user's OMP_NUM_THREADS; else the CPUs this process may use (its affinity: taskset, a cpuset,
+    SLURM's binding), at most SLURM_CPUS_PER_TASK (SLURM does not always bind). Threads that outnumber the CPUs
+    they get wait for each other at every step: a 20-row job on 2 CPUs beside 2 busy processes took 31 to 184 s
+    with 2 threads, 48 s with 1."""
+    if requested is not None:
+        return requested, "engine.cpu_threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        try:
+            return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+        except ValueError:
+            raise UserError(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}: must be a number of threads; "
+                            "or unset it and give engine.cpu_threads=N") from None
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    slurm = int(os.environ.get("SLURM_CPUS_PER_TASK") or allowed)
+    if slurm < allowed:
+        return slurm, "SLURM_CPUS_PER_TASK"
+    return allowed, "the CPUs this process may use"
+
+
+def set_up_job_process(job: JobConfig) -> None:
     """For a process that runs jobs (jobs.run, jobs.nightly), before it imports torch:
     - SIGTERM (scancel, a preempted node, kill) unwinds like Ctrl-C: workers and an MPS daemon the job
       started are stopped; finished batches are already on disk, and a rerun resumes.
+    - The CPU threads (cpu_threads), as OMP_NUM_THREADS: torch reads it when imported, in this process and in the
+      workers (forked from the fork server, which inherits the environment).
     - A job with worker processes forks them from a server that imports splitwiser.workers (torch,
       transformers, datasets) once. Started here, before this process imports the same modules, the two
       imports run side by side instead of one after the other. (gpus=auto on a node with several GPUs
       is only known after torch is imported: there the server starts with the first worker.)"""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    several_gpus = (isinstance(cfg.gpus, int) and cfg.gpus > 1) or (not isinstance(cfg.gpus, (int, str)) and len(cfg.gpus) > 1)
-    if cfg.procs != 1 or cfg.mode in ("colocated", "split") or several_gpus:
+    signal.signal(signal.SIGTERM, terminate)
+    threads, source = cpu_threads(job.engine.cpu_threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    log.info("cpu threads: %d (from %s)", threads, source)
+    several_gpus = (isinstance(job.gpus, int) and job.gpus > 1) or (isinstance(job.gpus, list) and len(job.gpus) > 1)
+    if job.procs != 1 or job.mode in ("colocated", "split") or several_gpus:
         multiprocessing.set_forkserver_preload(["splitwiser.workers"])
         forkserver.ensure_running()
 
 
-def errors_in_one_line(main):
-    """A UserError ends the command with `error: ...` on stderr and exit status 2, no traceback;
-    failed workers (the rows they finished are on disk) with `error: ...` and exit status 1."""
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except WorkersFailed as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-    return wrapper
+def fail(message: str, status: int) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def config_error(e: Exception) -> str:
+    """Hydra's account of a config it could not compose (many lines: the search path, a hint) in one line
+    that names the override and what is wrong with it."""
+    if isinstance(e, MissingConfigException) and e.options:  # an unknown choice of a config group (conf/GROUP/)
+        group, _, choice = e.missing_cfg_file.rpartition("/")
+        return f"{group}={choice}: no such choice; the choices are: {', '.join(e.options)}"
+    if isinstance(e, OverrideParseException):
+        return f"{e.override}: {e.message.splitlines()[0]} (the override syntax: key=value, key=[a,b], key='a b')"
+    if isinstance(e.__cause__, OmegaConfBaseException):
+        return omegaconf_error(e.__cause__)
+    return " ".join(str(e).split())
+
+
+def omegaconf_error(e: OmegaConfBaseException) -> str:
+    """An unknown key, a value of the wrong type, a missing value or interpolation, in one line."""
+    if isinstance(e, (ConfigAttributeError, ConfigKeyError)) and e.parent_node is not None:
+        keys = [str(key) for key in e.parent_node if key != "hydra"]  # Hydra's own settings: not the user's keys
+        return f"{e.full_key}: no such key; the keys there are: {', '.join(keys)}"
+    return f"{e.full_key}: {e.msg.splitlines()[0]}"  # the lines after the first are OmegaConf's internals
+
+
+def run_job(main, cfg: DictConfig) -> None:
+    """main(job) in a process set up for jobs. Ctrl-C and SIGTERM unwind it (workers and an MPS daemon it started
+    are stopped) and end it with one line saying that its finished rows are on disk."""
+    job = to_job_config(cfg)
+    try:
+        set_up_job_process(job)
+        main(job)
+        return
+    except KeyboardInterrupt:
+        how, status = "interrupted", 128 + signal.SIGINT
+    except Terminated as e:
+        how, status = "terminated", e.code
+    print(f"{how}: the finished rows are kept in {job.output.dir}; run the same command again to resume",
+          file=sys.stderr)
+    sys.exit(status)
+
+
+def command(config_name: str, job: bool = False):
+    """Makes main(cfg) a command over conf/CONFIG_NAME.yaml: Hydra's main (overrides, --multirun, --help).
+    job=True: main receives the validated JobConfig, in a process set up for jobs (run_job).
+    A mistake ends the command with one line `error: ...` on stderr, no traceback, and exit status 2: a UserError,
+    or a config Hydra cannot compose (an unknown choice or key, a value of the wrong type, a bad override);
+    failed workers (the rows they finished are on disk) with exit status 1."""
+    def decorate(main):
+        @functools.wraps(main)
+        def task(cfg: DictConfig) -> None:
+            try:
+                run_job(main, cfg) if job else main(cfg)
+            except UserError as e:
+                fail(str(e), 2)
+            except WorkersFailed as e:
+                fail(str(e), 1)
+            except OmegaConfBaseException as e:  # found as the config is used: a missing value (???), an interpolation
+                fail(omegaconf_error(e), 2)
+
+        hydra_main = hydra.main(version_base="1.3", config_path=CONF, config_name=config_name)(task)
+
+        @functools.wraps(main)
+        def entry() -> None:
+            # Hydra prints a config error over many lines and exits with 1; HYDRA_FULL_ERROR makes it raise it.
+            os.environ["HYDRA_FULL_ERROR"] = "1"
+            try:
+                hydra_main()
+            except (ConfigCompositionException, OverrideParseException) as e:
+                fail(config_error(e), 2)
+        return entry
+    return decorate

@@ -12,15 +12,14 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import hydra
 import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from jobs import errors_in_one_line
+from jobs import command
 from splitwiser.bench import System, measure, measure_job, system_columns, workload, write_workload
-from splitwiser.config import DataConfig, ModelConfig, PromptConfig
+from splitwiser.config import ModelConfig, PromptConfig
 from splitwiser.job import environment
 from splitwiser.models import load_model
 from splitwiser.report import write_report
@@ -28,8 +27,7 @@ from splitwiser.report import write_report
 log = logging.getLogger("splitwiser.bench")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
-@errors_in_one_line
+@command("bench")
 def main(cfg: DictConfig) -> None:
     preset = cfg.preset
     systems = [System(**s) for s in OmegaConf.to_container(preset.systems)]
@@ -51,7 +49,7 @@ def main(cfg: DictConfig) -> None:
             style = "chat" if loaded.tokenizer.chat_template and model_name != "opt125m" else "plain"
             prompts = workload(loaded, data, PromptConfig(style=style))
             # The same model and prompts for the systems that run as jobs.
-            job_overrides = [f"model={model_name}", f"model.path={model_cfg.path}", f"model.weights=random",
+            job_overrides = [f"model={model_name}", f"model.path={model_cfg.path}", "model.weights=random",
                              f"model.dtype={cfg.dtype}", f"prompt.style={style}"]
             if model_cfg.tokenizer:
                 job_overrides.append(f"model.tokenizer={model_cfg.tokenizer}")

@@ -4,22 +4,17 @@ scrontab or slurm/nightly.sbatch; a second run with nothing new does nothing."""
 import logging
 from datetime import date
 
-import hydra
-from omegaconf import DictConfig
-
-from jobs import errors_in_one_line, set_up_job_process
-from splitwiser.config import to_job_config
+from jobs import command
+from splitwiser.config import JobConfig
 
 log = logging.getLogger("splitwiser")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="nightly")
-@errors_in_one_line
-def main(cfg: DictConfig) -> None:
-    set_up_job_process(cfg)
-    from splitwiser.nightly import nightly  # torch, transformers, datasets: after set_up_job_process
+@command("nightly", job=True)
+def main(job: JobConfig) -> None:
+    from splitwiser.nightly import nightly  # torch, transformers, datasets: after set_up_job_process (jobs/__init__.py)
 
-    manifests = nightly(to_job_config(cfg), date.today())
+    manifests = nightly(job, date.today())
     for manifest in manifests:
         log.info("partition %s: %d rows ok, %d failed", manifest["config"]["output"]["dir"],
                  manifest["rows"]["ok"], manifest["rows"]["failed"])

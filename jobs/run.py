@@ -2,22 +2,17 @@
 
 import logging
 
-import hydra
-from omegaconf import DictConfig
-
-from jobs import errors_in_one_line, set_up_job_process
-from splitwiser.config import to_job_config
+from jobs import command
+from splitwiser.config import JobConfig
 
 log = logging.getLogger("splitwiser")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@errors_in_one_line
-def main(cfg: DictConfig) -> None:
-    set_up_job_process(cfg)
-    from splitwiser.job import run  # torch, transformers, datasets: after set_up_job_process
+@command("config", job=True)
+def main(job: JobConfig) -> None:
+    from splitwiser.job import run  # torch, transformers, datasets: after set_up_job_process (jobs/__init__.py)
 
-    manifest = run(to_job_config(cfg))
+    manifest = run(job)
     last = manifest["runs"][-1]
     log.info("done: %d rows ok, %d failed, %d generated this run at %s tokens/s; wrote %s",
              manifest["rows"]["ok"], manifest["rows"]["failed"], last["rows_generated"],

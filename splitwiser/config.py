@@ -122,13 +122,16 @@ class EngineConfig:
     # estimated memory (runner.forward_bytes) is over it fail the same way: headroom on a shared GPU,
     # and the out-of-memory path on a CPU.
     memory_cap_mb: Optional[int] = None
+    # CPU threads, shared out among the workers. null: the CPUs this process may use (its affinity), at most
+    # SLURM_CPUS_PER_TASK; a user's OMP_NUM_THREADS wins over that (jobs.cpu_threads).
+    cpu_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_choice("engine.kind", self.kind, ("continuous", "generate"))
         _check_choice("engine.attention", self.attention, ("auto", "live", "sdpa"))
         if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise UserError(f"engine.batch_size={self.batch_size}: must be auto or at least 1")
-        for name in ("max_new_tokens", "prefill_tokens", "shard_rows", "memory_cap_mb"):
+        for name in ("max_new_tokens", "prefill_tokens", "shard_rows", "memory_cap_mb", "cpu_threads"):
             _check_positive(f"engine.{name}", getattr(self, name))
 
 
@@ -136,7 +139,7 @@ class EngineConfig:
 class OutputConfig:
     dir: str = "outputs/${model.name}-${data.name}"
     overwrite: bool = False  # start afresh instead of resuming what the directory holds
-    progress: bool = True  # the tqdm progress bar
+    progress: bool = True  # a bar on a terminal, a line every ~10 s in a log file
 
 
 @dataclass

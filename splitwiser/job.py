@@ -10,24 +10,22 @@ import os
 import platform
 import subprocess
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
-from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
 from splitwiser.config import JobConfig, UserError, WorkersFailed, to_plain_dict
-from splitwiser.data import data_path, load_shards, prepare_requests, read_dataset, work_unit, write_shards
-from splitwiser.engine import ContinuousEngine, Generation, make_engine
+from splitwiser.data import data_path, prepare_requests, read_dataset, write_shards
+from splitwiser.engine import ContinuousEngine, make_engine
 from splitwiser.models import LoadedModel, load_model, resolve_devices
 from splitwiser.mps import MPSState, mps_session
 from splitwiser.output import OutputDir, check_free_space
-from splitwiser.workers import fork_server_running, run_colocated, run_split
+from splitwiser.progress import Progress
+from splitwiser.workers import fork_server_running, generate_units, run_colocated, run_split
 
 log = logging.getLogger(__name__)
 
@@ -40,134 +38,6 @@ def fingerprint(job: JobConfig) -> dict:
         "text_column": job.data.text_column, "part": [job.data.part, job.data.parts], "prompt": to_plain_dict(job.prompt),
         "max_new_tokens": job.engine.max_new_tokens, "ignore_eos": job.engine.ignore_eos,
     }
-
-
-class Progress:
-    """A tqdm bar over rows, with generated tokens/s beside the ETA."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.bar = tqdm(total=total, unit="row", disable=not enabled, dynamic_ncols=True)
-        self.tokens = 0
-        self.start = time.perf_counter()
-
-    def __call__(self, rows: int, tokens: int) -> None:
-        self.tokens += tokens
-        self.bar.update(rows)
-        self.bar.set_postfix_str(f"{self.tokens / (time.perf_counter() - self.start):,.0f} tok/s", refresh=False)
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.close()
-
-
-class PartWriter:
-    """Collects finished requests and writes them as part files of `rows` rows (the worker's batch size),
-    then calls progress(rows, tokens) and on_write(written) with the (key, row, generation) triples.
-
-    A part is decoded and written on a thread while the engine goes on (in one process the GPU would
-    wait for it otherwise); one part at a time, so that at most two parts' rows are held in memory.
-    Use it as a context manager: leaving it waits for the writes, and the last part is written if
-    nothing failed."""
-
-    def __init__(self, out: OutputDir, tokenizer, rows: int, worker: int, device: torch.device, run_index: int,
-                 job_start_ns: int, progress, on_write=lambda written: None):
-        self.out, self.tokenizer, self.rows, self.worker = out, tokenizer, rows, worker
-        self.gpu = device.index if device.type == "cuda" else None
-        self.run_index, self.job_start_ns, self.progress, self.on_write = run_index, job_start_ns, progress, on_write
-        self.finished: list[tuple[object, dict, Generation]] = []
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="part-writer")
-        self.writing: tuple[Future, list] | None = None  # the part on the thread, and its rows
-
-    def __enter__(self) -> "PartWriter":
-        return self
-
-    def __exit__(self, error_type, *exc) -> None:
-        try:
-            if error_type is None:
-                self.flush()
-                self.wait()
-        finally:
-            self.thread.shutdown(wait=True)  # a part being written is finished, even on an error
-
-    def add(self, key, row: dict, generation: Generation) -> None:
-        self.finished.append((key, row, generation))
-        if len(self.finished) >= self.rows:
-            self.flush()
-        elif self.writing and self.writing[0].done():
-            self.wait()
-
-    def flush(self) -> None:
-        """Hands the finished rows to the thread, after the part before them is written."""
-        finished, self.finished = self.finished, []
-        if finished:
-            self.wait()
-            self.writing = self.thread.submit(self.write, finished), finished
-
-    def wait(self) -> None:
-        """Waits for the part on the thread (raising its error), then reports it."""
-        if self.writing:
-            (future, finished), self.writing = self.writing, None
-            future.result()
-            self.progress(len(finished), sum(len(g.token_ids) for _, _, g in finished))
-            self.on_write(finished)
-
-    def write(self, finished: list) -> None:
-        failed = [{"id": row["id"], "error": g.error} for _, row, g in finished if g.error]
-        if failed:
-            self.out.write_errors(failed)
-        texts = self.tokenizer.batch_decode([g.token_ids for _, _, g in finished], skip_special_tokens=True)
-        ms = lambda ns: (ns - self.job_start_ns) / 1e6  # noqa: E731 (times relative to the run's start)
-        self.out.write_part([{
-            "id": row["id"], "reference": row.get("reference"), "prompt": row["prompt"],
-            "prompt_truncated": row["prompt_truncated"], "generation": text.strip(),
-            "prompt_tokens": row["prompt_tokens"], "generated_tokens": len(g.token_ids),
-            "output_token_ids": g.token_ids, "finish_reason": g.finish_reason, "worker": self.worker, "gpu": self.gpu,
-            "prefill_worker": self.worker if g.prefill_worker is None else g.prefill_worker,
-            "batch": g.batch, "run": self.run_index, "batch_size": g.batch_size, "enqueue_ms": ms(g.enqueue_ns),
-            "prefill_start_ms": ms(g.prefill_start_ns), "first_token_ms": ms(g.first_token_ns),
-            "finish_ms": ms(g.finish_ns),
-        } for (_, row, g), text in zip(finished, texts) if not g.error])
-
-
-def generate_units(engine, shards: Path, units: Iterable[int], unit_count: int, out: OutputDir, worker: int,
-                   run_index: int, job_start_ns: int, progress, unit_done=lambda unit: None) -> int:
-    """Streams the requests of `units` (read lazily: a worker pulls its next unit only when its engine
-    has room) through one engine run, writing a part file every engine.batch_size finished rows.
-    Calls unit_done(unit) once every row of that unit is on disk. Returns the tokens generated."""
-    pending: dict[int, tuple[int, dict]] = {}  # stream index → (unit, request)
-    outstanding: dict[int, int] = {}  # unit → rows handed to the engine and not yet on disk
-    streamed: set[int] = set()  # units whose every row has been handed to the engine
-
-    def prompts():
-        requests, index = load_shards(shards), 0
-        for unit in units:
-            outstanding[unit] = 0
-            columns = work_unit(requests, unit_count, unit)[:]  # a unit at once: 8x faster than row by row
-            for row in (dict(zip(columns, values)) for values in zip(*columns.values())):
-                pending[index] = (unit, row)
-                outstanding[unit] += 1
-                index += 1
-                yield row["input_ids"]
-            streamed.add(unit)
-            if outstanding[unit] == 0:
-                unit_done(unit)
-
-    def written(finished: list) -> None:
-        for unit, _, _ in finished:
-            outstanding[unit] -= 1
-            if outstanding[unit] == 0 and unit in streamed:
-                unit_done(unit)
-
-    generated = 0
-    with PartWriter(out, engine.tokenizer, engine.cfg.batch_size, worker, engine.device, run_index, job_start_ns,
-                    progress, on_write=written) as writer:
-        for index, generation in engine.run(prompts()):
-            unit, row = pending.pop(index)
-            writer.add(unit, row, generation)
-            generated += len(generation.token_ids)
-    return generated
 
 
 def installed_version(package: str) -> str | None:

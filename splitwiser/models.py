@@ -4,6 +4,7 @@ GGUF files (the embedded default is one) are dequantized once (~20 s on CPU) and
 plain transformers directory, so later runs load in well under a second.
 """
 
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -82,14 +83,29 @@ def locate(path: str) -> str:
 
 def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     """Dequantizes a GGUF file into a transformers directory under cache_dir, once per file content:
-    the same file installed in another environment (or reinstalled) reuses the conversion (~500 MB)."""
+    the same file installed in another environment (or reinstalled) reuses the conversion (~500 MB).
+    Processes that start at once (array tasks, tests) convert one at a time, under a lock, and those
+    that waited use the first one's copy."""
     with gguf_file.open("rb") as f:
         key = hashlib.file_digest(f, "sha256").hexdigest()[:12]  # ~0.2 s for the 98 MB default
     target = cache_dir / "gguf" / f"{gguf_file.stem}-{key}"
     if (target / "config.json").exists():
         return target
-    log.info("converting %s once (cached in %s)", gguf_file.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:  # flock: released by the OS if we die
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process converting %s (into %s)", gguf_file.name, target)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():  # else the process we waited for converted it
+            dequantize(gguf_file, target)
+    return target
+
+
+def dequantize(gguf_file: Path, target: Path) -> None:
+    """Writes the GGUF file's model and tokenizer, dequantized, as a transformers directory `target`."""
+    log.info("converting %s once (cached in %s)", gguf_file.name, target)
     kwargs = dict(gguf_file=gguf_file.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
     quantized = AutoModelForCausalLM.from_pretrained(gguf_file.parent, **kwargs)
@@ -104,7 +120,6 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
         os.replace(tmp, target)  # atomic: a half-written cache is never used
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def hub_reachable() -> bool:

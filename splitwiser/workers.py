@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
@@ -51,7 +51,7 @@ from splitwiser.data import load_shards, work_unit
 from splitwiser.engine import ContinuousEngine, Generation, Handoff, OutOfMemory, make_engine, prefill_group, \
     resolve_batch_size, slot_length
 from splitwiser.models import LoadedModel
-from splitwiser.output import OutputDir
+from splitwiser.output import OutputDir, PartWriter
 from splitwiser.runner import SlotRunner, allocate_kv, free_memory, gigabytes
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,49 @@ def end_workers(workers, wait_s: float) -> None:
             worker.join()
 
 
+def gpu_index(device: torch.device) -> int | None:
+    return device.index if device.type == "cuda" else None
+
+
+def generate_units(engine, shards: Path, units: Iterable[int], unit_count: int, out: OutputDir, worker: int,
+                   run_index: int, job_start_ns: int, progress, unit_done=lambda unit: None) -> int:
+    """Streams the requests of `units` (read lazily: a worker pulls its next unit only when its engine
+    has room) through one engine run, writing a part file every engine.batch_size finished rows.
+    Calls unit_done(unit) once every row of that unit is on disk. Returns the tokens generated."""
+    pending: dict[int, tuple[int, dict]] = {}  # stream index → (unit, request)
+    outstanding: dict[int, int] = {}  # unit → rows handed to the engine and not yet on disk
+    streamed: set[int] = set()  # units whose every row has been handed to the engine
+
+    def prompts():
+        requests, index = load_shards(shards), 0
+        for unit in units:
+            outstanding[unit] = 0
+            columns = work_unit(requests, unit_count, unit)[:]  # a unit at once: 8x faster than row by row
+            for row in (dict(zip(columns, values)) for values in zip(*columns.values())):
+                pending[index] = (unit, row)
+                outstanding[unit] += 1
+                index += 1
+                yield row["input_ids"]
+            streamed.add(unit)
+            if outstanding[unit] == 0:
+                unit_done(unit)
+
+    def written(finished: list) -> None:
+        for unit, _, _ in finished:
+            outstanding[unit] -= 1
+            if outstanding[unit] == 0 and unit in streamed:
+                unit_done(unit)
+
+    generated = 0
+    with PartWriter(out, engine.tokenizer, engine.cfg.batch_size, worker, gpu_index(engine.device), run_index, job_start_ns,
+                    progress, on_write=written) as writer:
+        for index, generation in engine.run(prompts()):
+            unit, row = pending.pop(index)
+            writer.add(unit, row, generation)
+            generated += len(generation.token_ids)
+    return generated
+
+
 def take_units(units: mp.Queue, events: mp.Queue, rank: int):
     """Work units from the queue until it is empty, each announced to the parent."""
     while True:
@@ -231,8 +274,6 @@ def progress_event(events: mp.Queue, rank: int):
 
 def colocated_worker(rank: int, loaded: LoadedModel, work: Work, events: mp.Queue, ready, units: mp.Queue) -> None:
     """Its own engine (prefill and decode) over units from the queue, until the queue is empty."""
-    from splitwiser.job import generate_units  # here: job.py imports this module
-
     engine = make_engine(loaded, work.cfg, work.max_prompt_tokens, work.requests)
     events.put(("count", rank, "batch_size", engine.cfg.batch_size))
     engine.warm_up()
@@ -314,8 +355,6 @@ def prompt_worker(rank: int, loaded: LoadedModel, pools: list, work: Work, event
 def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Queue, ready, free_slots: mp.Queue,
                  handoffs: mp.Queue, prompt_procs: int) -> None:
     """mode=split: decodes the requests handed over into its KV pool; writes them as part files."""
-    from splitwiser.job import PartWriter
-
     engine = ContinuousEngine(loaded, work.cfg, work.max_prompt_tokens, kv=pool)
     events.put(("count", rank, "batch_size", engine.cfg.batch_size))
     for slot in range(work.cfg.batch_size):  # free slots are parked on a never-read position: safe at once
@@ -341,7 +380,7 @@ def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Qu
         return got if got or open_prompt_workers else None
 
     with PartWriter(work.out, loaded.tokenizer, work.cfg.batch_size, rank,
-                    loaded.device, work.run_index, work.job_start_ns, progress_event(events, rank)) as writer:
+                    gpu_index(loaded.device), work.run_index, work.job_start_ns, progress_event(events, rank)) as writer:
         for row, generation in engine.run_handed_over(receive, release=free_slots.put):
             writer.add(None, row, generation)
 

@@ -28,8 +28,8 @@ def test_unknown_column_lists_the_columns(tmp_path):
 
 def test_unknown_model_name(tmp_path):
     result = run_cli("model=gpt9", f"output.dir={tmp_path}/o")
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "Could not find 'model/gpt9'" in result.stderr and "smollm2_135m" in result.stderr
+    assert_user_error(result, "model=gpt9: no such choice; the choices are: opt125m, smollm2_135m")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_hub_model_offline_says_what_to_do(tmp_path):
