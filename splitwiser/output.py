@@ -177,13 +177,20 @@ class OutputDir:
 
     @contextlib.contextmanager
     def locked(self):
-        """Creates the directory and holds it exclusively while the job runs."""
+        """Creates the directory and holds it exclusively while the job runs. A new directory whose job is
+        refused (a check that needs the prepared rows: the KV cache's size) before its first part is removed."""
+        created = not self.path.exists()
         try:
             self.error_parts.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"output.dir={self.path} is not writable: {e.strerror or e}") from None
-        with exclusive(self.path, "output.dir"):
-            yield
+        try:
+            with exclusive(self.path, "output.dir"):
+                yield
+        except UserError:
+            if created and not any(self.parts.rglob("*.parquet")):
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def start_run(self, fingerprint: dict, overwrite: bool, started: str) -> list[dict]:
         """Under the lock: checks the directory again, clears a replaced job's outputs and dead runs' temporary
