@@ -58,8 +58,9 @@ def set_up_job_process(job: JobConfig) -> None:
     """For a process that runs jobs (jobs.run, jobs.nightly), before it imports torch:
     - SIGTERM (scancel, a preempted node, kill) unwinds like Ctrl-C: workers and an MPS daemon the job
       started are stopped; finished batches are already on disk, and a rerun resumes.
-    - The CPU threads (cpu_threads), as OMP_NUM_THREADS: torch reads it when imported, in this process and in the
-      workers (forked from the fork server, which inherits the environment).
+    - The CPU threads (cpu_threads), as OMP_NUM_THREADS, and OMP_WAIT_POLICY=PASSIVE unless set: torch reads them
+      when imported, in this process and in the workers (forked from the fork server, which inherits the
+      environment).
     - A job with worker processes forks them from a server that imports splitwiser.workers (torch,
       transformers, datasets) once. Started here, before this process imports the same modules, the two
       imports run side by side instead of one after the other. (gpus=auto on a node with several GPUs
@@ -67,7 +68,10 @@ def set_up_job_process(job: JobConfig) -> None:
     signal.signal(signal.SIGTERM, terminate)
     threads, source = cpu_threads(job.engine.cpu_threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    log.info("cpu threads: %d (from %s)", threads, source)
+    # Threads that wait by sleeping instead of spinning: beside other work they no longer take its CPUs
+    # (bench/NOTES.md, run 17: 2.5x faster on a shared 2-core CPU, ~8% slower on an idle one).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    log.info("cpu threads: %d (from %s), OMP_WAIT_POLICY=%s", threads, source, os.environ["OMP_WAIT_POLICY"])
     several_gpus = (isinstance(job.gpus, int) and job.gpus > 1) or (isinstance(job.gpus, list) and len(job.gpus) > 1)
     if job.procs != 1 or job.mode in ("colocated", "split") or several_gpus:
         multiprocessing.set_forkserver_preload(["splitwiser.workers"])

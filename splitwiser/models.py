@@ -99,6 +99,8 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
             log.info("waiting for another process converting %s (into %s)", gguf_file.name, target)
             fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").exists():  # else the process we waited for converted it
+            for stale in target.parent.glob(f".{target.name}.converting-*"):  # of a conversion killed midway
+                shutil.rmtree(stale, ignore_errors=True)
             dequantize(gguf_file, target)
     return target
 
@@ -113,7 +115,7 @@ def dequantize(gguf_file: Path, target: Path) -> None:
     del config.quantization_config  # the dequantized copy is a plain model
     plain = AutoModelForCausalLM.from_config(config, dtype=quantized.dtype)
     plain.load_state_dict(quantized.state_dict())
-    tmp = tempfile.mkdtemp(dir=target.parent, prefix=".converting-")
+    tmp = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.converting-")
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

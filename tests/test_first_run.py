@@ -1,6 +1,7 @@
 """A user's first runs (issue 19): concurrent first runs, CPU threads, config mistakes, Ctrl-C, progress output."""
 
 import fcntl
+import hashlib
 import os
 import pty
 import shutil
@@ -10,13 +11,15 @@ import subprocess
 import sys
 import termios
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, run_cli
 from jobs import cpu_threads
-from splitwiser.config import UserError
+from splitwiser.config import ModelConfig, UserError
+from splitwiser.models import locate
 
 TINY = ("data.limit=2", "engine.max_new_tokens=2")
 
@@ -37,13 +40,19 @@ def finish(process: subprocess.Popen) -> str:
 
 def test_concurrent_first_runs_convert_the_model_once(tmp_path):
     cache = tmp_path / "cache"  # empty: every run is a first run, each would convert the GGUF file (~25 s)
+    gguf = Path(locate(ModelConfig().path))
+    with gguf.open("rb") as f:
+        key = hashlib.file_digest(f, "sha256").hexdigest()[:12]
+    killed = cache / "gguf" / f".{gguf.stem}-{key}.converting-killed"  # what a conversion killed midway leaves
+    killed.mkdir(parents=True)
+    (killed / "model.safetensors").write_bytes(b"half")
     runs = [job(f"model.cache_dir={cache}", "data.limit=1", "engine.max_new_tokens=2", f"output.dir={tmp_path}/o{i}",
                 "engine.cpu_threads=1")  # two jobs at once on a small CPU
             for i in range(2)]
     logs = "".join(finish(run) for run in runs)
     assert logs.count("converting SmolLM2-135M-Instruct.Q4_1.gguf once") == 1, logs
     assert "waiting for another process converting SmolLM2-135M-Instruct.Q4_1.gguf" in logs, logs
-    assert not list(cache.glob("gguf/.converting-*"))
+    assert not list(cache.glob("gguf/.*converting-*"))
 
 
 @pytest.mark.parametrize("requested, environment, affinity, expected", [
