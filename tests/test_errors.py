@@ -93,3 +93,10 @@ def test_resuming_into_a_different_job_is_refused(tmp_path):
     assert first.returncode == 0, first.stderr
     assert_user_error(run_cli(f"data.path={data}", f"output.dir={tmp_path}/o", "engine.max_new_tokens=3"),
                       "holds results of a different job (changed: max_new_tokens)", "output.overwrite=true")
+
+
+def test_a_loop_of_symbolic_links_as_data_path(tmp_path):
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop)
+    assert_user_error(run_cli(f"data.path={loop}", f"output.dir={tmp_path}/o"), "a loop of symbolic links")
+    assert not (tmp_path / "o").exists()
