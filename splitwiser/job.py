@@ -64,11 +64,16 @@ def environment(loaded: LoadedModel) -> dict:
 
 
 class Stages:
-    """Seconds spent in each stage of a run, for the manifest."""
+    """When a run started, and the seconds spent in each of its stages, for the manifest and timing.parquet."""
 
     def __init__(self) -> None:
+        self.started = datetime.now(timezone.utc)
+        self.start_ns = time.perf_counter_ns()  # timing.parquet's times are from here
         self.seconds: dict[str, float] = {}
         self.mark = time.perf_counter()
+
+    def wall_s(self) -> float:
+        return (time.perf_counter_ns() - self.start_ns) / 1e9
 
     def done(self, name: str) -> None:
         now = time.perf_counter()
@@ -124,8 +129,6 @@ def mps_blamed_for_dead_workers(mps: MPSState):
 
 
 def run(job: JobConfig) -> dict:
-    started = datetime.now(timezone.utc)
-    start_ns = time.perf_counter_ns()
     # What starting workers would cost beyond their engines' warm-up (procs=auto): nothing if the fork
     # server runs already (jobs.run starts it with the process), else about this process's own imports.
     worker_imports_s = 0.0 if fork_server_running() else seconds_since_process_start()
@@ -133,7 +136,6 @@ def run(job: JobConfig) -> dict:
     out = OutputDir(job.output.dir)
     out.check(fingerprint(job), job.output.overwrite)  # refused before anything is read, loaded or written
     rows = read_dataset(job.data)  # before the model: a bad path or column fails in a second
-    rows_in = len(job.data.part_rows(len(rows)))
     stages.done("read_s")
     devices = resolve_devices(job.model.device, job.gpus)
     mode = job.run_mode(len(devices))
@@ -148,8 +150,7 @@ def run(job: JobConfig) -> dict:
         check_max_new_tokens(job.engine.max_new_tokens, loaded.context_length)
         stages.done("load_model_s")
         with out.locked():  # every check has passed: the directory is created (or cleared) and is ours
-            return run_locked(job, out, rows, rows_in, devices, mode, models, mps, stages, started, start_ns,
-                              worker_imports_s)
+            return run_locked(job, out, rows, mode, models, mps, stages, worker_imports_s)
 
 
 def check_max_new_tokens(max_new_tokens: int, context_length: int) -> None:
@@ -158,11 +159,12 @@ def check_max_new_tokens(max_new_tokens: int, context_length: int) -> None:
                         "prompt and generation together; give fewer")
 
 
-def run_locked(job: JobConfig, out: OutputDir, rows, rows_in: int, devices: list, mode: str, models: list,
-               mps: MPSState, stages: Stages, started: datetime, start_ns: int, worker_imports_s) -> dict:
+def run_locked(job: JobConfig, out: OutputDir, rows, mode: str, models: list[LoadedModel], mps: MPSState,
+               stages: Stages, worker_imports_s: float | None) -> dict:
     """The part of the job that writes into the output directory, which it holds locked."""
-    auto_procs, loaded = job.procs == "auto", models[0]
-    runs = out.start_run(fingerprint(job), job.output.overwrite, started.isoformat())
+    auto_procs, loaded, devices = job.procs == "auto", models[0], [model.device for model in models]
+    rows_in = len(job.data.part_rows(len(rows)))
+    runs = out.start_run(fingerprint(job), job.output.overwrite, stages.started.isoformat())
     done = out.done()
     max_prompt = loaded.context_length - job.engine.max_new_tokens
     requests, errors, reused = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, done)
@@ -207,11 +209,11 @@ def run_locked(job: JobConfig, out: OutputDir, rows, rows_in: int, devices: list
     with Progress(len(requests), job.output.progress) as progress, mps_blamed_for_dead_workers(mps):
         if mode == "single":
             generated = generate_units(engine, shards, list(range(unit_count)), unit_count, out, worker=0,
-                                       run_index=len(runs) - 1, job_start_ns=start_ns, progress=progress)
+                                       run_index=len(runs) - 1, job_start_ns=stages.start_ns, progress=progress)
             oom_splits = engine.oom_splits
         elif unit_count:
             work = dict(shards=shards, unit_count=unit_count, out=out, run_index=len(runs) - 1,
-                        job_start_ns=start_ns)
+                        job_start_ns=stages.start_ns)
             if mode == "colocated":
                 totals = run_colocated(models, job.engine, procs, max_prompt_tokens, len(requests),
                                        progress, **work)
@@ -225,7 +227,7 @@ def run_locked(job: JobConfig, out: OutputDir, rows, rows_in: int, devices: list
     stages.done("generate_s")
     generate_s = stages.seconds["generate_s"]
 
-    wall_s = (time.perf_counter_ns() - start_ns) / 1e9
+    wall_s = stages.wall_s()
     runs = out.finish_run({
         "wall_s": round(wall_s, 3), "stages": stages.seconds,
         "engine": engine_info, "devices": [str(device) for device in devices], "procs": procs, "mode": mode,
