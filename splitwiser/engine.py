@@ -452,7 +452,7 @@ def auto_batch_size(loaded: LoadedModel, cfg: EngineConfig, max_len: int, reques
     if cfg.kind == "generate":
         return 256
     slot_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, max_len)
-    free_bytes = torch.cuda.mem_get_info(loaded.device)[0]
+    free_bytes = free_memory(loaded.device)
     slots = 2048  # the best of the sweep on an H100 for both models
     while slots > 8 and (slots * slot_bytes > free_bytes / (2 * share) or slots // 2 >= requests):
         slots //= 2

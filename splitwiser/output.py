@@ -129,12 +129,12 @@ class OutputDir:
     OWN_FILES = {"generations.parquet", "timing.parquet", "errors.parquet", "manifest.json", "job.json", ".lock",
                  "parts", "shards"}
 
-    def __init__(self, path: str, job_id: str | None = None):
+    def __init__(self, path: str):
         self.path = Path(path).expanduser()
         self.parts = self.path / "parts"
         self.error_parts = self.parts / "errors"  # rows that failed while generating (out of memory)
         self.corrupt_parts = self.parts / "corrupt"  # unreadable parts, moved aside: their rows are generated again
-        self.job_id = job_id  # set by start_run; written into every part file
+        self.job_id: str | None = None  # set by start_run; written into every part file
         self.moved_aside: list[str] = []
 
     @property
@@ -227,8 +227,9 @@ class OutputDir:
 
     def _readable(self, part: Path, schema: pa.Schema) -> pa.Table | None:
         """A part file of this job, or None: a part of a replaced job is removed, an unreadable one moved aside."""
-        try:
-            table = pq.read_table(part, schema=schema)
+        try:  # the footer first: a replaced job's part is not read whole
+            ours = (pq.read_schema(part).metadata or {}).get(JOB_ID_KEY, b"").decode() == self.job_id
+            table = pq.read_table(part, schema=schema) if ours else None
         except (pa.ArrowException, OSError) as e:
             self.corrupt_parts.mkdir(exist_ok=True)
             os.replace(part, self.corrupt_parts / part.name)
@@ -236,7 +237,7 @@ class OutputDir:
             log.warning("part file %s is unreadable (%s): moved to %s, its rows are generated again",
                         part.name, str(e).splitlines()[0] if str(e) else type(e).__name__, self.corrupt_parts)
             return None
-        if (pq.read_schema(part).metadata or {}).get(JOB_ID_KEY, b"").decode() != self.job_id:
+        if table is None:
             part.unlink()  # left by a job this directory no longer holds (a worker that outlived it)
             return None
         return table
