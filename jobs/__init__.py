@@ -16,7 +16,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from splitwiser.config import JobConfig, UserError, WorkersFailed, register_configs, to_job_config
+from splitwiser.config import JobConfig, register_configs, to_job_config
+from splitwiser.errors import UserError, WorkersFailed
 
 register_configs()
 # datasets' sort passes an option that pyarrow has deprecated: noise for the user, not theirs to fix.

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import torch
 from transformers import GenerationConfig
 
-from splitwiser.config import DataConfig, EngineConfig, PromptConfig, UserError
+from splitwiser.config import DataConfig, EngineConfig, PromptConfig
+from splitwiser.errors import UserError
 from splitwiser.data import prepare_requests, read_dataset
 from splitwiser.engine import ContinuousEngine, Generation, GenerateEngine
 from splitwiser.models import LoadedModel

@@ -11,13 +11,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad path, column, value): reported as one line, no traceback."""
-
-
-class WorkersFailed(Exception):
-    """The worker processes could not finish the run; what they wrote is on disk, and a rerun resumes."""
+from splitwiser.errors import UserError
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

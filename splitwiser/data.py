@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, Sequence, Value, load_dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from splitwiser.config import DataConfig, PromptConfig, UserError
+from splitwiser.config import DataConfig, PromptConfig
+from splitwiser.errors import UserError
 from splitwiser.output import unwritable
 
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}

@@ -25,9 +25,10 @@ from itertools import count, islice
 
 import torch
 
-from splitwiser.config import EngineConfig, UserError
+from splitwiser.config import EngineConfig
+from splitwiser.errors import UnsupportedModel, UserError
 from splitwiser.models import LoadedModel
-from splitwiser.runner import KVPool, SlotRunner, UnsupportedModel, forward_bytes, free_memory, gigabytes, kv_slot_bytes
+from splitwiser.runner import KVPool, SlotRunner, forward_bytes, free_memory, gigabytes, kv_slot_bytes
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from splitwiser.config import JobConfig, UserError, WorkersFailed, to_plain_dict
+from splitwiser.config import JobConfig, to_plain_dict
+from splitwiser.errors import UserError, WorkersFailed
 from splitwiser.data import data_path, prepare_requests, read_dataset, write_shards
 from splitwiser.engine import ContinuousEngine, make_engine
 from splitwiser.models import LoadedModel, load_model, resolve_devices

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from splitwiser.config import DataConfig, UserError
+from splitwiser.config import DataConfig
+from splitwiser.errors import UserError
 from splitwiser.data import read_dataset
 from splitwiser.output import ERROR_SCHEMA, GENERATION_SCHEMA, TIMING_SCHEMA, write_json, write_parquet
 

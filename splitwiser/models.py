@@ -19,7 +19,8 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from splitwiser.config import ModelConfig, UserError
+from splitwiser.config import ModelConfig
+from splitwiser.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from splitwiser.config import MPSConfig, UserError
+from splitwiser.config import MPSConfig
+from splitwiser.errors import UserError
 
 log = logging.getLogger(__name__)
 CONTROL = "nvidia-cuda-mps-control"

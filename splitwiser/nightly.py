@@ -20,7 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from splitwiser.config import JobConfig, UserError
+from splitwiser.config import JobConfig
+from splitwiser.errors import UserError
 from splitwiser.data import read_dataset
 from splitwiser.job import fingerprint, run
 from splitwiser.output import atomic_write, exclusive, write_parquet

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from splitwiser.config import UserError
+from splitwiser.errors import UserError
 
 if TYPE_CHECKING:
     from splitwiser.engine import Generation

@@ -19,15 +19,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from splitwiser import kernels
+from splitwiser.errors import UnsupportedModel
 
 log = logging.getLogger(__name__)
 # Prefill shapes change with every group of prompts. cuDNN's attention builds a plan per new shape
 # (measured on an H100: 140 ms on a new shape, 5 ms on a seen one; flash 7.5 ms): leave it out.
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-class UnsupportedModel(Exception):
-    pass
 
 
 def head_geometry(config) -> tuple[int, int, int]:

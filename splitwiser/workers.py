@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from splitwiser.config import EngineConfig, UserError, WorkersFailed
+from splitwiser.config import EngineConfig
+from splitwiser.errors import UserError, WorkersFailed
 from splitwiser.data import load_shards, work_unit
 from splitwiser.engine import ContinuousEngine, Generation, Handoff, OutOfMemory, make_engine, prefill_group, \
     resolve_batch_size, slot_length

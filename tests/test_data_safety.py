@@ -11,7 +11,8 @@ import pytest
 from datasets import Dataset
 
 from conftest import SAMPLE, job_config, run_cli, sample_rows
-from splitwiser.config import DataConfig, UserError
+from splitwiser.config import DataConfig
+from splitwiser.errors import UserError
 from splitwiser.data import build_prompts, prepare_requests, read_dataset
 
 WRITTEN_IDS = ["007", "7", "1.0", "1", "NA", "None", "null", "n/a"]

@@ -18,7 +18,8 @@ import pytest
 
 from conftest import ROOT, run_cli
 from jobs import cpu_threads
-from splitwiser.config import ModelConfig, UserError
+from splitwiser.config import ModelConfig
+from splitwiser.errors import UserError
 from splitwiser.models import locate
 
 TINY = ("data.limit=2", "engine.max_new_tokens=2")

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import job_config, kill_when_parts_written, sample_rows, write_csv
-from splitwiser.config import UserError
+from splitwiser.errors import UserError
 from splitwiser.job import run
 from splitwiser.merge import merge_tasks
 from splitwiser.nightly import nightly

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, run_cli
-from splitwiser.config import EngineConfig, UserError
+from splitwiser.config import EngineConfig
+from splitwiser.errors import UserError
 from splitwiser.engine import resolve_batch_size
 from splitwiser.workers import start_workers, worker_context
 from test_workers import workers_of
