@@ -16,6 +16,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from splitwiser import WORKER_PRELOAD
 from splitwiser.config import JobConfig, register_configs, to_job_config
 from splitwiser.errors import UserError, WorkersFailed
 
@@ -38,8 +39,7 @@ def cpu_threads(requested: int | None) -> tuple[int, str]:
     """The CPU threads of a job (its workers share them), and where the number comes from: engine.cpu_threads;
     else the user's OMP_NUM_THREADS; else the CPUs this process may use (its affinity: taskset, a cpuset,
     SLURM's binding), at most SLURM_CPUS_PER_TASK (SLURM does not always bind). Threads that outnumber the CPUs
-    they get wait for each other at every step: a 20-row job on 2 CPUs beside 2 busy processes took 31 to 184 s
-    with 2 threads, 48 s with 1."""
+    they get wait for each other at every step (bench/NOTES.md, run 17)."""
     if requested is not None:
         return requested, "engine.cpu_threads"
     if os.environ.get("OMP_NUM_THREADS"):
@@ -62,20 +62,19 @@ def set_up_job_process(job: JobConfig) -> None:
     - The CPU threads (cpu_threads), as OMP_NUM_THREADS, and OMP_WAIT_POLICY=PASSIVE unless set: torch reads them
       when imported, in this process and in the workers (forked from the fork server, which inherits the
       environment).
-    - A job with worker processes forks them from a server that imports splitwiser.workers (torch,
+    - A job with worker processes forks them from a server that imports WORKER_PRELOAD (torch,
       transformers, datasets) once. Started here, before this process imports the same modules, the two
       imports run side by side instead of one after the other. (gpus=auto on a node with several GPUs
       is only known after torch is imported: there the server starts with the first worker.)"""
     signal.signal(signal.SIGTERM, terminate)
     threads, source = cpu_threads(job.engine.cpu_threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    # Threads that wait by sleeping instead of spinning: beside other work they no longer take its CPUs
-    # (bench/NOTES.md, run 17: 2.5x faster on a shared 2-core CPU, ~8% slower on an idle one).
+    # Threads that wait by sleeping instead of spinning: beside other work they no longer take its CPUs, which
+    # costs far more on a shared CPU than spinning gains on an idle one (bench/NOTES.md, run 17).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     log.info("cpu threads: %d (from %s), OMP_WAIT_POLICY=%s", threads, source, os.environ["OMP_WAIT_POLICY"])
-    several_gpus = (isinstance(job.gpus, int) and job.gpus > 1) or (isinstance(job.gpus, list) and len(job.gpus) > 1)
-    if job.procs != 1 or job.mode in ("colocated", "split") or several_gpus:
-        multiprocessing.set_forkserver_preload(["splitwiser.workers"])
+    if job.procs == "auto" or job.mode_for(job.least_devices()) != "single":
+        multiprocessing.set_forkserver_preload(WORKER_PRELOAD)
         forkserver.ensure_running()
 
 

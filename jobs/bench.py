@@ -47,8 +47,8 @@ def main(cfg: DictConfig) -> None:
             loaded, loaded_name = load_model(OmegaConf.to_object(model_cfg)), model_name
             env = environment(loaded)
             style = "chat" if loaded.tokenizer.chat_template and model_name != "opt125m" else "plain"
-            prompts = workload(loaded, data, PromptConfig(style=style))
-            # The same model and prompts for the systems that run as jobs.
+            requests = workload(loaded, data, PromptConfig(style=style))
+            # The same model and requests for the systems that run as jobs.
             job_overrides = [f"model={model_name}", f"model.path={model_cfg.path}", "model.weights=random",
                              f"model.dtype={cfg.dtype}", f"prompt.style={style}"]
             if model_cfg.tokenizer:
@@ -58,12 +58,12 @@ def main(cfg: DictConfig) -> None:
                 out = work / f"{model_name}-{max_new_tokens}-{system.name}-{system.mode}-p{system.procs}-mps{system.mps}"
                 result = measure_job(system, job_overrides, data, max_new_tokens, out, loaded.device)
             else:
-                result = measure(system, loaded, prompts, max_new_tokens)
+                result = measure(system, loaded, requests, max_new_tokens)
         except Exception as e:  # a baseline that fails here is a result too; say why
             log.warning("%s failed: %s", system, e)
             result = {**system_columns(system, max_new_tokens), "error": f"{type(e).__name__}: {e}"[:300]}
         result.update(model=model_name, preset=preset.name, date=stamp.date().isoformat(), command=command,
-                      prompt_tokens_mean=round(sum(map(len, prompts)) / len(prompts), 1), **env)
+                      prompt_tokens_mean=round(sum(r.prompt_tokens for r in requests) / len(requests), 1), **env)
         log.info("%s", {k: result.get(k) for k in ("model", "system", "mode", "procs", "mps", "batch_size",
                                                   "max_new_tokens", "tokens_per_s", "warmup_s", "run_s", "error")})
         rows.append(result)

@@ -28,9 +28,12 @@ from transformers import GenerationConfig
 
 from splitwiser.config import DataConfig, EngineConfig, PromptConfig
 from splitwiser.errors import UserError
-from splitwiser.data import prepare_requests, read_dataset
-from splitwiser.engine import ContinuousEngine, Generation, GenerateEngine
+from splitwiser.data import read_dataset
+from splitwiser.engine import ContinuousEngine, GenerateEngine
 from splitwiser.models import LoadedModel
+from splitwiser.plan import slot_length
+from splitwiser.prepare import prepare_requests
+from splitwiser.request import Generation, Request
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +73,15 @@ class GenerateBatchEngine:
     def warm_up(self) -> None:
         """generate_batch warms itself up (its own CUDA graphs) on every call."""
 
-    def run(self, prompts):
-        prompts = list(prompts)
+    def run(self, requests):
+        requests = list(requests)
         start = time.perf_counter_ns()
-        outputs = self.model.generate_batch(inputs=prompts, generation_config=self.config, progress_bar=False)
+        outputs = self.model.generate_batch(inputs=[r.input_ids for r in requests], generation_config=self.config,
+                                            progress_bar=False)
         end = time.perf_counter_ns()
-        for index, output in enumerate(sorted(outputs.values(), key=lambda o: int(o.request_id.split("_")[-1]))):
-            yield index, Generation(list(output.generated_tokens), enqueue_ns=start, prefill_start_ns=start,
-                                    first_token_ns=end, finish_ns=end)
+        for request, output in zip(requests, sorted(outputs.values(), key=lambda o: int(o.request_id.split("_")[-1]))):
+            yield Generation(request, list(output.generated_tokens), enqueue_ns=start, prefill_start_ns=start,
+                             first_token_ns=end, finish_ns=end)
 
 
 def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, max_prompt_tokens: int):
@@ -91,7 +95,7 @@ def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, max_pr
     if system.name == "generate_batch":
         return GenerateBatchEngine(loaded, cfg)
     if system.name == "continuous":
-        return ContinuousEngine(loaded, cfg, max_prompt_tokens)
+        return ContinuousEngine(loaded, cfg, slot_length(max_prompt_tokens, max_new_tokens))
     raise ValueError(f"unknown system {system.name}")
 
 
@@ -105,11 +109,11 @@ def write_workload(sample: Path, requests: int, path: Path) -> Path:
     return path
 
 
-def workload(loaded: LoadedModel, path: Path, prompt: PromptConfig) -> list[list[int]]:
-    """The workload's prompts, built by the job's own pipeline, in the file's order."""
+def workload(loaded: LoadedModel, path: Path, prompt: PromptConfig) -> list[Request]:
+    """The workload's requests, built by the job's own pipeline, in the file's order."""
     prepared = prepare_requests(read_dataset(DataConfig(path=str(path))), DataConfig(path=str(path)), prompt,
                                 loaded.tokenizer, loaded.context_length, done={}).requests
-    return prepared.sort("id")["input_ids"]
+    return Request.from_columns(prepared.sort("id")[:])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -137,24 +141,24 @@ def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: floa
     }
 
 
-def measure(system: System, loaded: LoadedModel, prompts: list[list[int]], max_new_tokens: int) -> dict:
-    """The system in the bench's process: warmed up on one batch, then timed on every prompt."""
-    prompts = prompts[:system.requests] if system.requests else prompts
+def measure(system: System, loaded: LoadedModel, requests: list[Request], max_new_tokens: int) -> dict:
+    """The system in the bench's process: warmed up on one batch, then timed on every request."""
+    requests = requests[:system.requests] if system.requests else requests
     cuda = loaded.device.type == "cuda"
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    engine = make_system(system, loaded, max_new_tokens, max(len(p) for p in prompts))
+    engine = make_system(system, loaded, max_new_tokens, max(r.prompt_tokens for r in requests))
     engine.warm_up()  # every CUDA graph captured, kernels compiled
-    list(engine.run(prompts[:system.batch_size]))  # warm-up: compilation, allocator
+    list(engine.run(requests[:system.batch_size]))  # warm-up: compilation, allocator
     synchronize()
     warmup_s = time.perf_counter() - start
     runs = []
     for _ in range(system.repeats):
         run_start = time.perf_counter_ns()
-        results = [generation for _, generation in engine.run(prompts)]
+        results = list(engine.run(requests))
         synchronize()
         runs.append(((time.perf_counter_ns() - run_start) / 1e9, run_start, results))
     run_s, run_start, results = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run

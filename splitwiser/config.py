@@ -113,7 +113,7 @@ class EngineConfig:
     shard_rows: int = 256  # rows per Arrow shard: the unit of work handed to a worker
     # A prefill group or generate batch that runs out of device memory is split in halves and retried
     # (a prompt that does not fit alone goes to errors.parquet). memory_cap_mb makes a forward whose
-    # estimated memory (runner.forward_bytes) is over it fail the same way: headroom on a shared GPU,
+    # estimated memory (memory.forward_bytes) is over it fail the same way: headroom on a shared GPU,
     # and the out-of-memory path on a CPU.
     memory_cap_mb: Optional[int] = None
     # CPU threads, shared out among the workers. null: the CPUs this process may use (its affinity), at most
@@ -161,7 +161,7 @@ class JobConfig:
     # auto: every visible GPU (the CPU without one); N: the first N; [0, 2]: those. One model copy per GPU.
     gpus: Any = "auto"
     # Worker processes per device, sharing its copy of the weights. auto: 2 colocated workers when the
-    # probe's estimate of the generation says their gain pays for their start-up, else 1 (job.choose_procs).
+    # probe's estimate of the generation says their gain pays for their start-up, else 1 (plan.choose_procs).
     procs: Any = 1
     # single: the engine in this process (procs=1, one device); colocated: `procs` worker processes per
     # device, each prefilling and decoding its own requests; split: prompt workers prefill into the KV
@@ -180,8 +180,6 @@ class JobConfig:
         if self.procs == "auto" and self.mode not in ("auto", "colocated"):
             raise UserError(f"procs=auto chooses between one process and colocated workers; mode={self.mode} "
                             "needs a number of processes")
-        if self.mode == "auto" and self.procs != "auto" and self.procs > 1:
-            self.mode = "colocated"
         if self.mode == "single" and self.procs != 1:
             raise UserError(f"mode=single runs one process, procs={self.procs}; use mode=colocated")
         _check_positive("prompt_procs", self.prompt_procs)
@@ -191,19 +189,21 @@ class JobConfig:
         if self.mode == "split":
             if self.engine.kind != "continuous":
                 raise UserError("mode=split hands KV slots over: it needs engine.kind=continuous")
-            self.prompt_procs = self.prompt_procs or max(1, self.procs // 2)
-            self.token_procs = self.token_procs or max(1, self.procs - self.prompt_procs)
-            self.procs = self.prompt_procs + self.token_procs
 
-    def run_mode(self, devices: int) -> str:
-        """The mode that runs on `devices` devices: auto is single for one process on one device (for procs=auto,
-        until choose_procs picks more)."""
-        if self.mode == "auto" or (self.procs == "auto" and devices == 1):
-            return "single" if devices == 1 else "colocated"
+    def mode_for(self, devices: int) -> str:
+        """The mode a run on `devices` devices starts with (jobs/__init__.py asks before the devices are known,
+        plan.plan_run once they are). auto: single for one process on one device, else colocated; procs=auto starts
+        single on one device, and becomes colocated if plan.choose_procs picks 2 processes (Plan.with_procs)."""
         if self.mode == "single" and devices > 1:
             raise UserError(f"mode=single runs one process on one device; gpus={self.gpus} gives {devices}: "
                             "use mode=colocated or gpus=1")
+        if self.mode == "auto" or self.procs == "auto":
+            return "single" if devices == 1 and self.procs in (1, "auto") else "colocated"
         return self.mode
+
+    def least_devices(self) -> int:
+        """The devices the job has at least, known without looking at the machine (gpus=auto: 1)."""
+        return len(self.gpus) if isinstance(self.gpus, list) else self.gpus if isinstance(self.gpus, int) else 1
 
 
 def register_configs() -> None:

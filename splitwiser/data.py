@@ -1,27 +1,20 @@
-"""Read → validate → prompt → tokenize → Arrow shards.
+"""Reads the dataset as written: the configured columns of a file or of a saved dataset, as strings, and
+for each row that cannot be used, why.
 
 Reading keeps the data as written. Ids and text are the exact strings of the file: CSV cells are never
 converted (`007`, `7`, `1.0`, `NA`, `None` are five ids; only an empty cell is missing), JSON numbers keep
 their written text (`7`, `1.0`), typed Parquet values become their text (`7`, never `7.0`). Only the id,
 text and reference columns are read, as strings.
 
-Rows that cannot be generated come back as errors with a reason; nothing is dropped silently: a CSV line
-with more fields than the header, a JSON line that is not an object (both with their line number), no
-id, a duplicate id, a text that is empty, not text (a number, a list) or not valid UTF-8, a prompt
-longer than the model's context unless prompt.too_long=truncate. A row without an id is named `row:N`
-(N: its row number, from 0); where a real id starts with `row:`, the prefix takes more colons (`row::N`,
-...) until none does, so that it never equals a real id.
-
-Only the prompt template contributes special tokens: a special token's string in the text (`<|im_end|>`)
-is encoded as text.
+A row that cannot be used is kept, with its reason in the column READ_ERROR; nothing is dropped silently:
+a CSV line with more fields than the header, a JSON line that is not an object (both with their line
+number), a text that is not text (a number, a list) or not valid UTF-8. splitwiser.prepare turns the rows
+into requests, and these reasons into errors.
 """
 
 import csv
 import io
 import json
-import math
-import re
-import shutil
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -30,17 +23,14 @@ from typing import NamedTuple
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, DatasetDict, Features, Sequence, Value, load_dataset, load_from_disk
-from transformers import PreTrainedTokenizerBase
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from splitwiser.config import DataConfig, PromptConfig
+from splitwiser.config import DataConfig
 from splitwiser.errors import UserError
-from splitwiser.output import unwritable
 
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
 REPLACED = "\ufffd"  # what stands for bytes that are not UTF-8
 READ_ERROR = "__splitwiser_read_error__"  # read_dataset's column, where a row has one: why it cannot be used
-SENTINEL = "\ue000splitwiser text\ue000"  # stands for the text while the template is rendered
 
 
 class _Read(NamedTuple):
@@ -247,179 +237,3 @@ def read_dataset(cfg: DataConfig) -> Dataset:
     if cfg.limit is not None:
         ds = ds.select(range(min(cfg.limit, len(ds))))
     return ds
-
-
-def uses_chat(prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> bool:
-    return prompt.style == "chat" or (prompt.style == "auto" and bool(tokenizer.chat_template))
-
-
-def build_prompts(texts: list[str], prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    if not uses_chat(prompt, tokenizer):
-        return [prompt.template.format(text=text) for text in texts]
-    # One call for the batch: the template renders each conversation as alone, at half the cost of a call each.
-    return tokenizer.apply_chat_template(
-        [[{"role": "system", "content": prompt.instruction},
-          {"role": "user", "content": prompt.chat_message.format(text=text)}] for text in texts],
-        tokenize=False, add_generation_prompt=True)
-
-
-def special_tokens(tokenizer: PreTrainedTokenizerBase) -> re.Pattern:
-    """Matches the tokenizer's special tokens (those that split_special_tokens=True encodes as text), as a group."""
-    specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
-    return re.compile(f"({'|'.join(map(re.escape, specials)) or '(?!)'})")
-
-
-def encode_as_text(template: str, text: str, tokenizer: PreTrainedTokenizerBase, specials: re.Pattern,
-                   adds_special: bool) -> tuple[str, list[int]]:
-    """The prompt of `text` and its token ids, where the text's special-token strings are encoded as text.
-    `template` is the rendered prompt with SENTINEL for the text. It is split at its own special tokens, where
-    the tokenizer splits it too, so that each piece's ids are those it has in one call; the pieces that hold
-    the text are encoded with split_special_tokens=True, the others as usual. The post-processor's tokens (a
-    BOS) come with the first piece."""
-    chunks = []  # (string, whether it holds the text): the template's runs of pieces, and the text's
-    for piece in specials.split(template):
-        holds_text = SENTINEL in piece
-        if chunks and not holds_text and not chunks[-1][1]:
-            chunks[-1] = (chunks[-1][0] + piece, False)
-        else:
-            chunks.append((piece.replace(SENTINEL, text), holds_text))
-    ids = []
-    for i, (chunk, holds_text) in enumerate(chunks):
-        ids += tokenizer(chunk, add_special_tokens=adds_special and i == 0, split_special_tokens=holds_text).input_ids
-    return template.replace(SENTINEL, text), ids
-
-
-def _no_id_prefix(ids: list[str | None]) -> str:
-    """`row:`, with more colons while a real id starts with it: a placeholder id never equals a real one."""
-    prefix = "row:"
-    while any(i is not None and i.startswith(prefix) for i in ids):
-        prefix += ":"
-    return prefix
-
-
-class Prepared(NamedTuple):
-    requests: Dataset  # sorted by prompt length
-    errors: Dataset  # id, error
-    reused: list[str]  # ids of the part's rows whose existing generation still holds: not generated again
-
-
-def prepare_requests(
-    ds: Dataset,
-    data: DataConfig,
-    prompt: PromptConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    max_prompt_tokens: int,
-    done: dict[str, str],
-) -> Prepared:
-    """The rows of data.part as requests and errors. A row whose id is in `done` (id → the prompt its existing
-    generation was made from) with the same prompt now is reused, not a request; one whose text changed is
-    generated again. Ids are checked over the whole dataset, so a duplicate in another part is caught.
-
-    A request has: id, reference (if configured), prompt, input_ids, prompt_tokens, prompt_truncated.
-    """
-    ids = [str(i) for i in range(len(ds))] if data.id_column is None else [  # [:]: a column at once, not row by row
-        v if v is not None and v.strip() else None for v in ds.select_columns(data.id_column)[:][data.id_column]]
-    first_row = {}
-    for index, row_id in enumerate(ids):
-        first_row.setdefault(row_id, index)
-    no_id = _no_id_prefix(ids)
-    adds_special = not uses_chat(prompt, tokenizer)  # a chat template writes its own special tokens
-    specials = special_tokens(tokenizer)
-    template = build_prompts([SENTINEL], prompt, tokenizer)[0]
-
-    def tokenize(texts: list[str]) -> tuple[list[str], list[list[int]]]:
-        """Prompts and their token ids, in one call: the fast tokenizer encodes a batch in parallel."""
-        if not texts:  # a batch whose every row is an error: the tokenizer and the chat template refuse []
-            return [], []
-        prompt_texts = build_prompts(texts, prompt, tokenizer)
-        token_ids = tokenizer(prompt_texts, add_special_tokens=adds_special).input_ids
-        for i, text in enumerate(texts):
-            if specials.search(text):  # its special-token strings became control tokens: encoded again, as text
-                prompt_texts[i], token_ids[i] = encode_as_text(template, text, tokenizer, specials, adds_special)
-        return prompt_texts, token_ids
-
-    def fit(text: str, prompt_text: str, token_ids: list[int]) -> tuple[str, list[int], bool] | str:
-        """(prompt, its token ids, whether the text was truncated), or why the row cannot be generated."""
-        if len(token_ids) <= max_prompt_tokens:
-            return prompt_text, token_ids, False
-        if prompt.too_long == "error":
-            return f"prompt has {len(token_ids)} tokens, over the {max_prompt_tokens} that fit the context"
-        text_ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
-        keep = len(text_ids) - (len(token_ids) - max_prompt_tokens)
-        while keep > 0:  # tokens may merge differently at the cut: shorten until it fits
-            [prompt_text], [token_ids] = tokenize([tokenizer.decode(text_ids[:keep])])
-            if len(token_ids) <= max_prompt_tokens:
-                return prompt_text, token_ids, True
-            keep -= len(token_ids) - max_prompt_tokens
-        return f"the prompt without its text is over the {max_prompt_tokens} tokens that fit the context"
-
-    def row_error(index: int, row_id: str | None, text: str | None, read_error: str | None) -> str | None:
-        if read_error:
-            return read_error
-        if row_id is None:
-            return "missing id"
-        if first_row[row_id] != index:
-            return f"duplicate id (first seen at row {first_row[row_id]})"
-        if text is None or not text.strip():
-            return f"empty or missing {data.text_column}"
-        return None
-
-    def to_request(batch: dict, indices: list[int]) -> dict:
-        out = {"id": [], "prompt": [], "input_ids": [], "prompt_tokens": [], "prompt_truncated": [], "error": [],
-               "reused": []}
-        if data.reference_column:
-            out["reference"] = batch[data.reference_column]
-        rows = [part.start + i for i in indices]
-        read_errors = batch.get(READ_ERROR, [None] * len(indices))
-        errors = [row_error(*row) for row in zip(rows, (ids[i] for i in rows), batch[data.text_column], read_errors)]
-        texts = [text.strip() for text, error in zip(batch[data.text_column], errors) if error is None]
-        tokenized = zip(texts, *tokenize(texts))
-        for index, error in zip(rows, errors):
-            fitted = fit(*next(tokenized)) if error is None else error
-            if isinstance(fitted, str):  # why the row cannot be generated
-                error, fitted = fitted, ("", [], False)
-            prompt_text, token_ids, truncated = fitted
-            out["id"].append(ids[index] or f"{no_id}{index}")
-            out["prompt"].append(prompt_text)
-            out["input_ids"].append(token_ids)
-            out["prompt_tokens"].append(len(token_ids))
-            out["prompt_truncated"].append(truncated)
-            out["error"].append(error)
-            out["reused"].append(error is None and done.get(ids[index]) == prompt_text)
-        return out
-
-    part = data.part_rows(len(ds))
-    # Typed: map would otherwise keep an input column's type for an output of the same name (numeric ids).
-    features = Features({"id": Value("string"), "prompt": Value("string"), "input_ids": Sequence(Value("int32")),
-                         "prompt_tokens": Value("int32"), "prompt_truncated": Value("bool"), "error": Value("string"),
-                         "reused": Value("bool"), **({"reference": Value("string")} if data.reference_column else {})})
-    prepared = ds.select(part).map(to_request, batched=True, with_indices=True, remove_columns=ds.column_names,
-                                   features=features)
-    # Batched: a filter calls its function once per 1,000 rows instead of once per row.
-    errors = prepared.filter(lambda errors: [e is not None for e in errors], input_columns="error", batched=True)
-    reused = prepared.filter(lambda reused: reused, input_columns="reused", batched=True)
-    requests = prepared.filter(lambda errors, reused: [e is None and not r for e, r in zip(errors, reused)],
-                               input_columns=["error", "reused"], batched=True)
-    return Prepared(requests.remove_columns(["error", "reused"]).sort("prompt_tokens"),
-                    errors.select_columns(["id", "error"]), reused["id"][:])  # [:]: a list, not a Column
-
-
-def write_shards(requests: Dataset, directory: Path, shard_rows: int) -> int:
-    """Saves the requests as Arrow shards (memory-mapped by every worker); returns the number of work units."""
-    shutil.rmtree(directory, ignore_errors=True)
-    units = max(1, math.ceil(len(requests) / shard_rows))
-    try:
-        requests.save_to_disk(str(directory), num_shards=min(units, max(1, len(requests))))
-    except OSError as e:
-        raise UserError(unwritable(directory, e)) from None
-    return units if len(requests) else 0
-
-
-def load_shards(directory: Path) -> Dataset:
-    """The requests written by write_shards, memory-mapped."""
-    return load_from_disk(str(directory))
-
-
-def work_unit(requests: Dataset, units: int, index: int) -> Dataset:
-    """Work unit `index` of `units`: a contiguous slice of the (length-sorted) requests."""
-    return requests.shard(num_shards=units, index=index, contiguous=True)

@@ -1,9 +1,9 @@
-"""Greedy generation engines. One call: a stream of tokenized prompts in, finished generations out.
+"""Generation engines. One call: a stream of Requests in, their Generations out, each as it finishes.
 
-    engine = make_engine(loaded, cfg, max_prompt_tokens, requests)
+    engine = make_engine(loaded, cfg, slot_length, requests)
     engine.warm_up()                                 # optional: compile and capture before timing
-    for index, generation in engine.run(prompts):   # prompts: iterable of token-id lists
-        ...                                          # yielded as each request finishes
+    for generation in engine.run(requests):         # requests: an iterable of request.Request
+        ...                                          # generation.request is the request it answers
 
 - `ContinuousEngine` (engine.kind=continuous, the default): a KV cache allocated once as slots,
   continuous batching (new prompts are prefilled into free slots between decode steps, so prefill
@@ -20,31 +20,20 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from itertools import count, islice
 
 import torch
 
+from splitwiser import sampler
 from splitwiser.config import EngineConfig
 from splitwiser.errors import UnsupportedModel, UserError
+from splitwiser.memory import forward_bytes, free_memory, gigabytes, kv_slot_bytes
 from splitwiser.models import LoadedModel
-from splitwiser.runner import KVPool, SlotRunner, forward_bytes, free_memory, gigabytes, kv_slot_bytes
+from splitwiser.request import Generation, Request
+from splitwiser.runner import KVPool, SlotRunner
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]  # generated tokens, EOS included when the model stopped
-    finish_reason: str = "length"  # "stop" (EOS) or "length" (max_new_tokens)
-    batch: int = 0  # the generate batch, or the prefill group the request entered with
-    batch_size: int = 0
-    enqueue_ns: int = 0  # time.perf_counter_ns() clock
-    prefill_start_ns: int = 0
-    first_token_ns: int = 0
-    finish_ns: int = 0
-    prefill_worker: int | None = None  # mode=split: the prompt worker that prefilled it
-    error: str | None = None  # why it was not generated (goes to errors.parquet)
 
 
 def check_memory_cap(cap_mb: int | None, model, sequences: int, tokens: int, cached_tokens: int = 0) -> None:
@@ -120,27 +109,26 @@ class GenerateEngine:
     def warm_up(self) -> None:
         """Nothing to prepare: generate compiles (static cache) on its first call."""
 
-    def run(self, prompts: Iterable[list[int]]) -> Iterator[tuple[int, Generation]]:
-        source = iter(prompts)
-        index = 0
+    def run(self, requests: Iterable[Request]) -> Iterator[Generation]:
+        source = iter(requests)
         for number in count():
             batch = list(islice(source, self.cfg.batch_size))
             if not batch:
                 return
-            results, splits = split_on_oom(lambda prompts: self.generate_batch(prompts, number), batch)
+            results, splits = split_on_oom(lambda requests: self.generate_batch(requests, number), batch)
             self.oom_splits += splits
-            for prompt, result in zip(batch, results):
+            for request, result in zip(batch, results):
                 if isinstance(result, OutOfMemory):
-                    result = Generation([], error=result.error(len(prompt)))
-                yield index, result
-                index += 1
+                    result = Generation(request, error=result.error(request.prompt_tokens))
+                yield result
 
     @torch.inference_mode()
-    def generate_batch(self, prompts: list[list[int]], number: int) -> list[Generation]:
+    def generate_batch(self, requests: list[Request], number: int) -> list[Generation]:
         enqueue = time.perf_counter_ns()
-        batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(self.device)
+        prompts = {"input_ids": [request.input_ids for request in requests]}
+        batch = self.tokenizer.pad(prompts, padding=True, return_tensors="pt").to(self.device)
         length = batch["input_ids"].shape[1]
-        check_memory_cap(self.cfg.memory_cap_mb, self.model, len(prompts), length, length + self.cfg.max_new_tokens)
+        check_memory_cap(self.cfg.memory_cap_mb, self.model, len(requests), length, length + self.cfg.max_new_tokens)
         clock = StepClock()
         start = time.perf_counter_ns()
         output = self.model.generate(
@@ -150,20 +138,23 @@ class GenerateEngine:
             **self.generate_kwargs,
         )
         results = []
-        for tokens in output[:, batch["input_ids"].shape[1]:].tolist():
+        for request, tokens in zip(requests, output[:, batch["input_ids"].shape[1]:].tolist()):
             length, reason = len(tokens), "length"
             stop = None if self.cfg.ignore_eos else next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
             if stop is not None:  # generate pads rows that finished early
                 length, reason = stop + 1, "stop"
-            results.append(Generation(tokens[:length], reason, number, len(prompts), enqueue, start,
+            results.append(Generation(request, tokens[:length], reason, number, len(requests), enqueue, start,
                                       clock.step_ns[0], clock.step_ns[length - 1]))
         return results
 
 
-def slot_length(max_prompt_tokens: int, max_new_tokens: int) -> int:
-    """Positions per KV slot: room for the longest request, in rows aligned for the attention kernels.
-    The last position is never read (a request's last token is not fed back): freed slots park there."""
-    return -(-(max_prompt_tokens + max_new_tokens) // 16) * 16
+def prefill_group_size(lengths: list[int], prefill_tokens: int) -> int:
+    """How many of the prompts of `lengths` (shortest first) one prefill takes: as many as fit engine.prefill_tokens
+    padded to the longest of them, at least one."""
+    size = 1
+    while size < len(lengths) and (size + 1) * lengths[size] <= prefill_tokens:
+        size += 1
+    return size
 
 
 def prefill_group(runner: SlotRunner, prompts: list[list[int]], slots: list[int],
@@ -181,18 +172,16 @@ def _prefill_slots(runner: SlotRunner, prompts: tuple[list[int]], slots: tuple[i
         padded[row, :len(prompt)] = torch.tensor(prompt)
     device = runner.device
     # .tolist() waits for the prefill: in mode=split the keys are in the slots before a token worker hears of them
-    return runner.prefill(padded.to(device), torch.tensor(lengths, device=device),
-                          torch.tensor(slots, device=device)).tolist()
+    return sampler.next_tokens(runner.prefill(padded.to(device), torch.tensor(lengths, device=device),
+                                              torch.tensor(slots, device=device))).tolist()
 
 
 @dataclass
 class Handoff:
-    """mode=split: a group of prompts a prompt worker prefilled into a token worker's KV slots."""
+    """mode=split: a group of requests a prompt worker prefilled into a token worker's KV slots."""
     slots: list[int]
     first_tokens: list[int]
-    lengths: list[int]
-    keys: list  # what the token worker yields with each generation (the request's row)
-    generations: list[Generation] = field(default_factory=list)  # timing so far
+    generations: list[Generation]  # their requests (without input_ids: a token worker needs none), timing so far
 
 
 class ContinuousEngine:
@@ -200,11 +189,11 @@ class ContinuousEngine:
     # larger prefills, each one launch-bound like a decode step.
     ADMIT_FRACTION = 1 / 8
 
-    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, max_prompt_tokens: int, kv: KVPool | None = None):
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, slot_length: int, kv: KVPool | None = None):
         self.cfg, self.device, self.tokenizer = cfg, loaded.device, loaded.tokenizer
         slots, device = cfg.batch_size, loaded.device
-        self.runner = SlotRunner(loaded.model, slots=slots, max_len=slot_length(max_prompt_tokens, cfg.max_new_tokens),
-                                 live_attention=cfg.attention != "sdpa", kv=kv)
+        self.runner = SlotRunner(loaded.model, slots=slots, max_len=slot_length, live_attention=cfg.attention != "sdpa",
+                                 kv=kv)
         # Per-slot state lives on the device, so that a decode step (bookkeeping included) is one
         # CUDA graph and the host reads back only which slots finished.
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # last token: the next input
@@ -223,15 +212,15 @@ class ContinuousEngine:
         self.oom_splits = 0  # prefill groups split because they ran out of memory
         self.probe_tokens_per_s: dict[int, float] | None = None  # make_engine's probe (batch_size=auto)
 
-    def run(self, prompts: Iterable[list[int]]) -> Iterator[tuple[int, Generation]]:
-        source = enumerate(prompts)
-        waiting: deque[tuple[int, list[int], int]] = deque()
+    def run(self, requests: Iterable[Request]) -> Iterator[Generation]:
+        source = iter(requests)
+        waiting: deque[Generation] = deque()  # admitted to the engine, not yet prefilled
         free = list(range(self.cfg.batch_size))  # a heap: the lowest free slot first keeps decode batches small
-        running: dict[int, tuple[int, Generation]] = {}  # slot → (request index, its generation so far)
+        running: dict[int, Generation] = {}  # slot → its request's generation so far
         admit_at = max(1, int(self.cfg.batch_size * self.ADMIT_FRACTION))
         while True:
-            for index, prompt in islice(source, len(free) - len(waiting)):
-                waiting.append((index, prompt, time.perf_counter_ns()))
+            for request in islice(source, len(free) - len(waiting)):
+                waiting.append(Generation(request, enqueue_ns=time.perf_counter_ns()))
             if waiting and (len(free) >= admit_at or not running):
                 admitted = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
                 for group in self._prefill_groups(admitted):
@@ -245,11 +234,11 @@ class ContinuousEngine:
             yield from self._collect(running, release=lambda slot: heapq.heappush(free, slot))
 
     def run_handed_over(self, receive: Callable[[bool], list[Handoff] | None],
-                        release: Callable[[int], None]) -> Iterator[tuple[object, Generation]]:
+                        release: Callable[[int], None]) -> Iterator[Generation]:
         """The token side of mode=split: decodes requests that prompt workers prefilled into this engine's
         (shared) KV slots. receive(wait) returns the new handoffs ([] when none, if not wait), or None
         once no more will come; release(slot) gives a finished request's slot back to the prompt workers."""
-        running: dict[int, tuple[object, Generation]] = {}
+        running: dict[int, Generation] = {}
         more = True
         while more or running:
             handoffs = receive(not running) if more else []
@@ -257,44 +246,42 @@ class ContinuousEngine:
                 more, handoffs = False, []
             for handoff in handoffs:
                 slots = torch.tensor(handoff.slots, device=self.device)
+                lengths = [generation.request.prompt_tokens for generation in handoff.generations]
                 self._start(slots, torch.tensor(handoff.first_tokens, device=self.device),
-                            torch.tensor(handoff.lengths, device=self.device))
-                running.update(zip(handoff.slots, zip(handoff.keys, handoff.generations)))
+                            torch.tensor(lengths, device=self.device))
+                running.update(zip(handoff.slots, handoff.generations))
             yield from self._collect(running, release)  # a first token may already end a request
             if running:
                 self._decode(self._bucket(max(running) + 1))
                 yield from self._collect(running, release)
 
-    def _prefill_groups(self, admitted: list) -> Iterator[list]:
-        """Splits the admitted prompts (shortest first) into groups of at most engine.prefill_tokens padded tokens."""
-        admitted.sort(key=lambda item: len(item[1]))
-        group: list = []
-        for item in admitted:
-            if group and (len(group) + 1) * len(item[1]) > self.cfg.prefill_tokens:
-                yield group
-                group = []
-            group.append(item)
-        if group:
-            yield group
+    def _prefill_groups(self, admitted: list[Generation]) -> Iterator[list[Generation]]:
+        """Splits the admitted requests (shortest first) into groups of at most engine.prefill_tokens padded tokens."""
+        admitted.sort(key=lambda generation: generation.request.prompt_tokens)
+        lengths = [generation.request.prompt_tokens for generation in admitted]
+        while admitted:
+            size = prefill_group_size(lengths, self.cfg.prefill_tokens)
+            yield admitted[:size]
+            admitted, lengths = admitted[size:], lengths[size:]
 
-    def _prefill(self, group: list, free: list[int], running: dict) -> Iterator[tuple[int, Generation]]:
+    def _prefill(self, group: list[Generation], free: list[int], running: dict) -> Iterator[Generation]:
         """Prefills the group into free slots and makes them running; yields the requests that did not fit in memory."""
         start = time.perf_counter_ns()
         slots = [heapq.heappop(free) for _ in group]
-        firsts, splits = prefill_group(self.runner, [prompt for _, prompt, _ in group], slots, self.cfg.memory_cap_mb)
+        firsts, splits = prefill_group(self.runner, [g.request.input_ids for g in group], slots, self.cfg.memory_cap_mb)
         self.oom_splits += splits
         now = time.perf_counter_ns()
         started = []
-        for slot, (index, prompt, enqueued), first in zip(slots, group, firsts):
-            generation = Generation([], batch=self.prefill_groups, batch_size=len(group), enqueue_ns=enqueued,
-                                    prefill_start_ns=start, first_token_ns=now, finish_ns=now)
+        for slot, generation, first in zip(slots, group, firsts):
+            generation.batch, generation.batch_size, generation.prefill_start_ns = self.prefill_groups, len(group), start
+            generation.first_token_ns = generation.finish_ns = now
             if isinstance(first, OutOfMemory):
                 heapq.heappush(free, slot)
-                generation.error = first.error(len(prompt))
-                yield index, generation
+                generation.error = first.error(generation.request.prompt_tokens)
+                yield generation
             else:
-                running[slot] = (index, generation)
-                started.append((slot, first, len(prompt)))
+                running[slot] = generation
+                started.append((slot, first, generation.request.prompt_tokens))
         if started:
             self._start(*(torch.tensor(column, device=self.device) for column in zip(*started)))
         self.prefill_groups += 1
@@ -311,7 +298,7 @@ class ContinuousEngine:
     def _step(self, batch: int) -> None:
         """Decode slots 0..batch-1 and update their state, on the device only (capturable)."""
         active = self.active[:batch]
-        next_tokens = self.runner.decode(self.tokens[:batch], self.positions[:batch])
+        next_tokens = sampler.next_tokens(self.runner.decode(self.tokens[:batch], self.positions[:batch]))
         generated = self.generated[:batch]
         # Free slots in the batch compute too (static shapes); their results land nowhere that is read.
         self.output[torch.arange(batch, device=self.device), generated.clamp(max=self.cfg.max_new_tokens - 1)] = next_tokens
@@ -322,7 +309,7 @@ class ContinuousEngine:
         self.finished[:batch] = finished
         self.active[:batch] = active & ~finished
 
-    def _collect(self, running: dict, release: Callable[[int], None]) -> Iterator[tuple[int, Generation]]:
+    def _collect(self, running: dict[int, Generation], release: Callable[[int], None]) -> Iterator[Generation]:
         """Hands out the requests that finished (the step's one host synchronisation) and releases their slots."""
         slots = self.finished.nonzero().flatten().tolist()
         if not slots:
@@ -335,12 +322,12 @@ class ContinuousEngine:
         self.positions[slots] = self.runner.max_len - 1
         outputs, counts = self.output[slots].tolist(), self.generated[slots].tolist()
         for slot, tokens, generated in zip(slots, outputs, counts):
-            index, generation = running.pop(slot)
+            generation = running.pop(slot)
             generation.token_ids = tokens[:generated]
             generation.finish_reason = "stop" if tokens[generated - 1] in self.eos_ids else "length"
             generation.finish_ns = now
             release(slot)
-            yield index, generation
+            yield generation
 
     def warm_up(self) -> None:
         """Captures the decode graph of every batch bucket (and compiles kernels) before any request:
@@ -416,23 +403,23 @@ def decode_bucket(needed: int) -> int:
     return max(8, 1 << (needed - 1).bit_length())
 
 
-def resolve_batch_size(loaded: LoadedModel, cfg: EngineConfig, max_len: int, requests: int, share: int = 1) -> int:
+def resolve_batch_size(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, share: int = 1) -> int:
     """engine.batch_size as a number, for an engine given `requests`; `share`: how many engines (worker
     processes) split the device's memory. Every engine's KV cache is sized here: one that does not fit in
     the free memory is refused before anything is allocated."""
     if cfg.batch_size == "auto":
-        slots = auto_batch_size(loaded, cfg, max_len, requests, share)
+        slots = auto_batch_size(loaded, cfg, slot_length, requests, share)
     else:  # an engine never runs more requests at once, nor decodes them in a wider bucket: more slots take memory only
         slots = min(cfg.batch_size, decode_bucket(requests))
     if cfg.kind == "continuous":
-        check_kv_fits(loaded, cfg, slots, max_len, share)
+        check_kv_fits(loaded, cfg, slots, slot_length, share)
     return slots
 
 
-def check_kv_fits(loaded: LoadedModel, cfg: EngineConfig, slots: int, max_len: int, engines: int) -> None:
+def check_kv_fits(loaded: LoadedModel, cfg: EngineConfig, slots: int, slot_length: int, engines: int) -> None:
     """Raises UserError where `engines` KV caches of `slots` slots need more than the device's free memory (a
     mistyped engine.batch_size would try to allocate terabytes)."""
-    slot_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, max_len)
+    slot_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, slot_length)
     need, free = engines * slots * slot_bytes, free_memory(loaded.device)
     if free is None or need <= free:
         return
@@ -446,29 +433,29 @@ def check_kv_fits(loaded: LoadedModel, cfg: EngineConfig, slots: int, max_len: i
     raise UserError(f"{setting}: {whose} {gigabytes(need)}, {gigabytes(free)} free; {advice}")
 
 
-def auto_batch_size(loaded: LoadedModel, cfg: EngineConfig, max_len: int, requests: int, share: int) -> int:
-    """engine.batch_size=auto, from the device and the job (measured: bench/RESULTS.md)."""
+def auto_batch_size(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, share: int) -> int:
+    """engine.batch_size=auto, from the device and the job (bench/RESULTS.md)."""
     if loaded.device.type != "cuda":
         return 16
     if cfg.kind == "generate":
         return 256
-    slot_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, max_len)
+    slot_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, slot_length)
     free_bytes = free_memory(loaded.device)
-    slots = 2048  # the best of the sweep on an H100 for both models
+    slots = 2048  # the most worth having: more add latency, not throughput (bench/RESULTS.md)
     while slots > 8 and (slots * slot_bytes > free_bytes / (2 * share) or slots // 2 >= requests):
         slots //= 2
     return slots
 
 
-def make_engine(loaded: LoadedModel, cfg: EngineConfig, max_prompt_tokens: int, requests: int):
+def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int):
     """The configured engine, with engine.batch_size resolved (engine.cfg.batch_size is the number). On a GPU,
     a continuous engine with batch_size=auto is warmed up and probed: engine.probe_tokens_per_s holds the
     decode tokens/s of each batch bucket, and the engine runs the best (use_best_batch_size)."""
-    resolved = replace(cfg, batch_size=resolve_batch_size(loaded, cfg, max_prompt_tokens + cfg.max_new_tokens, requests))
+    resolved = replace(cfg, batch_size=resolve_batch_size(loaded, cfg, slot_length, requests))
     if cfg.kind == "generate":
         return GenerateEngine(loaded, resolved)
     try:
-        engine = ContinuousEngine(loaded, resolved, max_prompt_tokens)
+        engine = ContinuousEngine(loaded, resolved, slot_length)
     except UnsupportedModel as e:
         log.warning("engine.kind=continuous does not support this model (%s): using engine.kind=generate", e)
         return GenerateEngine(loaded, resolved)

@@ -1,4 +1,5 @@
-"""One job: dataset → Arrow shards → generations → Parquet + manifest.
+"""One job, start to end: read the data, plan the run, load the model, then, holding the output directory,
+prepare the requests, generate, and write the merged outputs and the manifest.
 
     from splitwiser.job import run
     manifest = run(job_config)
@@ -18,15 +19,19 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from splitwiser.colocated import generate_units, run_colocated
 from splitwiser.config import JobConfig, to_plain_dict
+from splitwiser.data import data_path, read_dataset
+from splitwiser.engine import make_engine
 from splitwiser.errors import UserError, WorkersFailed
-from splitwiser.data import data_path, prepare_requests, read_dataset, write_shards
-from splitwiser.engine import ContinuousEngine, make_engine
 from splitwiser.models import LoadedModel, load_model, resolve_devices
 from splitwiser.mps import MPSState, mps_session
 from splitwiser.output import OutputDir, check_free_space
+from splitwiser.plan import Plan, choose_procs, plan_run, seconds_since_process_start
+from splitwiser.prepare import Prepared, prepare_requests, write_shards
 from splitwiser.progress import Progress
-from splitwiser.workers import fork_server_running, generate_units, run_colocated, run_split
+from splitwiser.split import run_split
+from splitwiser.workers import Totals, Work, fork_server_running
 
 log = logging.getLogger(__name__)
 
@@ -82,41 +87,6 @@ class Stages:
         self.mark = now
 
 
-# Generation tokens/s of 2 colocated workers with MPS over one process, measured on an H100 (bench/NOTES.md,
-# runs 8, 11 and 13: 1.29x, 1.41x, 1.16x); the lowest, erring towards one process.
-COLOCATED_GAIN = 1.16
-# A one-process job's generation tokens/s over its decode probe's (the prefills, the waves' tails and the host's
-# work between them), measured on an H100 with OPT-125m, 64 tokens (bench/NOTES.md, runs 13, 15 and 16:
-# 0.55, 0.51, 0.55, 0.51, 0.56, 0.58): taking the probe alone put a 60,000-row job's generation at half its time.
-JOB_SHARE_OF_PROBE = 0.55
-
-
-def seconds_since_process_start() -> float | None:
-    """How long this process has run (Linux): Python's start-up and imports, which every worker repeats."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, in ticks since boot
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def choose_procs(engine, requests: int, start_up_s: float | None) -> tuple[int, dict]:
-    """procs=auto: 2 colocated workers when the time they would save (the generation, estimated from the
-    engine's decode probe and JOB_SHARE_OF_PROBE, run COLOCATED_GAIN times faster) is more than `start_up_s`, what starting them
-    costs (None: unknown, too much); else 1. Returns (procs, the reasons, for the manifest)."""
-    if engine.device.type != "cuda" or not isinstance(engine, ContinuousEngine):
-        return 1, {"procs": 1, "why": "workers gain only on a CUDA GPU, measured with engine.kind=continuous"}
-    probe = engine.probe_tokens_per_s or engine.probe()
-    tokens_per_s = probe[engine.cfg.batch_size]
-    generation_s = requests * engine.cfg.max_new_tokens / (tokens_per_s * JOB_SHARE_OF_PROBE)
-    saved_s = generation_s * (1 - 1 / COLOCATED_GAIN)
-    procs = 2 if start_up_s is not None and saved_s > start_up_s else 1
-    return procs, {"procs": procs, "decode_tokens_per_s": round(tokens_per_s), "estimated_generation_s": round(generation_s, 2),
-                   "saved_by_2_workers_s": round(saved_s, 2), "worker_start_up_s": start_up_s and round(start_up_s, 2),
-                   "assumed_gain": COLOCATED_GAIN}
-
-
 @contextlib.contextmanager
 def mps_blamed_for_dead_workers(mps: MPSState):
     """When every worker died under MPS, say so: a dying MPS server takes all its clients with it."""
@@ -130,6 +100,8 @@ def mps_blamed_for_dead_workers(mps: MPSState):
 
 
 def run(job: JobConfig) -> dict:
+    """Runs the job; returns its manifest. Everything that can refuse it is checked before the output directory
+    is created or changed."""
     # What starting workers would cost beyond their engines' warm-up (procs=auto): nothing if the fork
     # server runs already (jobs.run starts it with the process), else about this process's own imports.
     worker_imports_s = 0.0 if fork_server_running() else seconds_since_process_start()
@@ -138,20 +110,15 @@ def run(job: JobConfig) -> dict:
     out.check(fingerprint(job), job.output.overwrite)  # refused before anything is read, loaded or written
     rows = read_dataset(job.data)  # before the model: a bad path or column fails in a second
     stages.done("read_s")
-    devices = resolve_devices(job.model.device, job.gpus)
-    mode = job.run_mode(len(devices))
-    auto_procs = job.procs == "auto"
-    # MPS before any worker starts (with procs=auto on a GPU, workers may follow): they take its settings
-    # before their first CUDA call. The parent's CUDA was initialised by the device check above, so it
-    # is not a client itself (seen on the H100: sharing its tensors with the clients works; bench/NOTES.md
-    # run 13). One control daemon serves every GPU of the node.
-    with mps_session(job.mps, wanted=mode != "single" or (auto_procs and devices[0].type == "cuda")) as mps:
-        models = [load_model(replace(job.model, device=str(device))) for device in devices]
-        loaded = models[0]  # the tokenizer and context length are the same on every device
-        check_max_new_tokens(job.engine.max_new_tokens, loaded.context_length)
+    plan = plan_run(job, resolve_devices(job.model.device, job.gpus))
+    # MPS before any worker starts: they take its settings before their first CUDA call. One control daemon
+    # serves every GPU of the node.
+    with mps_session(job.mps, wanted=plan.wants_mps) as mps:
+        models = [load_model(replace(job.model, device=str(device))) for device in plan.devices]
+        check_max_new_tokens(job.engine.max_new_tokens, models[0].context_length)
         stages.done("load_model_s")
         with out.locked():  # every check has passed: the directory is created (or cleared) and is ours
-            return run_locked(job, out, rows, mode, models, mps, stages, worker_imports_s)
+            return Run(job, out, models, mps, stages, worker_imports_s)(rows, plan)
 
 
 def check_max_new_tokens(max_new_tokens: int, context_length: int) -> None:
@@ -160,96 +127,111 @@ def check_max_new_tokens(max_new_tokens: int, context_length: int) -> None:
                         "prompt and generation together; give fewer")
 
 
-def run_locked(job: JobConfig, out: OutputDir, rows, mode: str, models: list[LoadedModel], mps: MPSState,
-               stages: Stages, worker_imports_s: float | None) -> dict:
-    """The part of the job that writes into the output directory, which it holds locked."""
-    auto_procs, loaded, devices = job.procs == "auto", models[0], [model.device for model in models]
-    rows_in = len(job.data.part_rows(len(rows)))
-    runs = out.start_run(fingerprint(job), job.output.overwrite, stages.started.isoformat())
-    done = out.done()
-    max_prompt = loaded.context_length - job.engine.max_new_tokens
-    requests, errors, reused = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, done)
-    log.info("%d rows: %d already done, %d to generate, %d set aside (errors.parquet)",
-             rows_in, len(reused), len(requests), len(errors))
-    # The least the outputs take: shards of the prompts' token ids, and the generated token ids.
-    check_free_space(out.path, 4 * (sum(requests["prompt_tokens"]) + len(requests) * job.engine.max_new_tokens))
-    shards = out.path / "shards"
-    # Units small enough that every worker gets several: one that finishes early takes more.
-    most_procs = 2 if auto_procs else job.procs
-    unit_rows = min(job.engine.shard_rows, max(1, -(-len(requests) // (4 * most_procs * len(devices)))))
-    unit_count = write_shards(requests, shards, unit_rows)
-    max_prompt_tokens = max(requests["prompt_tokens"], default=1)
-    stages.done("prepare_s")
+class Run:
+    """One run of a job in its output directory, which it holds locked: the steps that write there."""
 
-    procs, engine_info = (1 if auto_procs else job.procs), {}
-    if mode == "single" or auto_procs:  # warmed up before the bar starts, so that its tokens/s is generation's
-        warm_up_start = time.perf_counter()
-        engine = make_engine(loaded, job.engine, max_prompt_tokens, len(requests))
-        if len(requests):
+    def __init__(self, job: JobConfig, out: OutputDir, models: list[LoadedModel], mps: MPSState, stages: Stages,
+                 worker_imports_s: float | None):
+        self.job, self.out, self.models, self.mps, self.stages = job, out, models, mps, stages
+        self.worker_imports_s = worker_imports_s
+        self.index = len(out.start_run(fingerprint(job), job.output.overwrite, stages.started.isoformat())) - 1
+        self.prompts_done = out.done()  # id → the prompt of its generation on disk
+        self.probe: dict[int, float] | None = None  # engine.batch_size=auto on a GPU: the decode probe it chose from
+
+    def __call__(self, rows, plan: Plan) -> dict:
+        prepared = self.prepare(rows)
+        plan = plan.for_requests(prepared.requests, self.job.engine)
+        work = self.work(prepared, plan)
+        self.stages.done("prepare_s")
+        engine, plan = self.warm_up(plan, work.requests)
+        totals = self.generate(plan, engine, work)
+        self.stages.done("generate_s")
+        return self.finish(rows, plan, prepared, totals, engine)
+
+    def prepare(self, rows) -> Prepared:
+        """The rows of this part as requests, less those already done, and the errors."""
+        job, loaded = self.job, self.models[0]
+        max_prompt = loaded.context_length - job.engine.max_new_tokens
+        prepared = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, self.prompts_done)
+        log.info("%d rows: %d already done, %d to generate, %d set aside (errors.parquet)",
+                 len(job.data.part_rows(len(rows))), len(prepared.reused), len(prepared.requests), len(prepared.errors))
+        return prepared
+
+    def work(self, prepared: Prepared, plan: Plan) -> Work:
+        """The requests as Arrow shards of work units, and what the engines need to know about them."""
+        requests, cfg = prepared.requests, self.job.engine
+        # The least the outputs take: shards of the prompts' token ids, and the generated token ids.
+        check_free_space(self.out.path, 4 * (sum(requests["prompt_tokens"]) + len(requests) * cfg.max_new_tokens))
+        shards = self.out.path / "shards"
+        return Work(cfg=cfg, slot_length=plan.slot_length, requests=len(requests), threads=torch.get_num_threads(),
+                    shards=shards, unit_count=write_shards(requests, shards, plan.unit_rows), out=self.out,
+                    run_index=self.index, job_start_ns=self.stages.start_ns)
+
+    def warm_up(self, plan: Plan, requests: int):
+        """mode=single's engine, warmed up before the progress bar starts (so that its tokens/s is the generation's);
+        with procs=auto, the probe that decides whether workers run instead (they build their own engines)."""
+        if plan.mode != "single" and plan.procs_auto is None:
+            return None, plan
+        start = time.perf_counter()
+        engine = make_engine(self.models[0], self.job.engine, plan.slot_length, requests)
+        if requests:
             engine.warm_up()
-        engine_info["batch_size"] = engine.cfg.batch_size
-        if getattr(engine, "probe_tokens_per_s", None):  # batch_size=auto on a GPU: what it was chosen from
-            engine_info["probe_tokens_per_s"] = {str(b): round(v) for b, v in engine.probe_tokens_per_s.items()}
-        if auto_procs:
-            # Each worker builds and warms up its own engine, as this process just did.
-            start_up_s = None if worker_imports_s is None else worker_imports_s + time.perf_counter() - warm_up_start
-            procs, engine_info["procs_auto"] = choose_procs(engine, len(requests), start_up_s)
-            log.info("procs=auto: %d (%s)", procs, engine_info["procs_auto"])
-            if procs > 1 or len(devices) > 1:
-                mode = "colocated"
-                del engine, engine_info["batch_size"]  # the workers build their own engines
-                torch.cuda.empty_cache()  # and size their KV caches by the free memory: give this one's back
-        stages.done("warm_up_s")
-    if mode == "single":
-        engine_info["kind"] = type(engine).__name__
-    else:  # each worker builds and warms up its own engine: part of generate_s here
-        engine_info["kind"] = (f"{procs} x {job.engine.kind} (colocated)" if mode == "colocated" else
-                               f"{job.prompt_procs} prompt + {job.token_procs} token workers (split)")
-        if len(devices) > 1:
-            engine_info["kind"] += f" on each of {len(devices)} devices"
-    with Progress(len(requests), job.output.progress) as progress, mps_blamed_for_dead_workers(mps):
-        if mode == "single":
-            generated = generate_units(engine, shards, list(range(unit_count)), unit_count, out, worker=0,
-                                       run_index=len(runs) - 1, job_start_ns=stages.start_ns, progress=progress)
-            oom_splits = engine.oom_splits
-        elif unit_count:
-            work = dict(shards=shards, unit_count=unit_count, out=out, run_index=len(runs) - 1,
-                        job_start_ns=stages.start_ns)
-            if mode == "colocated":
-                totals = run_colocated(models, job.engine, procs, max_prompt_tokens, len(requests),
-                                       progress, **work)
-            else:
-                totals = run_split(models, job.engine, job.prompt_procs, job.token_procs, max_prompt_tokens,
-                                   len(requests), progress, **work)
-            generated, oom_splits = totals["generated_tokens"], totals["oom_splits"]
-            engine_info["batch_size"] = totals["batch_size"]  # of all the decoding workers together
-        else:
-            generated = oom_splits = 0
-    stages.done("generate_s")
-    generate_s = stages.seconds["generate_s"]
+        self.probe = getattr(engine, "probe_tokens_per_s", None)
+        if plan.procs_auto is not None:
+            # Each worker would build and warm up its own engine, as this process just did.
+            start_up_s = None if self.worker_imports_s is None else self.worker_imports_s + time.perf_counter() - start
+            plan = plan.with_procs(*choose_procs(engine, requests, start_up_s))
+            log.info("procs=auto: %d (%s)", plan.procs, plan.procs_auto)
+            if plan.mode != "single":
+                engine = None
+                torch.cuda.empty_cache()  # the workers size their KV caches by the free memory: give this one's back
+        self.stages.done("warm_up_s")
+        return engine, plan
 
-    wall_s = stages.wall_s()
-    runs = out.finish_run({
-        "wall_s": round(wall_s, 3), "stages": stages.seconds,
-        "engine": engine_info, "devices": [str(device) for device in devices], "procs": procs, "mode": mode,
-        "mps": mps.note,
-        "rows_generated": len(requests), "rows_skipped_done": len(reused), "generated_tokens": generated,
-        "cpu_threads": torch.get_num_threads(), "corrupt_parts_moved_aside": out.moved_aside,
-        "oom_splits": oom_splits,  # batches run as halves because they ran out of memory (engine.memory_cap_mb)
-        "generated_tokens_per_s": round(generated / generate_s, 1) if generate_s > 0 else None,
-        "job_tokens_per_s": round(generated / wall_s, 1),
-    })
-    manifest = {
-        "fingerprint": fingerprint(job),
-        "config": to_plain_dict(job),
-        "weights": job.model.weights,  # "random": timing only, the generations are meaningless
-        "model_source": loaded.source,
-        "environment": environment(loaded),
-        "rows": {"input": rows_in},
-        "wall_s_last_run": round(wall_s, 3),
-        "wall_s_finished_runs": round(sum(r.get("wall_s", 0) for r in runs), 3),
-        "runs": runs,  # every run of this job, as it started: a killed one shows finished: false
-    }
-    generated_ids = requests.select_columns(["id", "prompt"])[:]
-    wanted = pa.table({"id": generated_ids["id"] + reused, "prompt": generated_ids["prompt"] + [done[i] for i in reused]})
-    return out.finalize(errors.with_format("arrow")[:], wanted, manifest)
+    def generate(self, plan: Plan, engine, work: Work) -> Totals:
+        """Every work unit through the engine (mode=single) or the workers, with a progress bar."""
+        with Progress(work.requests, self.job.output.progress) as progress, mps_blamed_for_dead_workers(self.mps):
+            if plan.mode == "single":
+                tokens = generate_units(engine, work, range(work.unit_count), worker=0, progress=progress)
+                return Totals(tokens, engine.oom_splits, engine.cfg.batch_size)
+            if not work.unit_count:
+                return Totals()
+            return {"colocated": run_colocated, "split": run_split}[plan.mode](self.models, plan, work, progress)
+
+    def finish(self, rows, plan: Plan, prepared: Prepared, totals: Totals, engine) -> dict:
+        """Records the run in job.json, merges the outputs, writes the manifest; returns it."""
+        wall_s = self.stages.wall_s()
+        runs = self.out.finish_run(self.record(plan, prepared, totals, engine, wall_s))
+        job, loaded = self.job, self.models[0]
+        manifest = {
+            "fingerprint": fingerprint(job),
+            "config": to_plain_dict(job),
+            "weights": job.model.weights,  # "random": timing only, the generations are meaningless
+            "model_source": loaded.source,
+            "environment": environment(loaded),
+            "rows": {"input": len(job.data.part_rows(len(rows)))},
+            "wall_s_last_run": round(wall_s, 3),
+            "wall_s_finished_runs": round(sum(r.get("wall_s", 0) for r in runs), 3),
+            "runs": runs,  # every run of this job, as it started: a killed one shows finished: false
+        }
+        generated = prepared.requests.select_columns(["id", "prompt"])[:]
+        wanted = pa.table({"id": generated["id"] + prepared.reused,
+                           "prompt": generated["prompt"] + [self.prompts_done[i] for i in prepared.reused]})
+        return self.out.finalize(prepared.errors.with_format("arrow")[:], wanted, manifest)
+
+    def record(self, plan: Plan, prepared: Prepared, totals: Totals, engine, wall_s: float) -> dict:
+        """This run's figures, for job.json and the manifest's runs."""
+        generate_s = self.stages.seconds["generate_s"]
+        kind = type(engine).__name__ if plan.mode == "single" else plan.engine_kind(self.job.engine.kind)
+        ran = {"batch_size": totals.batch_size} if totals.batch_size is not None else {}  # no engine ran: none
+        probe = {"probe_tokens_per_s": {str(b): round(v) for b, v in self.probe.items()}} if self.probe else {}
+        return {
+            "wall_s": round(wall_s, 3), "stages": self.stages.seconds, **plan.record(),
+            "engine": {"kind": kind, **ran, **probe}, "mps": self.mps.note,
+            "rows_generated": len(prepared.requests), "rows_skipped_done": len(prepared.reused),
+            "generated_tokens": totals.generated_tokens, "cpu_threads": torch.get_num_threads(),
+            "corrupt_parts_moved_aside": self.out.moved_aside,
+            "oom_splits": totals.oom_splits,  # batches run as halves because they ran out of memory
+            "generated_tokens_per_s": round(totals.generated_tokens / generate_s, 1) if generate_s > 0 else None,
+            "job_tokens_per_s": round(totals.generated_tokens / wall_s, 1),
+        }

@@ -1,6 +1,6 @@
 """Loads a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
 
-GGUF files (the embedded default is one) are dequantized once (~20 s on CPU) and cached as a
+GGUF files (the embedded default is one) are dequantized once (slow) and cached as a
 plain transformers directory, so later runs load in well under a second.
 """
 
@@ -88,7 +88,7 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     Processes that start at once (array tasks, tests) convert one at a time, under a lock, and those
     that waited use the first one's copy."""
     with gguf_file.open("rb") as f:
-        key = hashlib.file_digest(f, "sha256").hexdigest()[:12]  # ~0.2 s for the 98 MB default
+        key = hashlib.file_digest(f, "sha256").hexdigest()[:12]  # cheap beside a conversion
     target = cache_dir / "gguf" / f"{gguf_file.stem}-{key}"
     if (target / "config.json").exists():
         return target

@@ -3,8 +3,8 @@ reuse one that already runs (a cluster's), and stop only a daemon this job start
 
 MPS lets the kernels of several processes share the GPU at once instead of time-slicing their
 contexts. It never touches the GPU's compute mode. Start it before the workers start: they are its
-clients. (The parent, whose CUDA was initialised before, is not; on an H100 the workers share its
-tensors all the same: bench/NOTES.md, run 13.)
+clients. (The parent, whose CUDA was initialised before, is not; the workers share its tensors all
+the same: bench/NOTES.md, run 13.)
 """
 
 import contextlib

@@ -16,16 +16,12 @@ import shutil
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from splitwiser.errors import UserError
-
-if TYPE_CHECKING:
-    from splitwiser.engine import Generation
+from splitwiser.request import Generation
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +293,8 @@ class OutputDir:
 
 
 class PartWriter:
-    """Collects finished requests and writes them as part files of `rows` rows (the worker's batch size),
-    then calls progress(rows, tokens) and on_write(written) with the (key, row, generation) triples.
+    """Collects generations and writes them as part files of `rows` rows (the worker's batch size), then calls
+    progress(rows, tokens) and on_write(generations) with the generations written.
 
     A part is decoded and written on a thread while the engine goes on (in one process the GPU would
     wait for it otherwise); one part at a time, so that at most two parts' rows are held in memory.
@@ -309,7 +305,7 @@ class PartWriter:
                  job_start_ns: int, progress, on_write=lambda written: None):
         self.out, self.tokenizer, self.rows, self.worker, self.gpu = out, tokenizer, rows, worker, gpu
         self.run_index, self.job_start_ns, self.progress, self.on_write = run_index, job_start_ns, progress, on_write
-        self.finished: list[tuple[object, dict, "Generation"]] = []
+        self.finished: list[Generation] = []
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="part-writer")
         self.writing: tuple[Future, list] | None = None  # the part on the thread, and its rows
 
@@ -324,8 +320,8 @@ class PartWriter:
         finally:
             self.thread.shutdown(wait=True)  # a part being written is finished, even on an error
 
-    def add(self, key, row: dict, generation: "Generation") -> None:
-        self.finished.append((key, row, generation))
+    def add(self, generation: Generation) -> None:
+        self.finished.append(generation)
         if len(self.finished) >= self.rows:
             self.flush()
         elif self.writing and self.writing[0].done():
@@ -343,25 +339,32 @@ class PartWriter:
         if self.writing:
             (future, finished), self.writing = self.writing, None
             future.result()
-            self.progress(len(finished), sum(len(g.token_ids) for _, _, g in finished))
+            self.progress(len(finished), sum(len(g.token_ids) for g in finished))
             self.on_write(finished)
 
-    def write(self, finished: list) -> None:
-        failed = [{"id": row["id"], "error": g.error} for _, row, g in finished if g.error]
+    def write(self, finished: list[Generation]) -> None:
+        failed = [{"id": g.request.id, "error": g.error} for g in finished if g.error]
         if failed:
             self.out.write_errors(failed)
-        texts = self.tokenizer.batch_decode([g.token_ids for _, _, g in finished], skip_special_tokens=True)
-        ms = lambda ns: (ns - self.job_start_ns) / 1e6  # noqa: E731 (times relative to the run's start)
-        self.out.write_part([{
-            "id": row["id"], "reference": row.get("reference"), "prompt": row["prompt"],
-            "prompt_truncated": row["prompt_truncated"], "generation": text.strip(),
-            "prompt_tokens": row["prompt_tokens"], "generated_tokens": len(g.token_ids),
+        generated = [g for g in finished if not g.error]
+        texts = self.tokenizer.batch_decode([g.token_ids for g in generated], skip_special_tokens=True)
+        self.out.write_part([self.row(g, text) for g, text in zip(generated, texts)])
+
+    def row(self, g: Generation, text: str) -> dict:
+        """A part file's row (PART_SCHEMA): the request's, its generation's, and its timing, in ms from the run's
+        start."""
+        ms = lambda ns: (ns - self.job_start_ns) / 1e6  # noqa: E731
+        request = g.request
+        return {
+            "id": request.id, "reference": request.reference, "prompt": request.prompt,
+            "prompt_truncated": request.prompt_truncated, "generation": text.strip(),
+            "prompt_tokens": request.prompt_tokens, "generated_tokens": len(g.token_ids),
             "output_token_ids": g.token_ids, "finish_reason": g.finish_reason, "worker": self.worker, "gpu": self.gpu,
             "prefill_worker": self.worker if g.prefill_worker is None else g.prefill_worker,
             "batch": g.batch, "run": self.run_index, "batch_size": g.batch_size, "enqueue_ms": ms(g.enqueue_ns),
             "prefill_start_ms": ms(g.prefill_start_ns), "first_token_ms": ms(g.first_token_ns),
             "finish_ms": ms(g.finish_ns),
-        } for (_, row, g), text in zip(finished, texts) if not g.error])
+        }
 
 
 def _row_keys(table: pa.Table) -> pa.Array:

@@ -7,22 +7,23 @@ from conftest import SAMPLE, run_cli
 from splitwiser.bench import workload, write_workload
 from splitwiser.config import EngineConfig, PromptConfig
 from splitwiser.engine import ContinuousEngine
-from splitwiser.job import choose_procs, seconds_since_process_start
+from splitwiser.plan import choose_procs, seconds_since_process_start, slot_length
 
 
 def test_the_probe_times_every_bucket_and_leaves_the_engine_as_it_was(tmp_path, default_model):
-    prompts = workload(default_model, write_workload(SAMPLE, 12, tmp_path / "w.csv"), PromptConfig())
+    requests = workload(default_model, write_workload(SAMPLE, 12, tmp_path / "w.csv"), PromptConfig())
     cfg = EngineConfig(batch_size=16, max_new_tokens=6)
-    probed = ContinuousEngine(default_model, cfg, max(map(len, prompts)))
+    length = slot_length(max(r.prompt_tokens for r in requests), cfg.max_new_tokens)
+    probed = ContinuousEngine(default_model, cfg, length)
     probe = probed.probe(steps=2)
     assert sorted(probe) == [8, 16] and all(tokens_per_s > 0 for tokens_per_s in probe.values())
-    fresh = ContinuousEngine(default_model, cfg, max(map(len, prompts)))
-    outputs = {i: g.token_ids for i, g in probed.run(prompts)}
-    assert len(outputs) == 12 and outputs == {i: g.token_ids for i, g in fresh.run(prompts)}
+    fresh = ContinuousEngine(default_model, cfg, length)
+    outputs = {g.request.id: g.token_ids for g in probed.run(requests)}
+    assert len(outputs) == 12 and outputs == {g.request.id: g.token_ids for g in fresh.run(requests)}
 
 
 def test_the_best_batch_is_the_smallest_within_five_percent_of_the_fastest(default_model):
-    engine = ContinuousEngine(default_model, EngineConfig(batch_size=64, max_new_tokens=4), 50)
+    engine = ContinuousEngine(default_model, EngineConfig(batch_size=64, max_new_tokens=4), 64)
     engine.use_best_batch_size({8: 100.0, 16: 180.0, 32: 192.0, 64: 200.0})
     assert engine.cfg.batch_size == 32
     engine.use_best_batch_size({8: 100.0, 16: 300.0, 32: 200.0})  # a wider batch can be slower
@@ -30,7 +31,7 @@ def test_the_best_batch_is_the_smallest_within_five_percent_of_the_fastest(defau
 
 
 def test_procs_auto_on_a_cpu_runs_one_process_and_says_why(tmp_path, default_model):
-    engine = ContinuousEngine(default_model, EngineConfig(batch_size=8, max_new_tokens=4), 50)
+    engine = ContinuousEngine(default_model, EngineConfig(batch_size=8, max_new_tokens=4), 64)
     procs, why = choose_procs(engine, requests=10**6, start_up_s=1.0)
     assert procs == 1 and "CUDA" in why["why"]
     assert 0 < seconds_since_process_start() < 24 * 3600
@@ -38,4 +39,4 @@ def test_procs_auto_on_a_cpu_runs_one_process_and_says_why(tmp_path, default_mod
                      "output.progress=false")
     assert result.returncode == 0, result.stderr
     last = json.loads((tmp_path / "o" / "manifest.json").read_text())["runs"][-1]
-    assert last["procs"] == 1 and last["mode"] == "single" and last["engine"]["procs_auto"]["procs"] == 1
+    assert last["procs"] == 1 and last["mode"] == "single" and last["procs_auto"]["procs"] == 1

@@ -8,7 +8,8 @@ from datasets import Dataset
 
 from conftest import SAMPLE, job_config, sample_rows, write_csv
 from splitwiser.config import DataConfig
-from splitwiser.data import prepare_requests, read_dataset
+from splitwiser.data import read_dataset
+from splitwiser.prepare import prepare_requests
 
 
 @pytest.fixture

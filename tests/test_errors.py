@@ -100,3 +100,13 @@ def test_a_loop_of_symbolic_links_as_data_path(tmp_path):
     loop.symlink_to(loop)
     assert_user_error(run_cli(f"data.path={loop}", f"output.dir={tmp_path}/o"), "a loop of symbolic links")
     assert not (tmp_path / "o").exists()
+
+
+def test_split_mode_refuses_a_model_the_fast_engine_cannot_run(tmp_path, default_model):
+    """mode=split hands KV slots over, which only the fast engine has: a family without an adapter (GPT-2 here) is
+    refused in one line, and no output dir is left behind (the other modes fall back to generate)."""
+    assert_user_error(run_cli("mode=split", "model.weights=random", "model.path=gpt2", "model.architecture=gpt2",
+                              f"model.tokenizer={default_model.source}", "data.limit=2", "engine.max_new_tokens=2",
+                              f"output.dir={tmp_path}/o"),
+                      "mode=split hands KV slots over, which needs the fast engine: model type gpt2 is not supported")
+    assert not (tmp_path / "o").exists()

@@ -17,7 +17,7 @@ from conftest import SAMPLE, job_config, run_cli
 from splitwiser.bench import workload, write_workload
 from splitwiser.config import EngineConfig, ModelConfig, PromptConfig
 from splitwiser.engine import ContinuousEngine, GenerateEngine, make_engine
-from splitwiser.job import choose_procs
+from splitwiser.plan import choose_procs, slot_length
 from splitwiser.models import load_model
 from splitwiser.report import write_timeline
 
@@ -30,13 +30,13 @@ def model_dir() -> str:
 
 def both_engines(model: ModelConfig, requests: int, max_new_tokens: int, slots: int, attention: str, tmp_path):
     loaded = load_model(model)
-    prompts = workload(loaded, write_workload(SAMPLE, requests, tmp_path / "workload.csv"), PromptConfig(style="plain"))
+    work = workload(loaded, write_workload(SAMPLE, requests, tmp_path / "workload.csv"), PromptConfig(style="plain"))
     cfg = EngineConfig(batch_size=slots, max_new_tokens=max_new_tokens, ignore_eos=True, attention=attention)
-    engine = ContinuousEngine(loaded, cfg, max(map(len, prompts)))
+    engine = ContinuousEngine(loaded, cfg, slot_length(max(r.prompt_tokens for r in work), max_new_tokens))
     assert engine.runner.live_attention == (attention != "sdpa")
-    fast = dict(engine.run(prompts))
-    reference = dict(GenerateEngine(loaded, cfg).run(prompts))
-    return [fast[i].token_ids for i in range(requests)], [reference[i].token_ids for i in range(requests)]
+    fast = {g.request.id: g.token_ids for g in engine.run(work)}
+    reference = {g.request.id: g.token_ids for g in GenerateEngine(loaded, cfg).run(work)}
+    return [fast[r.id] for r in work], [reference[r.id] for r in work]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "live"])
@@ -75,16 +75,17 @@ def test_auto_batch_size_and_procs_come_from_a_probe_and_are_in_the_manifest(tmp
     last = manifest["runs"][-1]
     probe = {int(b): v for b, v in last["engine"]["probe_tokens_per_s"].items()}
     print(f"probe (decode tokens/s per batch): {probe}; chose {last['engine']['batch_size']}; "
-          f"procs=auto: {last['engine']['procs_auto']}")
+          f"procs=auto: {last['procs_auto']}")
     assert last["engine"]["batch_size"] in probe and probe[last["engine"]["batch_size"]] >= 0.95 * max(probe.values())
     # 64 rows take well under a second: the workers' start-up cannot pay.
     assert last["procs"] == 1 and last["mode"] == "single" and manifest["rows"]["ok"] == 64
-    assert last["engine"]["procs_auto"]["worker_start_up_s"] > 0
+    assert last["procs_auto"]["worker_start_up_s"] > 0
 
 
 def test_auto_procs_picks_workers_for_a_long_generation():
     loaded = load_model(ModelConfig(path=model_dir(), weights="random", device="cuda"))
-    engine = make_engine(loaded, EngineConfig(max_new_tokens=64, ignore_eos=True), 200, requests=10**6)
+    engine = make_engine(loaded, EngineConfig(max_new_tokens=64, ignore_eos=True), slot_length(200, 64),
+                         requests=10**6)
     procs, why = choose_procs(engine, requests=10**6, start_up_s=30.0)  # 64M tokens: minutes of generation
     print(f"1M requests: {why}")
     assert procs == 2 and why["saved_by_2_workers_s"] > 30

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig
 
 from conftest import ROOT, run_cli, sample_rows, write_csv
-from splitwiser.runner import kv_slot_bytes
+from splitwiser.memory import kv_slot_bytes
 from test_gpu import model_dir
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")

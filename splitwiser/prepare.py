@@ -1,0 +1,247 @@
+"""Rows → requests: each row read by splitwiser.data becomes a prompt and its token ids, or an error; the
+requests are saved as Arrow shards that the workers memory-map.
+
+Rows that cannot be generated come back as errors with a reason; nothing is dropped silently: a row that
+read_dataset could not use (its reason), no id, a duplicate id, a text that is empty, a prompt longer than
+the model's context unless prompt.too_long=truncate. A row without an id is named `row:N` (N: its row
+number, from 0); where a real id starts with `row:`, the prefix takes more colons (`row::N`, ...) until
+none does, so that it never equals a real id.
+
+Only the prompt template contributes special tokens: a special token's string in the text (`<|im_end|>`)
+is encoded as text.
+"""
+
+import math
+import re
+import shutil
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+from datasets import Dataset, Features, Sequence, Value, load_from_disk
+from transformers import PreTrainedTokenizerBase
+
+from splitwiser.config import DataConfig, PromptConfig
+from splitwiser.data import READ_ERROR
+from splitwiser.errors import UserError
+from splitwiser.output import unwritable
+
+SENTINEL = "\ue000splitwiser text\ue000"  # stands for the text while the template is rendered
+
+
+def uses_chat(prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> bool:
+    return prompt.style == "chat" or (prompt.style == "auto" and bool(tokenizer.chat_template))
+
+
+def build_prompts(texts: list[str], prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    if not uses_chat(prompt, tokenizer):
+        return [prompt.template.format(text=text) for text in texts]
+    # One call for the batch: the template renders each conversation as alone, at half the cost of a call each.
+    return tokenizer.apply_chat_template(
+        [[{"role": "system", "content": prompt.instruction},
+          {"role": "user", "content": prompt.chat_message.format(text=text)}] for text in texts],
+        tokenize=False, add_generation_prompt=True)
+
+
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> re.Pattern:
+    """Matches the tokenizer's special tokens (those that split_special_tokens=True encodes as text), as a group."""
+    specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    return re.compile(f"({'|'.join(map(re.escape, specials)) or '(?!)'})")
+
+
+def encode_as_text(template: str, text: str, tokenizer: PreTrainedTokenizerBase, specials: re.Pattern,
+                   adds_special: bool) -> tuple[str, list[int]]:
+    """The prompt of `text` and its token ids, where the text's special-token strings are encoded as text.
+    `template` is the rendered prompt with SENTINEL for the text. It is split at its own special tokens, where
+    the tokenizer splits it too, so that each piece's ids are those it has in one call; the pieces that hold
+    the text are encoded with split_special_tokens=True, the others as usual. The post-processor's tokens (a
+    BOS) come with the first piece."""
+    chunks = []  # (string, whether it holds the text): the template's runs of pieces, and the text's
+    for piece in specials.split(template):
+        holds_text = SENTINEL in piece
+        if chunks and not holds_text and not chunks[-1][1]:
+            chunks[-1] = (chunks[-1][0] + piece, False)
+        else:
+            chunks.append((piece.replace(SENTINEL, text), holds_text))
+    ids = []
+    for i, (chunk, holds_text) in enumerate(chunks):
+        ids += tokenizer(chunk, add_special_tokens=adds_special and i == 0, split_special_tokens=holds_text).input_ids
+    return template.replace(SENTINEL, text), ids
+
+
+def _no_id_prefix(ids: list[str | None]) -> str:
+    """`row:`, with more colons while a real id starts with it: a placeholder id never equals a real one."""
+    prefix = "row:"
+    while any(i is not None and i.startswith(prefix) for i in ids):
+        prefix += ":"
+    return prefix
+
+
+class _Ids:
+    """The ids of the whole dataset, not only of data.part: a duplicate in another part is caught."""
+
+    def __init__(self, ds: Dataset, id_column: str | None):
+        # [:]: a column at once, not row by row
+        self.by_row = [str(i) for i in range(len(ds))] if id_column is None else [
+            v if v is not None and v.strip() else None for v in ds.select_columns(id_column)[:][id_column]]
+        self.first_row = {}  # id → the first row that has it
+        for row, row_id in enumerate(self.by_row):
+            self.first_row.setdefault(row_id, row)
+        self.no_id = _no_id_prefix(self.by_row)
+
+    def name(self, row: int) -> str:
+        """The row's id, or its placeholder where it has none."""
+        return self.by_row[row] or f"{self.no_id}{row}"
+
+
+def _row_error(ids: _Ids, row: int, text: str | None, read_error: str | None, text_column: str) -> str | None:
+    """Why the row cannot be generated, as far as its cells tell (before its prompt is made), or None."""
+    if read_error:
+        return read_error
+    row_id = ids.by_row[row]
+    if row_id is None:
+        return "missing id"
+    if ids.first_row[row_id] != row:
+        return f"duplicate id (first seen at row {ids.first_row[row_id]})"
+    if text is None or not text.strip():
+        return f"empty or missing {text_column}"
+    return None
+
+
+class _Encoder:
+    """Texts as prompts and token ids, made to fit max_prompt_tokens."""
+
+    def __init__(self, prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int):
+        self.prompt, self.tokenizer, self.max_prompt_tokens = prompt, tokenizer, max_prompt_tokens
+        self.adds_special = not uses_chat(prompt, tokenizer)  # a chat template writes its own special tokens
+        self.specials = special_tokens(tokenizer)
+        self.template = build_prompts([SENTINEL], prompt, tokenizer)[0]
+
+    def tokenize(self, texts: list[str]) -> tuple[list[str], list[list[int]]]:
+        """Prompts and their token ids, in one call: the fast tokenizer encodes a batch in parallel."""
+        if not texts:  # a batch whose every row is an error: the tokenizer and the chat template refuse []
+            return [], []
+        prompt_texts = build_prompts(texts, self.prompt, self.tokenizer)
+        token_ids = self.tokenizer(prompt_texts, add_special_tokens=self.adds_special).input_ids
+        for i, text in enumerate(texts):
+            if self.specials.search(text):  # its special-token strings became control tokens: encoded again, as text
+                prompt_texts[i], token_ids[i] = encode_as_text(self.template, text, self.tokenizer, self.specials,
+                                                               self.adds_special)
+        return prompt_texts, token_ids
+
+    def fit(self, text: str, prompt_text: str, token_ids: list[int]) -> tuple[str, list[int], bool] | str:
+        """(prompt, its token ids, whether the text was truncated), or why the row cannot be generated."""
+        limit = self.max_prompt_tokens
+        if len(token_ids) <= limit:
+            return prompt_text, token_ids, False
+        if self.prompt.too_long == "error":
+            return f"prompt has {len(token_ids)} tokens, over the {limit} that fit the context"
+        text_ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        keep = len(text_ids) - (len(token_ids) - limit)
+        while keep > 0:  # tokens may merge differently at the cut: shorten until it fits
+            [prompt_text], [token_ids] = self.tokenize([self.tokenizer.decode(text_ids[:keep])])
+            if len(token_ids) <= limit:
+                return prompt_text, token_ids, True
+            keep -= len(token_ids) - limit
+        return f"the prompt without its text is over the {limit} tokens that fit the context"
+
+
+class _Row(NamedTuple):
+    """A row as map writes it: a request, or an error (or a reused row) that _split sets apart."""
+    id: str
+    prompt: str
+    input_ids: list[int]
+    prompt_tokens: int
+    prompt_truncated: bool
+    error: str | None
+    reused: bool
+
+
+def _features(data: DataConfig) -> Features:
+    # Typed: map would otherwise keep an input column's type for an output of the same name (numeric ids).
+    return Features({"id": Value("string"), "prompt": Value("string"), "input_ids": Sequence(Value("int32")),
+                     "prompt_tokens": Value("int32"), "prompt_truncated": Value("bool"), "error": Value("string"),
+                     "reused": Value("bool"), **({"reference": Value("string")} if data.reference_column else {})})
+
+
+def _to_requests(batch: dict, indices: list[int], data: DataConfig, start: int, ids: _Ids, encoder: _Encoder,
+                 done: dict[str, str]) -> dict:
+    """map's function: a batch of data.part's rows (`indices` counted from row `start`) as _Row's columns."""
+    rows = [start + i for i in indices]
+    texts, read_errors = batch[data.text_column], batch.get(READ_ERROR, [None] * len(indices))
+    errors = [_row_error(ids, row, text, read_error, data.text_column)
+              for row, text, read_error in zip(rows, texts, read_errors)]
+    good = [text.strip() for text, error in zip(texts, errors) if error is None]
+    fitted = map(encoder.fit, good, *encoder.tokenize(good))  # the good texts tokenized in one call
+    prepared = []
+    for row, error in zip(rows, errors):
+        result = next(fitted) if error is None else error
+        if isinstance(result, str):  # why the row cannot be generated
+            error, result = result, ("", [], False)
+        prompt_text, token_ids, truncated = result
+        reused = error is None and done.get(ids.by_row[row]) == prompt_text
+        prepared.append(_Row(ids.name(row), prompt_text, token_ids, len(token_ids), truncated, error, reused))
+    out = {name: [getattr(r, name) for r in prepared] for name in _Row._fields}
+    if data.reference_column:
+        out["reference"] = batch[data.reference_column]
+    return out
+
+
+class Prepared(NamedTuple):
+    requests: Dataset  # sorted by prompt length
+    errors: Dataset  # id, error
+    reused: list[str]  # ids of the part's rows whose existing generation still holds: not generated again
+
+
+def _split(prepared: Dataset) -> Prepared:
+    """map's rows as requests (sorted by prompt length), errors, and the ids of the reused."""
+    # Batched: a filter calls its function once per 1,000 rows instead of once per row.
+    errors = prepared.filter(lambda errors: [e is not None for e in errors], input_columns="error", batched=True)
+    reused = prepared.filter(lambda reused: reused, input_columns="reused", batched=True)
+    requests = prepared.filter(lambda errors, reused: [e is None and not r for e, r in zip(errors, reused)],
+                               input_columns=["error", "reused"], batched=True)
+    return Prepared(requests.remove_columns(["error", "reused"]).sort("prompt_tokens"),
+                    errors.select_columns(["id", "error"]), reused["id"][:])  # [:]: a list, not a Column
+
+
+def prepare_requests(
+    ds: Dataset,
+    data: DataConfig,
+    prompt: PromptConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_tokens: int,
+    done: dict[str, str],
+) -> Prepared:
+    """The rows of data.part as requests and errors. A row whose id is in `done` (id → the prompt its existing
+    generation was made from) with the same prompt now is reused, not a request; one whose text changed is
+    generated again. Ids are checked over the whole dataset, so a duplicate in another part is caught.
+
+    A request has: id, reference (if configured), prompt, input_ids, prompt_tokens, prompt_truncated.
+    """
+    part = data.part_rows(len(ds))
+    to_requests = partial(_to_requests, data=data, start=part.start, ids=_Ids(ds, data.id_column),
+                          encoder=_Encoder(prompt, tokenizer, max_prompt_tokens), done=done)
+    prepared = ds.select(part).map(to_requests, batched=True, with_indices=True, remove_columns=ds.column_names,
+                                   features=_features(data))
+    return _split(prepared)
+
+
+def write_shards(requests: Dataset, directory: Path, shard_rows: int) -> int:
+    """Saves the requests as Arrow shards (memory-mapped by every worker); returns the number of work units."""
+    shutil.rmtree(directory, ignore_errors=True)
+    units = max(1, math.ceil(len(requests) / shard_rows))
+    try:
+        requests.save_to_disk(str(directory), num_shards=min(units, max(1, len(requests))))
+    except OSError as e:
+        raise UserError(unwritable(directory, e)) from None
+    return units if len(requests) else 0
+
+
+def load_shards(directory: Path) -> Dataset:
+    """The requests written by write_shards, memory-mapped."""
+    return load_from_disk(str(directory))
+
+
+def work_unit(requests: Dataset, units: int, index: int) -> Dataset:
+    """Work unit `index` of `units`: a contiguous slice of the (length-sorted) requests."""
+    return requests.shard(num_shards=units, index=index, contiguous=True)
