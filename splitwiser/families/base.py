@@ -1,0 +1,45 @@
+"""What every family adapter is (Architecture), and the registry that maps a transformers model_type to one."""
+
+import torch
+from torch import nn
+
+from splitwiser.errors import UnsupportedModel
+from splitwiser.memory import head_geometry
+
+FAMILIES: dict[str, type["Architecture"]] = {}  # transformers model_type → its adapter
+
+
+def family(*model_types: str):
+    """Registers the decorated adapter for these transformers model types."""
+    def register(adapter: type["Architecture"]) -> type["Architecture"]:
+        FAMILIES.update(dict.fromkeys(model_types, adapter))
+        return adapter
+    return register
+
+
+def adapter_for(model: nn.Module) -> "Architecture":
+    """The adapter of the model's family; raises UnsupportedModel where there is none."""
+    model_type = model.config.model_type
+    if model_type not in FAMILIES:
+        raise UnsupportedModel(f"model type {model_type}")
+    return FAMILIES[model_type](model)
+
+
+class Architecture:
+    """How one model family computes a layer; subclasses name the modules. They set `layers` (the decoder
+    layers, in order) and `scaling` (the attention's softmax scale) and implement:
+    embed(tokens, positions) → x [B, T, hidden]; attention_input(layer, x) (the pre-attention norm);
+    qkv(layer, x, positions); attention_output(layer, attn) (the output projection);
+    mlp(layer, x) (its norm included); final(x) (what comes before lm_head)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.num_heads, self.num_kv_heads, self.head_dim = head_geometry(model.config)
+        self.lm_head = model.get_output_embeddings()
+
+    def qkv(self, layer, x, positions):
+        """x [B, T, hidden] → q [B, H, T, D], k and v [B, Hkv, T, D]."""
+        raise NotImplementedError
+
+    def split_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.view(*x.shape[:2], heads, self.head_dim).transpose(1, 2)
