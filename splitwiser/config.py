@@ -130,6 +130,31 @@ class EngineConfig:
 
 
 @dataclass
+class SamplingConfig:
+    # 0: greedy, the model's most likely token (the default). Above 0: sampled, reproducibly: a row's tokens depend
+    # on the seed, its id, its prompt, the model and these settings, never on its batch, worker or run.
+    temperature: float = 0.0
+    top_k: int = 0  # sample among the k most likely tokens only (0: all)
+    top_p: float = 1.0  # among the most likely tokens whose probabilities add up to top_p (1: all)
+    min_p: float = 0.0  # among the tokens at least min_p times as likely as the most likely one (0: all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"sampling.temperature={self.temperature}: must be 0 (greedy) or more")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"sampling.top_p={self.top_p}: must be above 0 and at most 1")
+        if not 0 <= self.min_p < 1:
+            raise UserError(f"sampling.min_p={self.min_p}: must be 0 or more and below 1")
+        if self.top_k < 0:
+            raise UserError(f"sampling.top_k={self.top_k}: must be 0 (all tokens) or more")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
 class OutputConfig:
     dir: str = "outputs/${model.name}-${data.name}"
     overwrite: bool = False  # start afresh instead of resuming what the directory holds
@@ -158,6 +183,7 @@ class JobConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     mps: MPSConfig = field(default_factory=MPSConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # auto: every visible GPU (the CPU without one); N: the first N; [0, 2]: those. One model copy per GPU.
     gpus: Any = "auto"
     # Worker processes per device, sharing its copy of the weights. auto: 2 colocated workers when the
@@ -189,6 +215,9 @@ class JobConfig:
         if self.mode == "split":
             if self.engine.kind != "continuous":
                 raise UserError("mode=split hands KV slots over: it needs engine.kind=continuous")
+        if not self.sampling.greedy and self.engine.kind != "continuous":
+            raise UserError("sampling.temperature > 0 samples with the continuous engine's reproducible sampler: "
+                            "it needs engine.kind=continuous")
 
     def mode_for(self, devices: int) -> str:
         """The mode a run on `devices` devices starts with (jobs/__init__.py asks before the devices are known,

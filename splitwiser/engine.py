@@ -26,11 +26,12 @@ from itertools import count, islice
 import torch
 
 from splitwiser import sampler
-from splitwiser.config import EngineConfig
+from splitwiser.config import EngineConfig, SamplingConfig
 from splitwiser.errors import UnsupportedModel, UserError
 from splitwiser.memory import forward_bytes, free_memory, gigabytes, kv_slot_bytes
 from splitwiser.models import LoadedModel
 from splitwiser.request import Generation, Request
+from splitwiser.sampler import GREEDY, request_key
 from splitwiser.runner import KVPool, SlotRunner
 
 log = logging.getLogger(__name__)
@@ -157,23 +158,26 @@ def prefill_group_size(lengths: list[int], prefill_tokens: int) -> int:
     return size
 
 
-def prefill_group(runner: SlotRunner, prompts: list[list[int]], slots: list[int],
-                  memory_cap_mb: int | None) -> tuple[list[int | OutOfMemory], int]:
-    """Prefills `prompts` (token-id lists) into `slots` of the runner's KV pool → (the first token of each,
-    or the error of a prompt that ran out of memory even alone; how many times the group was split)."""
-    return split_on_oom(lambda items: _prefill_slots(runner, *zip(*items), memory_cap_mb), list(zip(prompts, slots)))
+def prefill_group(runner: SlotRunner, requests: list[Request], slots: list[int], memory_cap_mb: int | None,
+                  sampling: SamplingConfig) -> tuple[list[int | OutOfMemory], int]:
+    """Prefills the requests' prompts into `slots` of the runner's KV pool → (the first token of each, or the
+    error of a prompt that ran out of memory even alone; how many times the group was split)."""
+    return split_on_oom(lambda items: _prefill_slots(runner, *zip(*items), memory_cap_mb, sampling),
+                        list(zip(requests, slots)))
 
 
-def _prefill_slots(runner: SlotRunner, prompts: tuple[list[int]], slots: tuple[int], memory_cap_mb) -> list[int]:
-    lengths = [len(prompt) for prompt in prompts]
-    check_memory_cap(memory_cap_mb, runner.arch.model, len(prompts), max(lengths))
-    padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        padded[row, :len(prompt)] = torch.tensor(prompt)
+def _prefill_slots(runner: SlotRunner, requests: tuple[Request], slots: tuple[int], memory_cap_mb,
+                   sampling: SamplingConfig) -> list[int]:
+    lengths = [request.prompt_tokens for request in requests]
+    check_memory_cap(memory_cap_mb, runner.arch.model, len(requests), max(lengths))
+    padded = torch.zeros(len(requests), max(lengths), dtype=torch.long)
+    for row, request in enumerate(requests):
+        padded[row, :request.prompt_tokens] = torch.tensor(request.input_ids)
     device = runner.device
+    logits = runner.prefill(padded.to(device), torch.tensor(lengths, device=device), torch.tensor(slots, device=device))
+    keys = torch.tensor([request_key(sampling, r.id) for r in requests], device=device)
     # .tolist() waits for the prefill: in mode=split the keys are in the slots before a token worker hears of them
-    return sampler.next_tokens(runner.prefill(padded.to(device), torch.tensor(lengths, device=device),
-                                              torch.tensor(slots, device=device))).tolist()
+    return sampler.next_tokens(logits, sampling, keys, torch.zeros_like(keys)).tolist()
 
 
 @dataclass
@@ -189,8 +193,9 @@ class ContinuousEngine:
     # larger prefills, each one launch-bound like a decode step.
     ADMIT_FRACTION = 1 / 8
 
-    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, slot_length: int, kv: KVPool | None = None):
-        self.cfg, self.device, self.tokenizer = cfg, loaded.device, loaded.tokenizer
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, slot_length: int, kv: KVPool | None = None,
+                 sampling: SamplingConfig = GREEDY):
+        self.cfg, self.device, self.tokenizer, self.sampling = cfg, loaded.device, loaded.tokenizer, sampling
         slots, device = cfg.batch_size, loaded.device
         self.runner = SlotRunner(loaded.model, slots=slots, max_len=slot_length, live_attention=cfg.attention != "sdpa",
                                  kv=kv)
@@ -200,6 +205,7 @@ class ContinuousEngine:
         # where that token sits; a free slot is parked on its last position (see _collect)
         self.positions = torch.full((slots,), self.runner.max_len - 1, dtype=torch.long, device=device)
         self.generated = torch.zeros(slots, dtype=torch.long, device=device)
+        self.keys = torch.zeros(slots, dtype=torch.long, device=device)  # each request's sampling key
         self.active = torch.zeros(slots, dtype=torch.bool, device=device)
         self.finished = torch.zeros(slots, dtype=torch.bool, device=device)
         self.output = torch.zeros(slots, cfg.max_new_tokens, dtype=torch.long, device=device)
@@ -245,10 +251,7 @@ class ContinuousEngine:
             if handoffs is None:
                 more, handoffs = False, []
             for handoff in handoffs:
-                slots = torch.tensor(handoff.slots, device=self.device)
-                lengths = [generation.request.prompt_tokens for generation in handoff.generations]
-                self._start(slots, torch.tensor(handoff.first_tokens, device=self.device),
-                            torch.tensor(lengths, device=self.device))
+                self._start(handoff.slots, handoff.first_tokens, [g.request for g in handoff.generations])
                 running.update(zip(handoff.slots, handoff.generations))
             yield from self._collect(running, release)  # a first token may already end a request
             if running:
@@ -268,7 +271,8 @@ class ContinuousEngine:
         """Prefills the group into free slots and makes them running; yields the requests that did not fit in memory."""
         start = time.perf_counter_ns()
         slots = [heapq.heappop(free) for _ in group]
-        firsts, splits = prefill_group(self.runner, [g.request.input_ids for g in group], slots, self.cfg.memory_cap_mb)
+        firsts, splits = prefill_group(self.runner, [g.request for g in group], slots, self.cfg.memory_cap_mb,
+                                       self.sampling)
         self.oom_splits += splits
         now = time.perf_counter_ns()
         started = []
@@ -281,15 +285,17 @@ class ContinuousEngine:
                 yield generation
             else:
                 running[slot] = generation
-                started.append((slot, first, generation.request.prompt_tokens))
+                started.append((slot, first, generation.request))
         if started:
-            self._start(*(torch.tensor(column, device=self.device) for column in zip(*started)))
+            self._start(*map(list, zip(*started)))
         self.prefill_groups += 1
 
-    def _start(self, slot_ids: torch.Tensor, first: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Makes prefilled slots running: their first token is the next input, at position `lengths`."""
+    def _start(self, slots: list[int], first_tokens: list[int], requests: list[Request]) -> None:
+        """Makes prefilled slots running: their first token is the next input, at the position after the prompt."""
+        slot_ids, first = (torch.tensor(values, device=self.device) for values in (slots, first_tokens))
         self.tokens[slot_ids] = first
-        self.positions[slot_ids] = lengths
+        self.positions[slot_ids] = torch.tensor([r.prompt_tokens for r in requests], device=self.device)
+        self.keys[slot_ids] = torch.tensor([request_key(self.sampling, r.id) for r in requests], device=self.device)
         self.generated[slot_ids] = 1
         self.output[slot_ids, 0] = first
         self.finished[slot_ids] = torch.isin(first, self.eos) | (self.cfg.max_new_tokens == 1)
@@ -298,7 +304,8 @@ class ContinuousEngine:
     def _step(self, batch: int) -> None:
         """Decode slots 0..batch-1 and update their state, on the device only (capturable)."""
         active = self.active[:batch]
-        next_tokens = sampler.next_tokens(self.runner.decode(self.tokens[:batch], self.positions[:batch]))
+        logits = self.runner.decode(self.tokens[:batch], self.positions[:batch])
+        next_tokens = sampler.next_tokens(logits, self.sampling, self.keys[:batch], self.generated[:batch])
         generated = self.generated[:batch]
         # Free slots in the batch compute too (static shapes); their results land nowhere that is read.
         self.output[torch.arange(batch, device=self.device), generated.clamp(max=self.cfg.max_new_tokens - 1)] = next_tokens
@@ -447,7 +454,8 @@ def auto_batch_size(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, re
     return slots
 
 
-def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int):
+def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int,
+                sampling: SamplingConfig = GREEDY):
     """The configured engine, with engine.batch_size resolved (engine.cfg.batch_size is the number). On a GPU,
     a continuous engine with batch_size=auto is warmed up and probed: engine.probe_tokens_per_s holds the
     decode tokens/s of each batch bucket, and the engine runs the best (use_best_batch_size)."""
@@ -455,8 +463,11 @@ def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, reques
     if cfg.kind == "generate":
         return GenerateEngine(loaded, resolved)
     try:
-        engine = ContinuousEngine(loaded, resolved, slot_length)
+        engine = ContinuousEngine(loaded, resolved, slot_length, sampling=sampling)
     except UnsupportedModel as e:
+        if not sampling.greedy:
+            raise UserError(f"sampling.temperature > 0 needs the continuous engine, which does not support this "
+                            f"model ({e}); use sampling.temperature=0") from None
         log.warning("engine.kind=continuous does not support this model (%s): using engine.kind=generate", e)
         return GenerateEngine(loaded, resolved)
     if cfg.batch_size == "auto" and loaded.device.type == "cuda":

@@ -43,6 +43,7 @@ def fingerprint(job: JobConfig) -> dict:
         "tokenizer": job.model.tokenizer, "data": str(data_path(job.data.path)),
         "text_column": job.data.text_column, "part": [job.data.part, job.data.parts], "prompt": to_plain_dict(job.prompt),
         "max_new_tokens": job.engine.max_new_tokens, "ignore_eos": job.engine.ignore_eos,
+        **({} if job.sampling.greedy else {"sampling": to_plain_dict(job.sampling)}),  # greedy: as jobs were before sampling
     }
 
 
@@ -163,7 +164,8 @@ class Run:
         # The least the outputs take: shards of the prompts' token ids, and the generated token ids.
         check_free_space(self.out.path, 4 * (sum(requests["prompt_tokens"]) + len(requests) * cfg.max_new_tokens))
         shards = self.out.path / "shards"
-        return Work(cfg=cfg, slot_length=plan.slot_length, requests=len(requests), threads=torch.get_num_threads(),
+        return Work(cfg=cfg, slot_length=plan.slot_length, sampling=self.job.sampling, requests=len(requests),
+                    threads=torch.get_num_threads(),
                     shards=shards, unit_count=write_shards(requests, shards, plan.unit_rows), out=self.out,
                     run_index=self.index, job_start_ns=self.stages.start_ns)
 
@@ -173,7 +175,7 @@ class Run:
         if plan.mode != "single" and plan.procs_auto is None:
             return None, plan
         start = time.perf_counter()
-        engine = make_engine(self.models[0], self.job.engine, plan.slot_length, requests)
+        engine = make_engine(self.models[0], self.job.engine, plan.slot_length, requests, self.job.sampling)
         if requests:
             engine.warm_up()
         self.probe = getattr(engine, "probe_tokens_per_s", None)

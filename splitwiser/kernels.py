@@ -4,6 +4,9 @@ SDPA over a slot pool reads every slot's whole max_len whatever its length; deco
 exactly those reads. This kernel stops at each slot's own position: one program per (slot,
 kv head) walks the keys in blocks with an online softmax, serving all the query heads that share
 the kv head (GQA) from one read, on the matrix units; softmax in float32.
+A layer's sliding window (Mistral, Qwen2, Gemma) starts the walk at the block holding its oldest key and masks the
+older ones; soft-capped scores (Gemma 2: cap * tanh(score / cap)) are capped before the running max. Both are
+compile-time switches: a model without them runs the same code as before.
 """
 
 import torch
@@ -21,12 +24,15 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _decode_attention(q_ptr, k_ptr, v_ptr, out_ptr, positions_ptr, scale,
+    def _decode_attention(q_ptr, k_ptr, v_ptr, out_ptr, positions_ptr, scale, window, softcap,
                           stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_ob, stride_oh,
                           GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr, WINDOWED: tl.constexpr, CAPPED: tl.constexpr):
         slot, head = tl.program_id(0), tl.program_id(1)
         length = tl.load(positions_ptr + slot) + 1
+        oldest = 0  # the first key the query sees: within a window, position - window + 1
+        if WINDOWED:
+            oldest = tl.maximum(length - window, 0)
         rows, dims, cols = tl.arange(0, GROUP_PAD), tl.arange(0, DIM), tl.arange(0, BLOCK)
         # The query rows are padded to the matrix units' minimum of 16; the padding rows are dropped.
         q = tl.load(q_ptr + slot * stride_qb + head * stride_qh + rows[:, None] * DIM + dims[None, :],
@@ -36,12 +42,17 @@ if triton is not None:
         best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         total = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
-        for start in range(0, length, BLOCK):
+        # The first block holds the oldest key, so no block is all masked (its running max stays finite).
+        for start in range(oldest // BLOCK * BLOCK, length, BLOCK):
             live = (start + cols) < length
+            if WINDOWED:
+                live = live & (start + cols >= oldest)
             offsets = (start + cols)[:, None] * stride_kl + dims[None, :]
             k = tl.load(k_base + offsets, mask=live[:, None], other=0.0)  # [BLOCK, DIM]
             v = tl.load(v_base + offsets, mask=live[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK], float32
+            if CAPPED:  # tanh(t) = 1 - 2 / (exp(2t) + 1): tl.exp only, in every Triton (libdevice's path varies)
+                scores = softcap * (1 - 2 / (tl.exp(2 * scores / softcap) + 1))
             scores = tl.where(live[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, axis=1))
             weights = tl.exp(scores - new_best[:, None])
@@ -55,15 +66,17 @@ if triton is not None:
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q [B, Hkv, G, D] (contiguous), keys/values [S, Hkv, L, D] with S >= B, positions [B] (the
-    last live index per slot) → [B, Hkv, G, D]."""
+    last live index per slot) → [B, Hkv, G, D]. window: each query sees its last `window` positions (itself
+    included); softcap: scores → softcap * tanh(scores / softcap) before the softmax."""
     batch, kv_heads, group, dim = q.shape
     out = torch.empty_like(q)
     _decode_attention[(batch, kv_heads)](
-        q, keys, values, out, positions, scale,
+        q, keys, values, out, positions, scale, window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WINDOWED=window is not None,
+        CAPPED=softcap is not None, num_warps=4,
     )
     return out

@@ -6,8 +6,12 @@ prompts (right-padded, causal attention) and writes their keys/values into their
 `decode` feeds one token per slot and attends over the slot's cache up to its position (on CUDA
 with kernels.py, which reads only the live keys). Both return the logits of the next token
 (sampler.py chooses it) and reuse the model's linear layers, norms, MLPs and rotary embedding
-through its family's adapter (families.py), so the arithmetic is the model's own; decode has
+through its family's adapter (families/), so the arithmetic is the model's own; decode has
 static shapes and no host synchronisation, so it can be captured in a CUDA graph.
+
+Attention is causal softmax attention (SDPA; prefill needs no mask), unless the adapter says otherwise: a layer's
+sliding window (Mistral, Qwen2, Gemma) masks the keys older than it, and soft-capped scores (Gemma 2), which SDPA
+cannot compute, take capped_attention. Masks are made once per forward, one per window in use.
 """
 
 import logging
@@ -40,6 +44,23 @@ def allocate_kv(model: nn.Module, slots: int, max_len: int) -> KVPool:
             [torch.zeros(shape, device=param.device, dtype=param.dtype) for _ in range(layers)])
 
 
+def visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys each query sees, by position: the causal ones, within the sliding window where there is one
+    (Architecture.window) → bool [*queries.shape, len(keys)]."""
+    queries = queries[..., None]
+    causal = keys <= queries
+    return causal if window is None else causal & (keys > queries - window)
+
+
+def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                     cap: float) -> torch.Tensor:
+    """Softmax attention with soft-capped scores (cap * tanh(scores / cap)), which SDPA cannot do, in transformers'
+    order (Gemma 2's eager attention): q [..., Q, D] over k, v [..., K, D], where `mask` [..., Q, K] is True."""
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / cap) * cap
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32)
+    return weights.to(q.dtype) @ v
+
+
 class SlotRunner:
     def __init__(self, model: nn.Module, slots: int, max_len: int, live_attention: bool = False,
                  kv: KVPool | None = None):
@@ -54,46 +75,68 @@ class SlotRunner:
         self.live_attention = live_attention and kernels.available(self.device) and head_dim & (head_dim - 1) == 0
         if live_attention and not self.live_attention and self.device.type == "cuda":
             log.warning("live attention needs Triton and a power-of-two head size: using SDPA")
+        self.windows = [self.arch.window(index) for index in range(len(self.arch.layers))]
+        self.softcap = self.arch.attention_softcap
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """tokens [G, T] right-padded prompts of `lengths`, for `slots` → the first token's logits [G, vocab]."""
         arch = self.arch
-        positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
+        positions = torch.arange(tokens.shape[1], device=self.device)
+        # Masks [T, T] where SDPA's is_causal cannot serve: windowed layers, and every layer when scores are capped.
+        masks = {window: visible(positions, positions, window) for window in set(self.windows)
+                 if window is not None or self.softcap is not None}
+        positions = positions.expand_as(tokens)
         x = arch.embed(tokens, positions)
-        for layer, keys, values in zip(arch.layers, self.keys, self.values):
+        for layer, window, keys, values in zip(arch.layers, self.windows, self.keys, self.values):
             q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions)
             keys[slots, :, :tokens.shape[1]] = k
             values[slots, :, :tokens.shape[1]] = v
-            # Right padding: a real query only sees real keys before it, so causal is enough.
-            with sdpa_kernel(PREFILL_BACKENDS):
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=arch.scaling,
-                                                      enable_gqa=self.group > 1)
+            attn = self._prefill_attention(q, k, v, masks.get(window))
             x = x + arch.attention_output(layer, attn.transpose(1, 2).flatten(2))
             x = x + arch.mlp(layer, x)
         last = x[torch.arange(len(lengths), device=self.device), lengths - 1]
-        return arch.lm_head(arch.final(last))
+        return arch.logits(last)
+
+    def _prefill_attention(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [G, H, T, D] over k, v [G, Hkv, T, D] → [G, H, T, D]; mask [T, T] (None: causal). Right padding: a
+        real query only sees real keys before it, so causal (within the window) is enough."""
+        if self.softcap is not None:  # the query heads grouped by their kv head, which they broadcast over
+            grouped = q.unflatten(1, (self.arch.num_kv_heads, self.group))
+            attn = capped_attention(grouped, k[:, :, None], v[:, :, None], mask, self.arch.scaling, self.softcap)
+            return attn.flatten(1, 2)
+        with sdpa_kernel(PREFILL_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  scale=self.arch.scaling, enable_gqa=self.group > 1)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step for slots 0..B-1: tokens [B] at positions [B] → next-token logits [B, vocab]. Static shapes."""
         arch, batch = self.arch, tokens.shape[0]
         rows = torch.arange(batch, device=self.device)
-        if not self.live_attention:  # SDPA's mask [B, L]; the live kernel reads positions itself
-            visible = torch.arange(self.max_len, device=self.device) <= positions[:, None]
+        masks = {}  # SDPA's masks [B, 1, 1, L], one per window; the live kernel reads positions itself
+        if not self.live_attention:
+            cached = torch.arange(self.max_len, device=self.device)
+            masks = {window: visible(positions[:, None, None], cached, window) for window in set(self.windows)}
         x = arch.embed(tokens[:, None], positions[:, None])
-        for layer, keys, values in zip(arch.layers, self.keys, self.values):
+        for layer, window, keys, values in zip(arch.layers, self.windows, self.keys, self.values):
             q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions[:, None])
             keys[rows, :, positions] = k[:, :, 0]
             values[rows, :, positions] = v[:, :, 0]
             # The query heads that share a kv head go where SDPA expects query positions: they see
             # the same keys under the same mask, and the cache is read once, never copied.
             q = q.reshape(batch, arch.num_kv_heads, self.group, arch.head_dim)
-            if self.live_attention:  # reads only each slot's live keys
-                attn = kernels.decode_attention(q.contiguous(), keys, values, positions, arch.scaling)
-            else:
-                attn = F.scaled_dot_product_attention(q, keys[:batch], values[:batch],
-                                                      attn_mask=visible[:, None, None, :], scale=arch.scaling)
+            attn = self._decode_attention(q, keys, values, positions, window, masks.get(window))
             x = x + arch.attention_output(layer, attn.reshape(batch, 1, arch.num_heads * arch.head_dim))
             x = x + arch.mlp(layer, x)
-        return arch.lm_head(arch.final(x[:, 0]))
+        return arch.logits(x[:, 0])
+
+    def _decode_attention(self, q, keys, values, positions, window: int | None, mask: torch.Tensor | None):
+        """q [B, Hkv, G, D] over the first B slots of a layer's cache → [B, Hkv, G, D]."""
+        if self.live_attention:  # reads only each slot's live keys
+            return kernels.decode_attention(q.contiguous(), keys, values, positions, self.arch.scaling, window,
+                                            self.softcap)
+        batch = q.shape[0]
+        if self.softcap is not None:
+            return capped_attention(q, keys[:batch], values[:batch], mask, self.arch.scaling, self.softcap)
+        return F.scaled_dot_product_attention(q, keys[:batch], values[:batch], attn_mask=mask, scale=self.arch.scaling)

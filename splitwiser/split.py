@@ -70,8 +70,8 @@ class PromptWorker:
         """Prefills `group` into `slots` of token worker `target` and hands the started ones over; a request that
         ran out of memory alone gives its slot back and goes to errors.parquet."""
         start = time.perf_counter_ns()
-        firsts, splits = prefill_group(self.runners[target], [r.input_ids for r in group], slots,
-                                       self.work.cfg.memory_cap_mb)
+        firsts, splits = prefill_group(self.runners[target], group, slots, self.work.cfg.memory_cap_mb,
+                                       self.work.sampling)
         now = time.perf_counter_ns()
         self.oom_splits += splits
         started, failed = [], []
@@ -131,7 +131,7 @@ def handoff_receiver(handoffs: mp.Queue, prompt_procs: int):
 def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Queue, ready, free_slots: mp.Queue,
                  handoffs: mp.Queue, prompt_procs: int) -> None:
     """mode=split: decodes the requests handed over into its KV pool; writes them as part files."""
-    engine = ContinuousEngine(loaded, work.cfg, work.slot_length, kv=pool)
+    engine = ContinuousEngine(loaded, work.cfg, work.slot_length, kv=pool, sampling=work.sampling)
     events.put(EngineBuilt(rank, engine.cfg.batch_size))
     for slot in range(work.cfg.batch_size):  # free slots are parked on a never-read position: safe at once
         free_slots.put(slot)

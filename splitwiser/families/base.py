@@ -29,8 +29,14 @@ class Architecture:
     """How one model family computes a layer; subclasses name the modules. They set `layers` (the decoder
     layers, in order) and `scaling` (the attention's softmax scale) and implement:
     embed(tokens, positions) → x [B, T, hidden]; attention_input(layer, x) (the pre-attention norm);
-    qkv(layer, x, positions); attention_output(layer, attn) (the output projection);
-    mlp(layer, x) (its norm included); final(x) (what comes before lm_head)."""
+    qkv(layer, x, positions); attention_output(layer, attn) (the output projection, and any norm after it);
+    mlp(layer, x) (its norms included); final(x) (what comes before lm_head).
+
+    Where a family's attention is not plain causal softmax attention, it also overrides window(index) (a layer's
+    sliding window) or sets attention_softcap; logits(x) where something comes after lm_head. The defaults leave
+    the runner's plain path: no mask in prefill, SDPA everywhere."""
+
+    attention_softcap: float | None = None  # scores → cap * tanh(scores / cap) before the softmax (Gemma 2)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -40,6 +46,15 @@ class Architecture:
     def qkv(self, layer, x, positions):
         """x [B, T, hidden] → q [B, H, T, D], k and v [B, Hkv, T, D]."""
         raise NotImplementedError
+
+    def window(self, index: int) -> int | None:
+        """The sliding window of layer `index`: W lets a query see the keys of its last W positions, itself
+        included (transformers' sliding_window_overlay: key > query - W); None: every position before it."""
+        return None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output x [N, hidden] → next-token logits [N, vocab]."""
+        return self.lm_head(self.final(x))
 
     def split_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         return x.view(*x.shape[:2], heads, self.head_dim).transpose(1, 2)

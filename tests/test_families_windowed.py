@@ -1,0 +1,62 @@
+"""The families whose attention is more than causal softmax attention, on the fast engine (CPU, fp32): sliding
+windows (Mistral on every layer, Qwen2 above max_window_layers, Gemma on alternate layers), Gemma 2's soft-capped
+attention scores and final logits, Gemma 3's q/k norms and per-layer-type RoPE, in both of its config layouts.
+Windows are well under the harness's longest prompt (300 tokens), so every windowed layer drops keys.
+
+The final soft-cap never changes a greedy choice (tanh is increasing), so the logits themselves are compared with
+the model's forward too."""
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Qwen2Config)
+
+from test_families import check_family, prompts, tiny
+from splitwiser.runner import SlotRunner
+
+WINDOW = 32
+
+
+def gemma(vocab: int, **fields) -> dict:
+    """tiny()'s fields for a Gemma: a head size of 16 (Gemma's default is 256), and a query_pre_attn_scalar that is
+    not the head size, so that a scale taken from head_dim would show."""
+    return tiny(vocab, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, **fields)
+
+
+CONFIGS = {
+    "mistral (a window on every layer)": lambda vocab: MistralConfig(**tiny(vocab, sliding_window=WINDOW)),
+    "qwen2 with use_sliding_window (layer 0 full, layer 1 windowed)": lambda vocab: Qwen2Config(
+        **tiny(vocab, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    # caps low enough to bite on these small random scores and logits (the real ones are 50 and 30)
+    "gemma2 (soft-caps; windowed, full)": lambda vocab: Gemma2Config(
+        **gemma(vocab, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "gemma3_text, 5.x rope_parameters, 5 local : 1 global": lambda vocab: Gemma3TextConfig(**gemma(vocab) | dict(
+        num_hidden_layers=6, rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                                              "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                 "rope_theta": 1_000_000.0}})),
+    "gemma3_text, 4.x rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern": lambda vocab:
+        Gemma3TextConfig(**gemma(vocab, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                                 rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window_pattern=2,
+                                 final_logit_softcapping=3.0)),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_windowed_family_on_the_fast_engine_equals_generate(tmp_path, default_model, name):
+    check_family(tmp_path, default_model, CONFIGS[name](len(default_model.tokenizer)))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_equal_the_models_forward(default_model, name):
+    """Prefill of two right-padded prompts, then a decode step each, give the logits of the model's own forward."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name](len(default_model.tokenizer)), dtype=torch.float32).eval()
+    short, long = (torch.tensor(ids) for ids in prompts(default_model.tokenizer, lengths=(40, 130)))
+    runner = SlotRunner(model, slots=2, max_len=160)
+    padded = torch.stack([torch.cat([short, torch.zeros(len(long) - len(short), dtype=torch.long)]), long])
+    first = runner.prefill(padded, torch.tensor([len(short), len(long)]), torch.tensor([0, 1]))
+    nexts = first.argmax(-1)
+    second = runner.decode(nexts, torch.tensor([len(short), len(long)]))
+    with torch.inference_mode():
+        for row, ids in enumerate((short, long)):
+            logits = model(torch.cat([ids, nexts[row:row + 1]])[None]).logits[0, -2:]
+            torch.testing.assert_close(torch.stack([first[row], second[row]]), logits, atol=1e-4, rtol=1e-4)
