@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import GenerationConfig
 
-from splitwiser.config import DataConfig, EngineConfig, PromptConfig
+from splitwiser.config import DataConfig, EngineConfig, PromptConfig, SamplingConfig
 from splitwiser.errors import UserError
 from splitwiser.data import read_dataset
 from splitwiser.engine import ContinuousEngine, GenerateEngine
@@ -51,6 +51,8 @@ class System:
     mode: str | None = None
     procs: int = 1
     mps: str = "auto"
+    temperature: float = 0.0  # continuous: sampled (sampler.py) instead of greedy, with top_p
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode is not None and (self.mode not in ("single", "colocated", "split")
@@ -95,7 +97,8 @@ def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, max_pr
     if system.name == "generate_batch":
         return GenerateBatchEngine(loaded, cfg)
     if system.name == "continuous":
-        return ContinuousEngine(loaded, cfg, slot_length(max_prompt_tokens, max_new_tokens))
+        sampling = SamplingConfig(temperature=system.temperature, top_p=system.top_p)
+        return ContinuousEngine(loaded, cfg, slot_length(max_prompt_tokens, max_new_tokens), sampling=sampling)
     raise ValueError(f"unknown system {system.name}")
 
 
@@ -123,7 +126,8 @@ def percentile(values: list[float], q: float) -> float:
 def system_columns(system: System, max_new_tokens: int) -> dict:
     """What a result row says of the system it measured (a failed one's row too)."""
     return {"system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": str(system.batch_size),
-            "cuda_graphs": system.cuda_graphs, "attention": system.attention, "max_new_tokens": max_new_tokens}
+            "cuda_graphs": system.cuda_graphs, "attention": system.attention, "max_new_tokens": max_new_tokens,
+            "temperature": system.temperature, "top_p": system.top_p}
 
 
 def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: float, latency_ms: list[float],

@@ -9,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLUMNS = ["system", "mode", "procs", "mps", "batch_size", "cuda_graphs", "attention", "requests", "tokens_per_s",
+COLUMNS = ["system", "mode", "procs", "mps", "batch_size", "cuda_graphs", "attention", "temperature", "requests",
+           "tokens_per_s",
            "vs_paper", "warmup_s", "run_s", "job_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms", "peak_memory_gb"]
 
 
@@ -26,6 +27,8 @@ def label(row: dict) -> str:
     name = engine_label(row)
     if row["system"] == "continuous":
         name += f" {row.get('attention', 'sdpa')}" + ("" if row.get("cuda_graphs", True) else " eager")
+        if row.get("temperature"):
+            name += f" sampled T={row['temperature']}" + (f" top_p={row['top_p']}" if row.get("top_p", 1) < 1 else "")
     if row.get("mode"):
         name += f" {row['mode']} x{row['procs']}" + (" MPS" if mps_state(row) == "on" else "")
     return name

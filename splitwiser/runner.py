@@ -117,7 +117,7 @@ class SlotRunner:
         masks = {}  # SDPA's masks [B, 1, 1, L], one per window; the live kernel reads positions itself
         if not self.live_attention:
             cached = torch.arange(self.max_len, device=self.device)
-            masks = {window: visible(positions[:, None, None], cached, window) for window in set(self.windows)}
+            masks = {window: visible(positions[:, None, None], cached, None) for window in set(self.windows)}
         x = arch.embed(tokens[:, None], positions[:, None])
         for layer, window, keys, values in zip(arch.layers, self.windows, self.keys, self.values):
             q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions[:, None])

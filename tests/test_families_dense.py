@@ -1,5 +1,6 @@
 """Dense families beyond Llama, Qwen2 and OPT on the fast engine (Llama 3.x, Qwen3, Phi-3/Phi-4-mini): each equals
-generate on a tiny random model of its transformers config class (check_family); LongRoPE is refused."""
+generate on a tiny random model of its transformers config class (check_family), with every RoPE threshold and
+window under the longest prompt (300 tokens); Phi-3's LongRoPE is refused."""
 
 import pytest
 import torch
@@ -29,7 +30,8 @@ def llama32(vocab: int) -> LlamaConfig:
     ("llama 3.2", llama32),
     ("qwen3: q/k norms, head_dim 32 (hidden 64 / 4 heads is 16), tied embeddings",
      lambda vocab: Qwen3Config(**tiny(vocab, head_dim=32, tie_word_embeddings=True))),
-    ("phi3: fused qkv_proj and gate_up_proj", lambda vocab: Phi3Config(**tiny(vocab))),
+    ("phi-3-mini: fused qkv_proj and gate_up_proj, a sliding window on every layer",
+     lambda vocab: Phi3Config(**tiny(vocab, sliding_window=32))),
     ("phi-4-mini: partial rotary (3/4 of each head), tied embeddings",
      lambda vocab: Phi3Config(**tiny(vocab, partial_rotary_factor=0.75, tie_word_embeddings=True))),
 ])

@@ -17,9 +17,11 @@ WINDOW = 32
 
 
 def gemma(vocab: int, **fields) -> dict:
-    """tiny()'s fields for a Gemma: a head size of 16 (Gemma's default is 256), and a query_pre_attn_scalar that is
-    not the head size, so that a scale taken from head_dim would show."""
-    return tiny(vocab, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, **fields)
+    """tiny()'s fields for a Gemma: a head size of 16 (Gemma's default is 256), a query_pre_attn_scalar that is not
+    the head size, so that a scale taken from head_dim would show, and untied embeddings (tied, the input token's
+    own logit, sqrt(hidden) times larger, wins every step: the model would only repeat it)."""
+    return tiny(vocab, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, tie_word_embeddings=False,
+                **fields)
 
 
 CONFIGS = {
@@ -47,9 +49,13 @@ def test_windowed_family_on_the_fast_engine_equals_generate(tmp_path, default_mo
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_equal_the_models_forward(default_model, name):
-    """Prefill of two right-padded prompts, then a decode step each, give the logits of the model's own forward."""
+    """Prefill of two right-padded prompts, then a decode step each, give the logits of the model's own forward.
+    The norms' weights are made random (Gemma starts them all at 0, Llama at 1): a norm in the wrong place shows."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(CONFIGS[name](len(default_model.tokenizer)), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for weight in (p for n, p in model.named_parameters() if "norm" in n):
+            weight.add_(torch.randn_like(weight) * 0.2)
     short, long = (torch.tensor(ids) for ids in prompts(default_model.tokenizer, lengths=(40, 130)))
     runner = SlotRunner(model, slots=2, max_len=160)
     padded = torch.stack([torch.cat([short, torch.zeros(len(long) - len(short), dtype=torch.long)]), long])

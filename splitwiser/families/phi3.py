@@ -1,13 +1,13 @@
-"""Phi-3/3.5-mini and Phi-4-mini (model type phi3): Llama-style with fused projections (qkv_proj: the queries, keys
-and values in one matrix; gate_up_proj, which the model's own MLP splits) and partial rotary (Phi-4-mini rotates
-only the first partial_rotary_factor of each head).
+"""Phi-3/3.5-mini and Phi-4-mini (model type phi3): Llama-style with fused projections (qkv_proj: queries, keys and
+values in one matrix; gate_up_proj, which the model's own MLP splits) and partial rotary (Phi-4-mini rotates only
+the first partial_rotary_factor of each head). Its sliding_window, on every layer, is Llama.window's.
 
 LongRoPE (rope_type longrope: Phi-3-128k, Phi-3.5-mini, Phi-4-mini) is refused, as the fast engine cannot give
-generate's tokens with it: transformers picks the short or the long factors per forward from the whole sequence's
-length (the longest position + 1 > original_max_position_embeddings: Phi3RotaryEmbedding, dynamic_rope_update), so a
-prompt's keys depend on its length, which a padded prefill group does not tell the adapter; and where a sequence
-first grows past that length, generate drops its cache and recomputes the whole sequence with the long factors
-(Phi3ForCausalLM.prepare_inputs_for_generation), which one decode step per slot cannot redo."""
+generate's tokens with it: transformers picks the short or the long factors per forward from the sequence's length
+(its largest position + 1 > original_max_position_embeddings: dynamic_rope_update), so a prompt's keys depend on
+its length, which a padded prefill group does not tell the adapter; and where a sequence first grows past that
+length, generate drops its cache and recomputes the whole sequence with the long factors
+(Phi3ForCausalLM.prepare_inputs_for_generation), which a decode step of one token per slot cannot redo."""
 
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 
@@ -21,15 +21,13 @@ class Phi3(Llama):
     def __init__(self, model):
         super().__init__(model)
         if model.config.rope_parameters.get("rope_type") == "longrope":
-            raise UnsupportedModel("Phi-3 LongRoPE (its short/long factor choice depends on the whole sequence's "
-                                   "length, and generate recomputes the cache when a sequence crosses "
+            raise UnsupportedModel("Phi-3 LongRoPE (generate picks its short or long factors from the whole "
+                                   "sequence's length, and recomputes the cache where a sequence crosses "
                                    "original_max_position_embeddings)")
         self.apply_rotary = apply_rotary_pos_emb  # rotates the first rotary dims of each head, passes the rest
-        self.sizes = [self.num_heads * self.head_dim, *2 * [self.num_kv_heads * self.head_dim]]
+        self.sizes = [self.num_heads * self.head_dim] + 2 * [self.num_kv_heads * self.head_dim]
 
-    def qkv(self, layer, x, positions):
+    def project(self, layer, x):
         q, k, v = layer.self_attn.qkv_proj(x).split(self.sizes, dim=-1)
-        q = self.split_heads(q, self.num_heads)
-        k, v = (self.split_heads(t, self.num_kv_heads) for t in (k, v))
-        cos, sin = self.inner.rotary_emb(x, positions)
-        return (*self.apply_rotary(q, k, cos, sin), v)
+        return (self.split_heads(q, self.num_heads), self.split_heads(k, self.num_kv_heads),
+                self.split_heads(v, self.num_kv_heads))
