@@ -75,7 +75,9 @@ class SlotRunner:
         self.live_attention = live_attention and kernels.available(self.device) and head_dim & (head_dim - 1) == 0
         if live_attention and not self.live_attention and self.device.type == "cuda":
             log.warning("live attention needs Triton and a power-of-two head size: using SDPA")
-        self.windows = [self.arch.window(index) for index in range(len(self.arch.layers))]
+        # A window as long as the slot hides no key (positions < max_len): its layers keep the plain path.
+        windows = (self.arch.window(index) for index in range(len(self.arch.layers)))
+        self.windows = [window if window is not None and window < max_len else None for window in windows]
         self.softcap = self.arch.attention_softcap
 
     @torch.inference_mode()
@@ -117,7 +119,7 @@ class SlotRunner:
         masks = {}  # SDPA's masks [B, 1, 1, L], one per window; the live kernel reads positions itself
         if not self.live_attention:
             cached = torch.arange(self.max_len, device=self.device)
-            masks = {window: visible(positions[:, None, None], cached, None) for window in set(self.windows)}
+            masks = {window: visible(positions[:, None, None], cached, window) for window in set(self.windows)}
         x = arch.embed(tokens[:, None], positions[:, None])
         for layer, window, keys, values in zip(arch.layers, self.windows, self.keys, self.values):
             q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions[:, None])

@@ -1,17 +1,23 @@
 """The families whose attention is more than causal softmax attention, on the fast engine (CPU, fp32): sliding
 windows (Mistral on every layer, Qwen2 above max_window_layers, Gemma on alternate layers), Gemma 2's soft-capped
 attention scores and final logits, Gemma 3's q/k norms and per-layer-type RoPE, in both of its config layouts.
-Windows are well under the harness's longest prompt (300 tokens), so every windowed layer drops keys.
+Windows (but Mistral's default, longer than any slot) are well under the harness's longest prompt (300 tokens), so
+every windowed layer drops keys.
 
 The final soft-cap never changes a greedy choice (tanh is increasing), so the logits themselves are compared with
-the model's forward too."""
+the model's forward too. The live decode kernel's window and soft-cap need Triton: on a GPU, or on the CPU with
+TRITON_INTERPRET=1 (Triton's interpreter: the kernel's arithmetic, not its compilation)."""
+
+import os
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Qwen2Config)
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Qwen2Config
 
 from test_families import check_family, prompts, tiny
-from splitwiser.runner import SlotRunner
+from splitwiser import kernels
+from splitwiser.runner import SlotRunner, capped_attention, visible
 
 WINDOW = 32
 
@@ -26,6 +32,7 @@ def gemma(vocab: int, **fields) -> dict:
 
 CONFIGS = {
     "mistral (a window on every layer)": lambda vocab: MistralConfig(**tiny(vocab, sliding_window=WINDOW)),
+    "mistral, its default window (4096) longer than the slots": lambda vocab: MistralConfig(**tiny(vocab)),
     "qwen2 with use_sliding_window (layer 0 full, layer 1 windowed)": lambda vocab: Qwen2Config(
         **tiny(vocab, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
     # caps low enough to bite on these small random scores and logits (the real ones are 50 and 30)
@@ -66,3 +73,22 @@ def test_logits_equal_the_models_forward(default_model, name):
         for row, ids in enumerate((short, long)):
             logits = model(torch.cat([ids, nexts[row:row + 1]])[None]).logits[0, -2:]
             torch.testing.assert_close(torch.stack([first[row], second[row]]), logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(kernels.triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")),
+                    reason="needs Triton, on a GPU or with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("window, cap", [(None, None), (1, None), (32, None), (64, None), (100, None), (None, 50.0),
+                                         (32, 5.0)])
+def test_live_kernel_equals_the_sdpa_path(window, cap):
+    """kernels.decode_attention with a window and a soft-cap gives the attention of the SDPA path (fp32, GQA), at
+    positions on both sides of the window and of the kernel's 64-key blocks."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    keys, values = (torch.randn(12, 2, 320, 16, device=device) for _ in range(2))
+    q = torch.randn(12, 2, 3, 16, device=device) * 2
+    positions = torch.tensor([0, 1, 30, 31, 32, 33, 63, 64, 65, 127, 200, 319], device=device)
+    mask = visible(positions[:, None, None], torch.arange(320, device=device), window)
+    want = (F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.3) if cap is None else
+            capped_attention(q, keys, values, mask, 0.3, cap))
+    got = kernels.decode_attention(q, keys, values, positions, 0.3, window, cap)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -1,11 +1,11 @@
-"""Llama-style models: Llama, SmolLM2, Qwen2 (with use_sliding_window too: its layer_types say which layers slide).
-Subclasses (mistral.py, gemma.py) override the parts they change: project (the q/k/v projections), rotary
-(a layer's RoPE cos and sin), window."""
+"""Llama-style models: Llama, SmolLM2, Qwen2, Mistral, with their sliding windows (window: Mistral's on every layer,
+Qwen2's with use_sliding_window on the layers its layer_types mark). Subclasses (gemma.py, qwen3.py, phi3.py)
+override the parts they change: project (the q/k/v projections), rotary (a layer's RoPE cos and sin), window."""
 
 from splitwiser.families.base import Architecture, family
 
 
-@family("llama", "qwen2")
+@family("llama", "mistral", "qwen2")
 class Llama(Architecture):
     def __init__(self, model):
         super().__init__(model)
@@ -39,7 +39,7 @@ class Llama(Architecture):
 
     def window(self, index):
         # As the models mask: layer_types marks the sliding layers (Qwen2, Qwen3); without it, config.sliding_window
-        # is every layer's (Phi-3; Llama has none).
+        # is every layer's (Mistral, Phi-3; Llama has none).
         config = self.model.config
         if getattr(config, "layer_types", None) is None:
             return getattr(config, "sliding_window", None)
