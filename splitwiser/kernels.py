@@ -14,6 +14,10 @@ import torch
 try:
     import triton
     import triton.language as tl
+    try:
+        from triton.language.extra import libdevice
+    except ImportError:  # Triton before 3.0 kept it under cuda
+        libdevice = tl.extra.cuda.libdevice
 except ImportError:  # CPU-only installs: runner.py falls back to SDPA
     triton = None
 
@@ -51,8 +55,8 @@ if triton is not None:
             k = tl.load(k_base + offsets, mask=live[:, None], other=0.0)  # [BLOCK, DIM]
             v = tl.load(v_base + offsets, mask=live[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK], float32
-            if CAPPED:  # tanh(t) = 1 - 2 / (exp(2t) + 1): tl.exp only, in every Triton (libdevice's path varies)
-                scores = softcap * (1 - 2 / (tl.exp(2 * scores / softcap) + 1))
+            if CAPPED:  # libdevice's tanh: as exact as torch's (an exp-based one flipped fp32 tokens on a GPU)
+                scores = softcap * libdevice.tanh(scores / softcap)
             scores = tl.where(live[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, axis=1))
             weights = tl.exp(scores - new_best[:, None])

@@ -65,7 +65,7 @@ class SlotRunner:
     def __init__(self, model: nn.Module, slots: int, max_len: int, live_attention: bool = False,
                  kv: KVPool | None = None):
         """kv: a pool allocated elsewhere (mode=split: shared by a token worker with prompt workers)."""
-        self.arch = adapter_for(model)
+        self.arch = adapter_for(model, max_len)
         self.slots, self.max_len = slots, max_len
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype

@@ -153,7 +153,7 @@ def pools_sent(plan: Plan, procs: int) -> int:
 def run_split(models: list[LoadedModel], plan: Plan, work: Work, progress) -> Totals:
     """Runs plan.prompt_procs prompt and plan.token_procs token workers per model copy (device) over all units."""
     try:
-        adapter_for(models[0].model)
+        adapter_for(models[0].model, plan.slot_length)
     except UnsupportedModel as e:
         raise UserError(f"mode=split hands KV slots over, which needs the fast engine: {e} is not supported; "
                         "use mode=colocated") from None

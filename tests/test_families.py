@@ -43,17 +43,19 @@ def outputs_of(engine, token_ids: list[list[int]]) -> list[list[int]]:
     return [by_id[str(i)] for i in range(len(token_ids))]
 
 
-def check_family(tmp_path, default_model, config) -> None:
+def check_family(tmp_path, default_model, config, device: str = "cpu") -> None:
     """The fast engine on a random model of `config` gives generate's tokens on each prompt alone (fp32, greedy),
-    over several slots and prefill groups; a job on it runs the fast engine."""
+    over several slots and prefill groups; a job on it runs the fast engine. On a GPU (device="cuda"): with CUDA
+    graphs and the live decode kernel. default_model: anything with the tokenizer."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    loaded = LoadedModel(model, default_model.tokenizer, torch.device("cpu"), torch.float32,
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
+    loaded = LoadedModel(model, default_model.tokenizer, torch.device(device), torch.float32,
                          config.max_position_embeddings, "tiny")
     token_ids = prompts(default_model.tokenizer)
-    cfg = EngineConfig(batch_size=4, max_new_tokens=NEW_TOKENS, prefill_tokens=400)
+    cfg = EngineConfig(batch_size=4, max_new_tokens=NEW_TOKENS, prefill_tokens=400, attention="auto")
     engine = make_engine(loaded, cfg, slot_length(max(map(len, token_ids)), NEW_TOKENS), len(token_ids))
     assert isinstance(engine, ContinuousEngine), f"{config.model_type} fell back to generate"
+    assert engine.runner.live_attention == (device == "cuda")
     reference = outputs_of(GenerateEngine(loaded, EngineConfig(batch_size=1, max_new_tokens=NEW_TOKENS)), token_ids)
     assert outputs_of(engine, token_ids) == reference
     model.save_pretrained(tmp_path / "model")

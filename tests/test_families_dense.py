@@ -26,17 +26,20 @@ def llama32(vocab: int) -> LlamaConfig:
                               eos_token_id=LLAMA3_EOS))
 
 
-@pytest.mark.parametrize("name, config", [
-    ("llama 3.2", llama32),
-    ("qwen3: q/k norms, head_dim 32 (hidden 64 / 4 heads is 16), tied embeddings",
-     lambda vocab: Qwen3Config(**tiny(vocab, head_dim=32, tie_word_embeddings=True))),
-    ("phi-3-mini: fused qkv_proj and gate_up_proj, a sliding window on every layer",
-     lambda vocab: Phi3Config(**tiny(vocab, sliding_window=32))),
-    ("phi-4-mini: partial rotary (3/4 of each head), tied embeddings",
-     lambda vocab: Phi3Config(**tiny(vocab, partial_rotary_factor=0.75, tie_word_embeddings=True))),
-])
-def test_dense_family_on_the_fast_engine_equals_generate(tmp_path, default_model, name, config):
-    check_family(tmp_path, default_model, config(len(default_model.tokenizer)))
+CONFIGS = {
+    "llama 3.2": llama32,
+    "qwen3: q/k norms, head_dim 32 (hidden 64 / 4 heads is 16), tied embeddings":
+        lambda vocab: Qwen3Config(**tiny(vocab, head_dim=32, tie_word_embeddings=True)),
+    "phi-3-mini: fused qkv_proj and gate_up_proj, a sliding window on every layer":
+        lambda vocab: Phi3Config(**tiny(vocab, sliding_window=32)),
+    "phi-4-mini: partial rotary (3/4 of each head), tied embeddings":
+        lambda vocab: Phi3Config(**tiny(vocab, partial_rotary_factor=0.75, tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_dense_family_on_the_fast_engine_equals_generate(tmp_path, default_model, name):
+    check_family(tmp_path, default_model, CONFIGS[name](len(default_model.tokenizer)))
 
 
 def test_every_eos_id_of_a_list_is_an_eos(default_model):
@@ -45,10 +48,20 @@ def test_every_eos_id_of_a_list_is_an_eos(default_model):
     assert eos_ids(loaded) == set(LLAMA3_EOS)
 
 
-def test_longrope_is_refused(default_model):
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}
+
+
+def test_longrope_past_its_original_length_is_refused(default_model):
     """Generate picks LongRoPE's factors from the whole sequence's length and recomputes the cache where a sequence
-    crosses original_max_position_embeddings: the fast engine refuses it, and the job falls back to generate."""
-    rope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}
-    config = Phi3Config(**tiny(len(default_model.tokenizer), rope_scaling=rope, original_max_position_embeddings=64))
-    with pytest.raises(UnsupportedModel, match="LongRoPE"):
-        adapter_for(AutoModelForCausalLM.from_config(config))
+    crosses original_max_position_embeddings: slots longer than that are refused (the job falls back to generate)."""
+    config = Phi3Config(**tiny(len(default_model.tokenizer), rope_scaling=LONGROPE, original_max_position_embeddings=64))
+    model = AutoModelForCausalLM.from_config(config)
+    adapter_for(model, slot_length=64)
+    with pytest.raises(UnsupportedModel, match="LongRoPE past original_max_position_embeddings=64"):
+        adapter_for(model, slot_length=80)
+
+
+def test_longrope_within_its_original_length_runs_the_fast_engine(tmp_path, default_model):
+    """Every request of the harness fits 320 positions: the short factors throughout, as generate uses them."""
+    config = Phi3Config(**tiny(len(default_model.tokenizer), rope_scaling=LONGROPE, original_max_position_embeddings=320))
+    check_family(tmp_path, default_model, config)

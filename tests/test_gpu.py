@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import test_families_dense
+import test_families_windowed
 from conftest import SAMPLE, job_config, run_cli
 from splitwiser.bench import workload, write_workload
 from splitwiser.config import EngineConfig, ModelConfig, PromptConfig
@@ -21,6 +23,7 @@ from splitwiser.job import run
 from splitwiser.plan import choose_procs, slot_length
 from splitwiser.models import load_model
 from splitwiser.report import write_timeline
+from test_families import check_family
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
 
@@ -60,6 +63,20 @@ def test_float16_match_rate_is_reported_and_high(attention, tmp_path):
     identical = sum(f == r for f, r in zip(fast, reference))
     print(f"{attention} float16: {identical}/64 requests identical, {same_tokens}/{64 * 32} tokens")
     assert identical >= 0.8 * 64
+
+
+@pytest.fixture(scope="module")
+def tokenizer_model():
+    """The test model (random weights) on the CPU: its tokenizer is what the families' tiny models use."""
+    return load_model(ModelConfig(path=model_dir(), weights="random", device="cpu"))
+
+
+@pytest.mark.parametrize("name", [*test_families_dense.CONFIGS, *test_families_windowed.CONFIGS])
+def test_family_with_cuda_graphs_and_the_live_kernel_equals_generate(tmp_path, tokenizer_model, name):
+    """Each family's tiny model of tests/test_families_*.py in fp32 on the GPU: CUDA graphs, the Triton decode
+    kernel with its sliding windows and soft-caps, against generate."""
+    configs = {**test_families_dense.CONFIGS, **test_families_windowed.CONFIGS}
+    check_family(tmp_path, tokenizer_model, configs[name](len(tokenizer_model.tokenizer)), device="cuda")
 
 
 def test_job_on_gpu_writes_parquet(tmp_path):

@@ -17,12 +17,15 @@ def family(*model_types: str):
     return register
 
 
-def adapter_for(model: nn.Module) -> "Architecture":
-    """The adapter of the model's family; raises UnsupportedModel where there is none."""
+def adapter_for(model: nn.Module, slot_length: int) -> "Architecture":
+    """The adapter of the model's family for KV slots of `slot_length` positions; raises UnsupportedModel where there
+    is none."""
     model_type = model.config.model_type
     if model_type not in FAMILIES:
         raise UnsupportedModel(f"model type {model_type}")
-    return FAMILIES[model_type](model)
+    adapter = FAMILIES[model_type](model)
+    adapter.check_slot_length(slot_length)
+    return adapter
 
 
 class Architecture:
@@ -46,6 +49,10 @@ class Architecture:
     def qkv(self, layer, x, positions):
         """x [B, T, hidden] → q [B, H, T, D], k and v [B, Hkv, T, D]."""
         raise NotImplementedError
+
+    def check_slot_length(self, slot_length: int) -> None:
+        """Raises UnsupportedModel where the fast engine cannot give generate's tokens over requests of up to
+        `slot_length` positions (prompt and generation)."""
 
     def window(self, index: int) -> int | None:
         """The sliding window of layer `index`: W lets a query see the keys of its last W positions, itself
