@@ -10,6 +10,8 @@ its length, which a padded prefill group does not tell the adapter; and where a 
 length, generate drops its cache and recomputes the whole sequence with the long factors
 (Phi3ForCausalLM.prepare_inputs_for_generation), which a decode step of one token per slot cannot redo."""
 
+import inspect
+
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 
 from splitwiser.errors import UnsupportedModel
@@ -25,6 +27,15 @@ class Phi3(Llama):
         self.short_rope_until = model.config.original_max_position_embeddings if longrope else None
         self.apply_rotary = apply_rotary_pos_emb  # rotates the first rotary dims of each head, passes the rest
         self.sizes = [self.num_heads * self.head_dim] + 2 * [self.num_kv_heads * self.head_dim]
+
+    def rotary(self, layer, x, positions):
+        """RoPE's cos and sin. With LongRoPE (within original_max_position_embeddings: check_slot_length) the short
+        factors, which the rotary embedding holds from its start, without its per-call check of the sequence's
+        length: that check reads the positions on the host, which a CUDA-graph capture does not allow."""
+        rotary = self.inner.rotary_emb
+        if self.short_rope_until is None:
+            return rotary(x, positions)
+        return inspect.unwrap(type(rotary).forward)(rotary, x, positions)
 
     def check_slot_length(self, slot_length: int) -> None:
         if self.short_rope_until is not None and slot_length > self.short_rope_until:
