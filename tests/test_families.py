@@ -48,7 +48,8 @@ def check_family(tmp_path, default_model, config, device: str = "cpu") -> None:
     over several slots and prefill groups; a job on it runs the fast engine. On a GPU (device="cuda"): with CUDA
     graphs and the live decode kernel. default_model: anything with the tokenizer."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
+    # eager: transformers' reference attention (its SDPA path leaves out Gemma 2's soft-cap on some versions)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").to(device).eval()
     loaded = LoadedModel(model, default_model.tokenizer, torch.device(device), torch.float32,
                          config.max_position_embeddings, "tiny")
     token_ids = prompts(default_model.tokenizer)
