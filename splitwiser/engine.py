@@ -106,6 +106,7 @@ class GenerateEngine:
         self.eos_ids = eos_ids(loaded)
         self.generate_kwargs = generate_kwargs  # e.g. cache_implementation="static" (the benchmark's baseline)
         self.oom_splits = 0  # batches split because they ran out of memory
+        self.fallback_from: str | None = None  # why engine.kind=continuous fell back to this engine
 
     def warm_up(self) -> None:
         """Nothing to prepare: generate compiles (static cache) on its first call."""
@@ -469,7 +470,9 @@ def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, reques
             raise UserError(f"sampling.temperature > 0 needs the continuous engine, which does not support this "
                             f"model ({e}); use sampling.temperature=0") from None
         log.warning("engine.kind=continuous does not support this model (%s): using engine.kind=generate", e)
-        return GenerateEngine(loaded, resolved)
+        fallback = GenerateEngine(loaded, resolved)
+        fallback.fallback_from = f"continuous: {e}"  # why, for the manifest
+        return fallback
     if cfg.batch_size == "auto" and loaded.device.type == "cuda":
         engine.warm_up()
         engine.probe_tokens_per_s = engine.probe()

@@ -195,7 +195,7 @@ class Run:
         with Progress(work.requests, self.job.output.progress) as progress, mps_blamed_for_dead_workers(self.mps):
             if plan.mode == "single":
                 tokens = generate_units(engine, work, range(work.unit_count), worker=0, progress=progress)
-                return Totals(tokens, engine.oom_splits, engine.cfg.batch_size)
+                return Totals(tokens, engine.oom_splits, engine.cfg.batch_size, getattr(engine, "fallback_from", None))
             if not work.unit_count:
                 return Totals()
             return {"colocated": run_colocated, "split": run_split}[plan.mode](self.models, plan, work, progress)
@@ -226,6 +226,7 @@ class Run:
         generate_s = self.stages.seconds["generate_s"]
         kind = type(engine).__name__ if plan.mode == "single" else plan.engine_kind(self.job.engine.kind)
         ran = {"batch_size": totals.batch_size} if totals.batch_size is not None else {}  # no engine ran: none
+        ran |= {"fallback_from": totals.fallback_from} if totals.fallback_from else {}
         probe = {"probe_tokens_per_s": {str(b): round(v) for b, v in self.probe.items()}} if self.probe else {}
         return {
             "wall_s": round(wall_s, 3), "stages": self.stages.seconds, **plan.record(),

@@ -98,6 +98,7 @@ class UnitDone(Event):
 @dataclass
 class EngineBuilt(Event):
     batch_size: int  # its running batch
+    fallback_from: str | None = None  # why it is not the engine configured
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Totals:
     generated_tokens: int = 0
     oom_splits: int = 0
     batch_size: int | None = None  # the decoding engines' running batches together (None: no engine was built)
+    fallback_from: str | None = None  # why the engines are not the ones configured
 
 
 def worker_context():
@@ -319,8 +321,9 @@ def tally(event: Event, totals: Totals, failures: list[str], progress, on_unit: 
         case RowsWritten(rows=rows, tokens=tokens):
             progress(rows, tokens)
             totals.generated_tokens += tokens
-        case EngineBuilt(batch_size=batch_size):
+        case EngineBuilt(batch_size=batch_size, fallback_from=fallback_from):
             totals.batch_size = (totals.batch_size or 0) + batch_size
+            totals.fallback_from = totals.fallback_from or fallback_from
         case WorkerDone(oom_splits=oom_splits):
             totals.oom_splits += oom_splits
         case WorkerFailed(traceback=text):

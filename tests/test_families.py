@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config
 
-from conftest import SAMPLE, job_config, sample_rows
+from conftest import SAMPLE, job_config, run_cli, sample_rows
 from splitwiser.config import EngineConfig
 from splitwiser.engine import ContinuousEngine, GenerateEngine, make_engine
 from splitwiser.job import run
@@ -78,3 +78,16 @@ def check_family(tmp_path, default_model, config, device: str = "cpu") -> None:
 ])
 def test_family_on_the_fast_engine_equals_generate(tmp_path, default_model, name, config):
     check_family(tmp_path, default_model, config(len(default_model.tokenizer)))
+
+
+def test_a_family_without_an_adapter_runs_through_generate_and_says_so(tmp_path, default_model):
+    """GPT-2 has no adapter: the job runs transformers' generate, says so in one warning line and in the manifest."""
+    result = run_cli("model.weights=random", "model.path=gpt2", "model.architecture=gpt2",
+                     f"model.tokenizer={default_model.source}", "data.limit=2", "engine.max_new_tokens=2",
+                     f"output.dir={tmp_path}", "output.progress=false")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "does not support this model" in line]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        "engine.kind=continuous does not support this model (model type gpt2): using engine.kind=generate")
+    engine = json.loads((tmp_path / "manifest.json").read_text())["runs"][-1]["engine"]
+    assert engine["kind"] == "GenerateEngine" and engine["fallback_from"] == "continuous: model type gpt2"
