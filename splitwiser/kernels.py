@@ -79,7 +79,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     _decode_attention[(batch, kv_heads)](
         q, keys, values, out, positions, scale, window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64,
+        # keys per block: a head of 256 (Gemma) in blocks of 64 needs more shared memory than an H200 has
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK=64 if dim <= 128 else 32,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WINDOWED=window is not None,
         CAPPED=softcap is not None, num_warps=4,
     )

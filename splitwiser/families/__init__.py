@@ -1,6 +1,7 @@
 """Model-family adapters: how each family of transformers models computes a layer, for runner.SlotRunner.
 
-Supported: Llama-style models (Llama, SmolLM2, Mistral without sliding window, Qwen2) and OPT.
+Supported: llama.py (Llama 1-3.x, SmolLM2, Qwen2/2.5, Mistral: sliding windows), qwen3.py, gemma.py (Gemma 2, Gemma 3
+text), phi3.py (Phi-3/3.5, Phi-4-mini), opt.py; the README's "Model families" says what each needs.
 
 To add a family:
 1. a module here with a subclass of `base.Architecture` (its docstring lists what to set and implement),
