@@ -20,11 +20,28 @@ from tqdm import tqdm
 from jobs import command
 from splitwiser.bench import System, measure, measure_job, system_columns, workload, write_workload
 from splitwiser.config import ModelConfig, PromptConfig
+from splitwiser.errors import UserError
 from splitwiser.job import environment
 from splitwiser.models import load_model
 from splitwiser.report import write_report
 
 log = logging.getLogger("splitwiser.bench")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_config(cfg: DictConfig, name: str) -> DictConfig:
+    """A model of the grid, with random weights: conf/model/NAME.yaml, or a real model's shape, bench/shapes/NAME
+    (its config.json alone)."""
+    conf, shape = ROOT / "conf/model" / f"{name}.yaml", ROOT / "bench/shapes" / name
+    if not conf.exists() and not (shape / "config.json").exists():
+        shapes = sorted(p.parent.name for p in (ROOT / "bench/shapes").glob("*/config.json"))
+        raise UserError(f"models: {name} is neither conf/model/{name}.yaml nor one of bench/shapes: {', '.join(shapes)}")
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                OmegaConf.load(conf) if conf.exists() else {"name": name, "path": str(shape)})
+    model_cfg.path = cfg.model_paths.get(name, model_cfg.path)
+    model_cfg.tokenizer = cfg.tokenizer or model_cfg.tokenizer
+    model_cfg.weights, model_cfg.dtype = "random", cfg.dtype
+    return model_cfg
 
 
 @command("bench")
@@ -39,11 +56,7 @@ def main(cfg: DictConfig) -> None:
     rows, loaded_name, env = [], None, None
     for model_name, max_new_tokens, system in tqdm(grid, desc="benchmark", unit="run"):
         if loaded_name != model_name:
-            model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                        OmegaConf.load(Path(__file__).parents[1] / "conf/model" / f"{model_name}.yaml"))
-            model_cfg.path = cfg.model_paths.get(model_name, model_cfg.path)
-            model_cfg.tokenizer = cfg.tokenizer or model_cfg.tokenizer
-            model_cfg.weights, model_cfg.dtype = "random", cfg.dtype
+            model_cfg = model_config(cfg, model_name)
             loaded, loaded_name = load_model(OmegaConf.to_object(model_cfg)), model_name
             env = environment(loaded)
             style = "chat" if loaded.tokenizer.chat_template and model_name != "opt125m" else "plain"
