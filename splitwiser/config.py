@@ -77,22 +77,44 @@ class PromptConfig:
     instruction: str = "You are a radiologist. Summarize the findings into a short impression."
     chat_message: str = "Findings: {text}\nImpression:"
     template: str = "### findings: {text}\n### impressions:"
+    # Each `{name}` is the row's value of that column; `{text}` that of data.text_column.
     # A prompt longer than the model's context leaves room for: error (the row goes to errors.parquet)
-    # or truncate (the end of its text is cut until it fits; generations.parquet says prompt_truncated).
+    # or truncate (the end of its longest value is cut until it fits; generations.parquet says prompt_truncated).
     too_long: str = "error"
 
     def __post_init__(self) -> None:
         _check_choice("prompt.style", self.style, ("auto", "chat", "plain"))
         _check_choice("prompt.too_long", self.too_long, ("error", "truncate"))
-        for name in ("chat_message", "template"):
-            text = getattr(self, name)
-            try:
-                fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
-            except ValueError as e:
-                raise UserError(f"prompt.{name}: {e}") from None
-            if fields != {"text"}:
-                raise UserError(f"prompt.{name} must contain {{text}} and no other placeholder; "
-                                f"it has {', '.join(sorted(fields)) or 'none'}")
+        for name in ("chat_message", "template", "instruction"):
+            fields = _placeholders(f"prompt.{name}", getattr(self, name))
+            if not fields and name != "instruction":
+                raise UserError(f"prompt.{name} has no placeholder: name a column, as {{text}} (data.text_column) "
+                                "or {findings}")
+
+    def placeholders(self, chat: bool | None = None) -> list[str]:
+        """The placeholders of the templates in use (chat, plain, or both where None), in order, once each:
+        `text` stands for data.text_column, any other for the column of that name."""
+        names = ("template",) if chat is False else ("instruction", "chat_message") if chat else (
+            "instruction", "chat_message", "template")
+        return list(dict.fromkeys(f for name in names for f in _placeholders(f"prompt.{name}", getattr(self, name))))
+
+    def columns(self, text_column: str, chat: bool | None = None) -> dict[str, str]:
+        """placeholder → the column that fills it, for the templates in use (see placeholders)."""
+        return {f: text_column if f == "text" else f for f in self.placeholders(chat)}
+
+
+def _placeholders(option: str, text: str) -> list[str]:
+    """The `{name}` fields of a template, or a UserError: a field must be a column's name, without format."""
+    try:
+        parsed = [(f, conversion, spec) for _, f, spec, conversion in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise UserError(f"{option}: {e}") from None
+    for field_name, conversion, spec in parsed:
+        if not field_name or field_name.isdigit() or any(c in field_name for c in ".[!:") or conversion or spec:
+            raise UserError(f"{option}: {{{field_name}{'!' + conversion if conversion else ''}"
+                            f"{':' + spec if spec else ''}}} is not a column's name; write {{column}}, "
+                            "and {{ }} for a literal brace")
+    return list(dict.fromkeys(f for f, _, _ in parsed))
 
 
 @dataclass

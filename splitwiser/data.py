@@ -4,7 +4,8 @@ for each row that cannot be used, why.
 Reading keeps the data as written. Ids and text are the exact strings of the file: CSV cells are never
 converted (`007`, `7`, `1.0`, `NA`, `None` are five ids; only an empty cell is missing), JSON numbers keep
 their written text (`7`, `1.0`), typed Parquet values become their text (`7`, never `7.0`). Only the id,
-text and reference columns are read, as strings.
+text and reference columns, and those the prompt's templates name, are read, as strings (a named column
+other than the text column takes a number as written, like an id).
 
 A row that cannot be used is kept, with its reason in the column READ_ERROR; nothing is dropped silently:
 a CSV line with more fields than the header, a JSON line that is not an object (both with their line
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from splitwiser.config import DataConfig
+from splitwiser.config import DataConfig, PromptConfig
 from splitwiser.errors import UserError
 
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -55,8 +56,10 @@ def data_path(path: str) -> Path:
         raise UserError(f"data.path={path}: {(e.strerror or str(e)).lower()}") from None
 
 
-def _wanted(cfg: DataConfig) -> list[str]:
-    return list(dict.fromkeys(c for c in (cfg.id_column, cfg.text_column, cfg.reference_column) if c is not None))
+def _wanted(cfg: DataConfig, named: list[str] = ()) -> list[str]:
+    """The columns to read: the configured ones, then those the prompt names."""
+    configured = (cfg.id_column, cfg.text_column, cfg.reference_column)
+    return list(dict.fromkeys([*(c for c in configured if c is not None), *named]))
 
 
 def _decode(path: Path) -> tuple[str, bool]:
@@ -68,7 +71,7 @@ def _decode(path: Path) -> tuple[str, bool]:
         return raw.decode("utf-8-sig", errors="replace"), True
 
 
-def _read_csv(path: Path, cfg: DataConfig) -> _Read:
+def _read_csv(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
     """Every cell as its exact text, None where empty. Python's csv module, not a reader that infers types or
     missing values (`007` would become 7, `NA` missing); and a line with more fields than the header is set
     aside with its number, not read with its columns shifted. A line with fewer fields has the rest empty."""
@@ -76,7 +79,7 @@ def _read_csv(path: Path, cfg: DataConfig) -> _Read:
     csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long report is one field
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, [])
-    where = {name: header.index(name) for name in _wanted(cfg) if name in header}
+    where = {name: header.index(name) for name in _wanted(cfg, named) if name in header}
     columns, reasons = {name: [] for name in where}, []
     line = reader.line_num + 1
     for fields in reader:
@@ -124,14 +127,14 @@ def _json_text(value, column: str, is_text: bool) -> tuple[str | None, str | Non
     return None, f"{column} is {kind}, not text"
 
 
-def _read_json(path: Path, cfg: DataConfig) -> _Read:
+def _read_json(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
     text, replaced = _decode(path)
     objects, reasons = map(list, zip(*_json_rows(text))) if text.strip() else ([], [])
     names = list(dict.fromkeys(key for row in objects for key in row))
     if reasons and not names:  # not one object: not JSON at all, say why
         raise ValueError(reasons[0])
     columns = {}
-    for name in (name for name in _wanted(cfg) if name in names):
+    for name in (name for name in _wanted(cfg, named) if name in names):
         values, why = zip(*(_json_text(row.get(name), name, name == cfg.text_column) for row in objects))
         columns[name] = pa.array(values, pa.string())
         reasons = [r or w for r, w in zip(reasons, why)]
@@ -169,11 +172,11 @@ def _arrow_text(column: pa.ChunkedArray, name: str, is_text: bool) -> tuple[pa.C
     return column.cast(pa.string()), None
 
 
-def _read_table(ds: Dataset, cfg: DataConfig) -> _Read:
+def _read_table(ds: Dataset, cfg: DataConfig, named: list[str]) -> _Read:
     table = ds.with_format("arrow")[:]
     # A column of reasons is read_dataset's own, written with the rows (the nightly job's input.parquet).
     reasons = table[READ_ERROR].to_pylist() if READ_ERROR in table.column_names else [None] * len(table)
-    wanted, replaced = _replace_bad_utf8(table.select([name for name in _wanted(cfg) if name in table.column_names]))
+    wanted, replaced = _replace_bad_utf8(table.select([name for name in _wanted(cfg, named) if name in table.column_names]))
     columns = {}
     for name in wanted.column_names:
         columns[name], why = _arrow_text(wanted[name], name, name == cfg.text_column)
@@ -181,7 +184,7 @@ def _read_table(ds: Dataset, cfg: DataConfig) -> _Read:
     return _Read(table.column_names, columns, reasons, replaced)
 
 
-def _read_saved(path: Path, cfg: DataConfig) -> _Read:
+def _read_saved(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
     """A directory written by datasets' save_to_disk."""
     try:
         ds = load_from_disk(str(path))
@@ -191,20 +194,20 @@ def _read_saved(path: Path, cfg: DataConfig) -> _Read:
         if len(ds) != 1:
             raise UserError(f"data.path={cfg.path} holds several splits ({', '.join(ds)}); save the one to run")
         ds = next(iter(ds.values()))
-    return _read_table(ds, cfg)
+    return _read_table(ds, cfg, named)
 
 
-def _read_file(path: Path, cfg: DataConfig) -> _Read:
+def _read_file(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
     suffix = Path(cfg.path).suffix  # the name given, not that of a symbolic link's target
     builder = FORMATS.get(suffix.lower())
     if builder is None:
         raise UserError(f"data.path={cfg.path}: unknown format {suffix!r}; use .csv, .jsonl, .json, .parquet")
     try:
         if builder == "csv":
-            return _read_csv(path, cfg)
+            return _read_csv(path, cfg, named)
         if builder == "json":
-            return _read_json(path, cfg)
-        return _read_table(load_dataset(builder, data_files=str(path), split="train"), cfg)
+            return _read_json(path, cfg, named)
+        return _read_table(load_dataset(builder, data_files=str(path), split="train"), cfg, named)
     except OSError:  # read_dataset says what it is
         raise
     except Exception as e:  # a user's file that the reader rejects: say why, in one line
@@ -212,26 +215,42 @@ def _read_file(path: Path, cfg: DataConfig) -> _Read:
         raise UserError(f"data.path={cfg.path}: cannot be read as {builder}: {reason}") from None
 
 
-def read_dataset(cfg: DataConfig) -> Dataset:
-    """The configured columns of the input as strings (see the module's docstring), checked to exist; where a
-    row cannot be used, the column READ_ERROR says why."""
+def _check_columns(cfg: DataConfig, prompt: PromptConfig | None, names: list[str]) -> None:
+    """A UserError, in one line, for a configured or named column that the dataset does not have."""
+    for option in ("id_column", "text_column", "reference_column"):
+        column = getattr(cfg, option)
+        if column is not None and column not in names:
+            raise UserError(f"data.{option}={column}: no such column; the columns are: {', '.join(names)}")
+    for placeholder, column in (prompt.columns(cfg.text_column) if prompt else {}).items():
+        if column not in names:
+            raise UserError(f"prompt: the placeholder {{{placeholder}}} names no column of the dataset; "
+                            f"the columns are: {', '.join(names)}")
+
+
+def _bad_utf8(read: _Read, columns: list[str]) -> list[str | None]:
+    """The rows' reasons, with a column's bytes that were not UTF-8 as one where a row has none yet."""
+    reasons = read.reasons
+    for column in columns:
+        bad = pc.fill_null(pc.match_substring(read.columns[column], REPLACED), False).to_pylist()
+        why = f"{column} is not valid UTF-8 (bad bytes shown here as U+FFFD)"
+        reasons = [r or (why if b else None) for r, b in zip(reasons, bad)]
+    return reasons
+
+
+def read_dataset(cfg: DataConfig, prompt: PromptConfig | None = None) -> Dataset:
+    """The configured columns of the input, and those `prompt`'s templates name, as strings (see the module's
+    docstring), checked to exist; where a row cannot be used, the column READ_ERROR says why."""
     path = data_path(cfg.path)
+    named = list(prompt.columns(cfg.text_column).values()) if prompt else []
     datasets.disable_progress_bars()
     try:
-        read = _read_saved(path, cfg) if path.is_dir() else _read_file(path, cfg)
+        read = _read_saved(path, cfg, named) if path.is_dir() else _read_file(path, cfg, named)
     except OSError as e:  # unreadable: no permission, a directory that vanished, an I/O error
         raise UserError(f"data.path={cfg.path}: {(e.strerror or str(e)).lower()}") from None
     if not read.reasons:
         raise UserError(f"data.path={cfg.path}: the dataset has no rows")
-    for option in ("id_column", "text_column", "reference_column"):
-        column = getattr(cfg, option)
-        if column is not None and column not in read.names:
-            raise UserError(f"data.{option}={column}: no such column; the columns are: {', '.join(read.names)}")
-    reasons = read.reasons
-    if read.replaced:
-        bad = pc.fill_null(pc.match_substring(read.columns[cfg.text_column], REPLACED), False).to_pylist()
-        why = f"{cfg.text_column} is not valid UTF-8 (bad bytes shown here as U+FFFD)"
-        reasons = [r or (why if b else None) for r, b in zip(reasons, bad)]
+    _check_columns(cfg, prompt, read.names)
+    reasons = _bad_utf8(read, list(dict.fromkeys([cfg.text_column, *named]))) if read.replaced else read.reasons
     columns = {**read.columns, **({READ_ERROR: pa.array(reasons, pa.string())} if any(reasons) else {})}
     ds = Dataset(pa.table(columns))
     if cfg.limit is not None:

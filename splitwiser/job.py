@@ -109,7 +109,7 @@ def run(job: JobConfig) -> dict:
     stages = Stages()
     out = OutputDir(job.output.dir)
     out.check(fingerprint(job), job.output.overwrite)  # refused before anything is read, loaded or written
-    rows = read_dataset(job.data)  # before the model: a bad path or column fails in a second
+    rows = read_dataset(job.data, job.prompt)  # before the model: a bad path or column fails in a second
     stages.done("read_s")
     plan = plan_run(job, resolve_devices(job.model.device, job.gpus))
     # MPS before any worker starts: they take its settings before their first CUDA call. One control daemon

@@ -4,8 +4,8 @@
     output.dir/2026-11-24/           one partition per night: input.parquet (its rows), then the job's
     output.dir/2026-11-25/ ...       usual files (generations.parquet, errors.parquet, manifest.json)
 
-A row's key hashes its id, its text and what would change its summary (model, prompt, generation
-settings), so a changed report or a new model makes it new again. A partition enters the ledger only
+A row's key hashes its id, its text, the other columns its prompt names, and what would change its
+summary (model, prompt, generation settings), so a changed report or a new model makes it new again. A partition enters the ledger only
 once its job has finished: a night that failed or was killed is resumed by the next run, before that
 run looks for new rows. Running twice with nothing new does nothing the second time.
 """
@@ -31,10 +31,13 @@ LEDGER_SCHEMA = pa.schema([("id", pa.string()), ("key", pa.string()), ("partitio
 KEY_COLUMN = "_splitwiser_key"
 
 
-def row_keys(job: JobConfig, ids: list, texts: list) -> list[str]:
+def row_keys(job: JobConfig, ids: list, texts: list, named: list[list] = ()) -> list[str]:
+    """Each row's key; `named`: the values of the other columns the prompt names, a list per column (none: the
+    keys of jobs whose prompt names only the text)."""
     settings = {k: v for k, v in fingerprint(job).items() if k not in ("data", "part")}
     salt = json.dumps(settings, sort_keys=True)
-    return [hashlib.sha256(json.dumps([salt, str(i), t]).encode()).hexdigest() for i, t in zip(ids, texts)]
+    return [hashlib.sha256(json.dumps([salt, str(i), *values]).encode()).hexdigest()
+            for i, *values in zip(ids, texts, *named)]
 
 
 class Ledger:
@@ -95,8 +98,9 @@ def nightly_locked(job: JobConfig, night: date, root: Path) -> list[dict]:
             log.info("resuming the unfinished partition %s", partition.name)
             manifests.append(run_partition(job, partition, ledger))
 
-    rows = read_dataset(job.data)
-    keys = row_keys(job, rows[job.data.id_column], rows[job.data.text_column])
+    rows = read_dataset(job.data, job.prompt)
+    named = [c for c in dict.fromkeys(job.prompt.columns(job.data.text_column).values()) if c != job.data.text_column]
+    keys = row_keys(job, rows[job.data.id_column], rows[job.data.text_column], [rows[c] for c in named])
     seen = ledger.keys()
     new = [i for i, key in enumerate(keys) if key not in seen]
     log.info("%d rows: %d new or changed since the last run", len(rows), len(new))

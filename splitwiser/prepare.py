@@ -2,13 +2,15 @@
 requests are saved as Arrow shards that the workers memory-map.
 
 Rows that cannot be generated come back as errors with a reason; nothing is dropped silently: a row that
-read_dataset could not use (its reason), no id, a duplicate id, a text that is empty, a prompt longer than
+read_dataset could not use (its reason), no id, a duplicate id, an empty value of a column the prompt names
+(`empty or missing findings`), a prompt longer than
 the model's context unless prompt.too_long=truncate. A row without an id is named `row:N` (N: its row
 number, from 0); where a real id starts with `row:`, the prefix takes more colons (`row::N`, ...) until
 none does, so that it never equals a real id.
 
-Only the prompt template contributes special tokens: a special token's string in the text (`<|im_end|>`)
-is encoded as text.
+The templates fill each `{name}` with the row's value of that column (stripped), `{text}` with data.text_column's.
+Only the template contributes special tokens: a special token's string in any value (`<|im_end|>`) is
+encoded as text.
 """
 
 import math
@@ -27,19 +29,28 @@ from splitwiser.errors import UserError
 from splitwiser.output import unwritable
 
 SENTINEL = "\ue000splitwiser text\ue000"  # stands for the text while the template is rendered
+SENTINELS = re.compile("\ue000splitwiser ([^\ue000]*)\ue000")  # sentinel(name), for every placeholder
+
+
+def sentinel(placeholder: str) -> str:
+    """What stands for a placeholder's value while the template is rendered (SENTINEL for {text})."""
+    return f"\ue000splitwiser {placeholder}\ue000"
 
 
 def uses_chat(prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> bool:
     return prompt.style == "chat" or (prompt.style == "auto" and bool(tokenizer.chat_template))
 
 
-def build_prompts(texts: list[str], prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+def build_prompts(rows: list[str | dict[str, str]], prompt: PromptConfig,
+                  tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The prompt of each row: its values by placeholder ({"text": ..., "indication": ...}), or its text alone."""
+    rows = [row if isinstance(row, dict) else {"text": row} for row in rows]
     if not uses_chat(prompt, tokenizer):
-        return [prompt.template.format(text=text) for text in texts]
+        return [prompt.template.format(**row) for row in rows]
     # One call for the batch: the template renders each conversation as alone, at half the cost of a call each.
     return tokenizer.apply_chat_template(
-        [[{"role": "system", "content": prompt.instruction},
-          {"role": "user", "content": prompt.chat_message.format(text=text)}] for text in texts],
+        [[{"role": "system", "content": prompt.instruction.format(**row)},
+          {"role": "user", "content": prompt.chat_message.format(**row)}] for row in rows],
         tokenize=False, add_generation_prompt=True)
 
 
@@ -49,24 +60,26 @@ def special_tokens(tokenizer: PreTrainedTokenizerBase) -> re.Pattern:
     return re.compile(f"({'|'.join(map(re.escape, specials)) or '(?!)'})")
 
 
-def encode_as_text(template: str, text: str, tokenizer: PreTrainedTokenizerBase, specials: re.Pattern,
-                   adds_special: bool) -> tuple[str, list[int]]:
-    """The prompt of `text` and its token ids, where the text's special-token strings are encoded as text.
-    `template` is the rendered prompt with SENTINEL for the text. It is split at its own special tokens, where
-    the tokenizer splits it too, so that each piece's ids are those it has in one call; the pieces that hold
-    the text are encoded with split_special_tokens=True, the others as usual. The post-processor's tokens (a
-    BOS) come with the first piece."""
-    chunks = []  # (string, whether it holds the text): the template's runs of pieces, and the text's
+def encode_as_text(template: str, values: str | dict[str, str], tokenizer: PreTrainedTokenizerBase,
+                   specials: re.Pattern, adds_special: bool) -> tuple[str, list[int]]:
+    """The prompt of `values` (by placeholder; a str: the text) and its token ids, where the values' special-token
+    strings are encoded as text. `template` is the rendered prompt with sentinel(name) for each value. It is
+    split at its own special tokens, where the tokenizer splits it too, so that each piece's ids are those it
+    has in one call; the pieces that hold a value are encoded with split_special_tokens=True, the others as
+    usual. The post-processor's tokens (a BOS) come with the first piece."""
+    values = values if isinstance(values, dict) else {"text": values}
+    fill = partial(SENTINELS.sub, lambda m: values[m.group(1)])
+    chunks = []  # (string, whether it holds a value): the template's runs of pieces, and the values'
     for piece in specials.split(template):
-        holds_text = SENTINEL in piece
+        holds_text = SENTINELS.search(piece) is not None
         if chunks and not holds_text and not chunks[-1][1]:
             chunks[-1] = (chunks[-1][0] + piece, False)
         else:
-            chunks.append((piece.replace(SENTINEL, text), holds_text))
+            chunks.append((fill(piece), holds_text))
     ids = []
     for i, (chunk, holds_text) in enumerate(chunks):
         ids += tokenizer(chunk, add_special_tokens=adds_special and i == 0, split_special_tokens=holds_text).input_ids
-    return template.replace(SENTINEL, text), ids
+    return fill(template), ids
 
 
 def _no_id_prefix(ids: list[str | None]) -> str:
@@ -94,8 +107,9 @@ class _Ids:
         return self.by_row[row] or f"{self.no_id}{row}"
 
 
-def _row_error(ids: _Ids, row: int, text: str | None, read_error: str | None, text_column: str) -> str | None:
-    """Why the row cannot be generated, as far as its cells tell (before its prompt is made), or None."""
+def _row_error(ids: _Ids, row: int, cells: dict[str, str | None], read_error: str | None) -> str | None:
+    """Why the row cannot be generated, as far as its cells (by column, those the prompt names) tell (before
+    its prompt is made), or None."""
     if read_error:
         return read_error
     row_id = ids.by_row[row]
@@ -103,47 +117,54 @@ def _row_error(ids: _Ids, row: int, text: str | None, read_error: str | None, te
         return "missing id"
     if ids.first_row[row_id] != row:
         return f"duplicate id (first seen at row {ids.first_row[row_id]})"
-    if text is None or not text.strip():
-        return f"empty or missing {text_column}"
+    for column, value in cells.items():
+        if value is None or not value.strip():
+            return f"empty or missing {column}"
     return None
 
 
 class _Encoder:
-    """Texts as prompts and token ids, made to fit max_prompt_tokens."""
+    """Rows' values (by placeholder) as prompts and token ids, made to fit max_prompt_tokens."""
 
-    def __init__(self, prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int):
+    def __init__(self, prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int,
+                 text_column: str):
         self.prompt, self.tokenizer, self.max_prompt_tokens = prompt, tokenizer, max_prompt_tokens
-        self.adds_special = not uses_chat(prompt, tokenizer)  # a chat template writes its own special tokens
+        chat = uses_chat(prompt, tokenizer)
+        self.adds_special = not chat  # a chat template writes its own special tokens
+        self.columns = prompt.columns(text_column, chat)  # placeholder → column, of the template in use
         self.specials = special_tokens(tokenizer)
-        self.template = build_prompts([SENTINEL], prompt, tokenizer)[0]
+        self.template = build_prompts([{name: sentinel(name) for name in self.columns}], prompt, tokenizer)[0]
 
-    def tokenize(self, texts: list[str]) -> tuple[list[str], list[list[int]]]:
+    def tokenize(self, rows: list[dict[str, str]]) -> tuple[list[str], list[list[int]]]:
         """Prompts and their token ids, in one call: the fast tokenizer encodes a batch in parallel."""
-        if not texts:  # a batch whose every row is an error: the tokenizer and the chat template refuse []
+        if not rows:  # a batch whose every row is an error: the tokenizer and the chat template refuse []
             return [], []
-        prompt_texts = build_prompts(texts, self.prompt, self.tokenizer)
+        prompt_texts = build_prompts(rows, self.prompt, self.tokenizer)
         token_ids = self.tokenizer(prompt_texts, add_special_tokens=self.adds_special).input_ids
-        for i, text in enumerate(texts):
-            if self.specials.search(text):  # its special-token strings became control tokens: encoded again, as text
-                prompt_texts[i], token_ids[i] = encode_as_text(self.template, text, self.tokenizer, self.specials,
-                                                               self.adds_special)
+        for i, row in enumerate(rows):
+            if any(map(self.specials.search, row.values())):  # special-token strings became control tokens:
+                prompt_texts[i], token_ids[i] = encode_as_text(self.template, row, self.tokenizer, self.specials,
+                                                               self.adds_special)  # encoded again, as text
         return prompt_texts, token_ids
 
-    def fit(self, text: str, prompt_text: str, token_ids: list[int]) -> tuple[str, list[int], bool] | str:
-        """(prompt, its token ids, whether the text was truncated), or why the row cannot be generated."""
+    def fit(self, row: dict[str, str], prompt_text: str, token_ids: list[int]) -> tuple[str, list[int], bool] | str:
+        """(prompt, its token ids, whether a value was truncated), or why the row cannot be generated. Truncation
+        cuts the end of the longest value (in characters; the first of equals) only, until the prompt fits."""
         limit = self.max_prompt_tokens
         if len(token_ids) <= limit:
             return prompt_text, token_ids, False
         if self.prompt.too_long == "error":
             return f"prompt has {len(token_ids)} tokens, over the {limit} that fit the context"
-        text_ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        longest = max(row, key=lambda name: len(row[name]))
+        text_ids = self.tokenizer(row[longest], add_special_tokens=False, split_special_tokens=True).input_ids
         keep = len(text_ids) - (len(token_ids) - limit)
         while keep > 0:  # tokens may merge differently at the cut: shorten until it fits
-            [prompt_text], [token_ids] = self.tokenize([self.tokenizer.decode(text_ids[:keep])])
+            [prompt_text], [token_ids] = self.tokenize([{**row, longest: self.tokenizer.decode(text_ids[:keep])}])
             if len(token_ids) <= limit:
                 return prompt_text, token_ids, True
             keep -= len(token_ids) - limit
-        return f"the prompt without its text is over the {limit} tokens that fit the context"
+        without = "text" if longest == "text" else self.columns[longest]
+        return f"the prompt without its {without} is over the {limit} tokens that fit the context"
 
 
 class _Row(NamedTuple):
@@ -168,11 +189,14 @@ def _to_requests(batch: dict, indices: list[int], data: DataConfig, start: int, 
                  done: dict[str, str]) -> dict:
     """map's function: a batch of data.part's rows (`indices` counted from row `start`) as _Row's columns."""
     rows = [start + i for i in indices]
-    texts, read_errors = batch[data.text_column], batch.get(READ_ERROR, [None] * len(indices))
-    errors = [_row_error(ids, row, text, read_error, data.text_column)
-              for row, text, read_error in zip(rows, texts, read_errors)]
-    good = [text.strip() for text, error in zip(texts, errors) if error is None]
-    fitted = map(encoder.fit, good, *encoder.tokenize(good))  # the good texts tokenized in one call
+    read_errors = batch.get(READ_ERROR, [None] * len(indices))
+    named = list(dict.fromkeys(encoder.columns.values()))
+    cells = [{column: batch[column][i] for column in named} for i in range(len(indices))]
+    errors = [_row_error(ids, row, row_cells, read_error)
+              for row, row_cells, read_error in zip(rows, cells, read_errors)]
+    good = [{name: row_cells[column].strip() for name, column in encoder.columns.items()}
+            for row_cells, error in zip(cells, errors) if error is None]
+    fitted = map(encoder.fit, good, *encoder.tokenize(good))  # the good rows tokenized in one call
     prepared = []
     for row, error in zip(rows, errors):
         result = next(fitted) if error is None else error
@@ -220,7 +244,7 @@ def prepare_requests(
     """
     part = data.part_rows(len(ds))
     to_requests = partial(_to_requests, data=data, start=part.start, ids=_Ids(ds, data.id_column),
-                          encoder=_Encoder(prompt, tokenizer, max_prompt_tokens), done=done)
+                          encoder=_Encoder(prompt, tokenizer, max_prompt_tokens, data.text_column), done=done)
     prepared = ds.select(part).map(to_requests, batched=True, with_indices=True, remove_columns=ds.column_names,
                                    features=_features(data))
     return _split(prepared)
