@@ -11,12 +11,15 @@ log = logging.getLogger("splitwiser")
 @command("config", job=True)
 def main(job: JobConfig) -> None:
     from splitwiser.job import run  # torch, transformers, datasets: after set_up_job_process (jobs/__init__.py)
+    from splitwiser.score import describe
 
     manifest = run(job)
     last = manifest["runs"][-1]
     log.info("done: %d rows ok, %d failed, %d generated this run at %s tokens/s; wrote %s",
              manifest["rows"]["ok"], manifest["rows"]["failed"], last["rows_generated"],
              last["generated_tokens_per_s"], manifest["config"]["output"]["dir"])
+    if "quality" in manifest:
+        log.info("quality: %s", describe(manifest["quality"]))
 
 
 if __name__ == "__main__":

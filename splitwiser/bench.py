@@ -29,7 +29,7 @@ from transformers import GenerationConfig
 from splitwiser.config import DataConfig, EngineConfig, PromptConfig, SamplingConfig
 from splitwiser.errors import UserError
 from splitwiser.data import read_dataset
-from splitwiser.engine import ContinuousEngine, GenerateEngine
+from splitwiser.engine import Choice, ContinuousEngine, GenerateEngine
 from splitwiser.models import LoadedModel
 from splitwiser.plan import slot_length
 from splitwiser.prepare import prepare_requests
@@ -98,7 +98,8 @@ def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, max_pr
         return GenerateBatchEngine(loaded, cfg)
     if system.name == "continuous":
         sampling = SamplingConfig(temperature=system.temperature, top_p=system.top_p)
-        return ContinuousEngine(loaded, cfg, slot_length(max_prompt_tokens, max_new_tokens), sampling=sampling)
+        return ContinuousEngine(loaded, cfg, slot_length(max_prompt_tokens, max_new_tokens),
+                                choice=Choice(sampling, not sampling.greedy))
     raise ValueError(f"unknown system {system.name}")
 
 
@@ -212,7 +213,8 @@ def measure_job(system: System, job_overrides: list[str], data: Path, max_new_to
                f"engine.batch_size={system.batch_size}", f"engine.max_new_tokens={max_new_tokens}",
                "engine.ignore_eos=true", f"engine.cuda_graphs={system.cuda_graphs}", f"engine.attention={system.attention}",
                f"mode={system.mode}", f"procs={system.procs}", f"mps={system.mps}", f"output.dir={out}",
-               "output.overwrite=true", "output.progress=false"]
+               "output.overwrite=true", "output.progress=false",
+               "data.reference_column=null"]  # random weights: ROUGE would score noise, and its time is no inference's
     if system.requests:
         command.append(f"data.limit={system.requests}")
     if device.type == "cuda":

@@ -27,7 +27,7 @@ def generate_units(engine, work: Work, units: Iterable[int], worker: int, progre
     """Streams the requests of `units` (read lazily: the next unit only when the engine has room) through one
     engine run, writing a part file every engine.batch_size finished rows. Calls unit_done(unit) once every
     row of that unit is on disk. Returns the tokens generated."""
-    unit_of: dict[str, int] = {}  # request id → its unit
+    unit_of: dict[tuple[str, int], int] = {}  # request key → its unit
     outstanding: dict[int, int] = {}  # unit → rows handed to the engine and not yet on disk
     streamed: set[int] = set()  # units whose every row has been handed to the engine
 
@@ -36,7 +36,7 @@ def generate_units(engine, work: Work, units: Iterable[int], worker: int, progre
         for unit in units:
             outstanding[unit] = 0
             for request in Request.from_columns(work_unit(shards, work.unit_count, unit)[:]):
-                unit_of[request.id] = unit
+                unit_of[request.key] = unit
                 outstanding[unit] += 1
                 yield request
             streamed.add(unit)
@@ -45,14 +45,15 @@ def generate_units(engine, work: Work, units: Iterable[int], worker: int, progre
 
     def written(generations: list[Generation]) -> None:
         for generation in generations:
-            unit = unit_of.pop(generation.request.id)
+            unit = unit_of.pop(generation.request.key)
             outstanding[unit] -= 1
             if outstanding[unit] == 0 and unit in streamed:
                 unit_done(unit)
 
     generated = 0
     with PartWriter(work.out, engine.tokenizer, engine.cfg.batch_size, worker, gpu_index(engine.device),
-                    work.run_index, work.job_start_ns, progress, on_write=written) as writer:
+                    work.run_index, work.job_start_ns, progress, on_write=written,
+                    stop=work.choice.sampling.stop) as writer:
         for generation in engine.run(requests()):
             writer.add(generation)
             generated += len(generation.token_ids)
@@ -61,7 +62,7 @@ def generate_units(engine, work: Work, units: Iterable[int], worker: int, progre
 
 def colocated_worker(rank: int, loaded: LoadedModel, work: Work, events: mp.Queue, ready, units: mp.Queue) -> None:
     """Its own engine (prefill and decode) over units from the queue, until the queue is empty."""
-    engine = make_engine(loaded, work.cfg, work.slot_length, work.requests, work.sampling)
+    engine = make_engine(loaded, work.cfg, work.slot_length, work.requests, work.choice)
     events.put(EngineBuilt(rank, engine.cfg.batch_size, getattr(engine, "fallback_from", None)))
     engine.warm_up()
     ready()

@@ -51,17 +51,30 @@ class DataConfig:
     id_column: Optional[str] = "id"  # null: the row number is the id
     text_column: str = "findings"
     reference_column: Optional[str] = "impression"  # kept beside the generation, for comparison
+    # A column holding each row's conversation (a list of {role, content}), rendered with the model's chat template:
+    # the prompt is the conversation (text_column and chat_message are not used; instruction is the system message
+    # where the conversation has none). An OpenAI batch file sets it (splitwiser/openai_batch.py).
+    messages_column: Optional[str] = None
     limit: Optional[int] = None  # only the first N rows
     # Run only part `part` (0-based) of `parts` contiguous parts of the rows: one SLURM array task's
     # share (slurm/array.sbatch); jobs.merge joins the parts' output directories.
     part: int = 0
     parts: int = 1
+    # Per-row settings, where the data carries them: a column whose value overrides engine.max_new_tokens (1 up to
+    # engine.max_new_tokens) or sampling.temperature (0 or more) for that row; an empty cell keeps the job's.
+    max_new_tokens_column: Optional[str] = None
+    temperature_column: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_positive("data.limit", self.limit)
         _check_positive("data.parts", self.parts)
         if not 0 <= self.part < self.parts:
             raise UserError(f"data.part={self.part}: must be 0 to data.parts-1 ({self.parts - 1})")
+
+    def per_row_columns(self) -> dict[str, str]:
+        """The per-row settings in use: setting → the column that holds it."""
+        columns = {"max_new_tokens": self.max_new_tokens_column, "temperature": self.temperature_column}
+        return {setting: column for setting, column in columns.items() if column is not None}
 
     def part_rows(self, rows: int) -> range:
         """The row numbers of this part: contiguous, sizes differing by at most one."""
@@ -91,16 +104,17 @@ class PromptConfig:
                 raise UserError(f"prompt.{name} has no placeholder: name a column, as {{text}} (data.text_column) "
                                 "or {findings}")
 
-    def placeholders(self, chat: bool | None = None) -> list[str]:
+    def placeholders(self, chat: bool | None = None, conversation: bool = False) -> list[str]:
         """The placeholders of the templates in use (chat, plain, or both where None), in order, once each:
-        `text` stands for data.text_column, any other for the column of that name."""
-        names = ("template",) if chat is False else ("instruction", "chat_message") if chat else (
-            "instruction", "chat_message", "template")
+        `text` stands for data.text_column, any other for the column of that name. conversation: the prompt is each
+        row's own conversation (data.messages_column), and only the instruction is used."""
+        names = ("instruction",) if conversation else ("template",) if chat is False else (
+            "instruction", "chat_message") if chat else ("instruction", "chat_message", "template")
         return list(dict.fromkeys(f for name in names for f in _placeholders(f"prompt.{name}", getattr(self, name))))
 
-    def columns(self, text_column: str, chat: bool | None = None) -> dict[str, str]:
+    def columns(self, text_column: str, chat: bool | None = None, conversation: bool = False) -> dict[str, str]:
         """placeholder → the column that fills it, for the templates in use (see placeholders)."""
-        return {f: text_column if f == "text" else f for f in self.placeholders(chat)}
+        return {f: text_column if f == "text" else f for f in self.placeholders(chat, conversation)}
 
 
 def _placeholders(option: str, text: str) -> list[str]:
@@ -160,6 +174,12 @@ class SamplingConfig:
     top_p: float = 1.0  # among the most likely tokens whose probabilities add up to top_p (1: all)
     min_p: float = 0.0  # among the tokens at least min_p times as likely as the most likely one (0: all)
     seed: int = 0
+    # HF's repetition penalty: the logit of a token already in the prompt or the output is divided by it (multiplied
+    # where negative) before temperature and filters; 1: off
+    repetition_penalty: float = 1.0
+    n: int = 1  # samples per row: generations.parquet's `sample` 0..n-1
+    stop: list[str] = field(default_factory=list)  # the generation ends before the first of these strings
+    logprobs: bool = False  # each output token's log-probability under the model (output_logprobs)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -170,6 +190,17 @@ class SamplingConfig:
             raise UserError(f"sampling.min_p={self.min_p}: must be 0 or more and below 1")
         if self.top_k < 0:
             raise UserError(f"sampling.top_k={self.top_k}: must be 0 (all tokens) or more")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"sampling.repetition_penalty={self.repetition_penalty}: must be above 0 (1: off)")
+        _check_positive("sampling.n", self.n)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise UserError(f"sampling.stop={self.stop}: every stop string must be a non-empty string")
+
+    def continuous_only(self) -> list[str]:
+        """The settings in use that only the continuous engine has."""
+        defaults = SamplingConfig.__dataclass_fields__
+        return [f"sampling.{name}" for name in ("temperature", "repetition_penalty", "n", "stop", "logprobs")
+                if getattr(self, name) != (defaults[name].default if name != "stop" else [])]
 
     @property
     def greedy(self) -> bool:
@@ -181,6 +212,14 @@ class OutputConfig:
     dir: str = "outputs/${model.name}-${data.name}"
     overwrite: bool = False  # start afresh instead of resuming what the directory holds
     progress: bool = True  # a bar on a terminal, a line every ~10 s in a log file
+    keep_columns: list[str] = field(default_factory=list)  # source columns copied into generations.parquet, typed
+    # parquet: the files of the Outputs table; openai_batch: also results.jsonl in the Batch API's output format
+    format: str = "parquet"
+
+    def __post_init__(self) -> None:
+        _check_choice("output.format", self.format, ("parquet", "openai_batch"))
+        if len(set(self.keep_columns)) != len(self.keep_columns):
+            raise UserError(f"output.keep_columns={self.keep_columns}: a column is named twice")
 
 
 @dataclass
@@ -237,9 +276,23 @@ class JobConfig:
         if self.mode == "split":
             if self.engine.kind != "continuous":
                 raise UserError("mode=split hands KV slots over: it needs engine.kind=continuous")
-        if not self.sampling.greedy and self.engine.kind != "continuous":
-            raise UserError("sampling.temperature > 0 samples with the continuous engine's reproducible sampler: "
-                            "it needs engine.kind=continuous")
+        needs = self.continuous_only()
+        if needs and self.engine.kind != "continuous":
+            raise UserError(f"{', '.join(needs)}: only engine.kind=continuous has them")
+        if self.sampling.n > 1 and self.sampling.greedy and not self.data.temperature_column:
+            raise UserError(f"sampling.n={self.sampling.n} with sampling.temperature=0 would write {self.sampling.n} "
+                            "identical greedy generations: set sampling.temperature above 0")
+
+    def continuous_only(self) -> list[str]:
+        """The settings in use that only the continuous engine has (the generate engine would ignore them)."""
+        per_row = [f"data.{name}" for name in ("max_new_tokens_column", "temperature_column")
+                   if getattr(self.data, name) is not None]
+        return self.sampling.continuous_only() + per_row
+
+    @property
+    def sampled(self) -> bool:
+        """Whether any row may be sampled (not greedy): the engine then builds its sampler."""
+        return not self.sampling.greedy or self.data.temperature_column is not None
 
     def mode_for(self, devices: int) -> str:
         """The mode a run on `devices` devices starts with (jobs/__init__.py asks before the devices are known,

@@ -5,17 +5,22 @@ Reading keeps the data as written. Ids and text are the exact strings of the fil
 converted (`007`, `7`, `1.0`, `NA`, `None` are five ids; only an empty cell is missing), JSON numbers keep
 their written text (`7`, `1.0`), typed Parquet values become their text (`7`, never `7.0`). Only the id,
 text and reference columns, and those the prompt's templates name, are read, as strings (a named column
-other than the text column takes a number as written, like an id).
+other than the text column takes a number as written, like an id). Two kinds of column are read otherwise: a
+messages column (a list of {role, content}, or its JSON text in a CSV) becomes its conversation's canonical JSON
+text (splitwiser.conversation), and output.keep_columns are read again as typed in the file (an int stays an
+int; CSV is text), into columns named kept_column(name). An OpenAI batch input file (splitwiser.openai_batch)
+is read as its requests' columns, whatever the data options say.
 
 A row that cannot be used is kept, with its reason in the column READ_ERROR; nothing is dropped silently:
 a CSV line with more fields than the header, a JSON line that is not an object (both with their line
-number), a text that is not text (a number, a list) or not valid UTF-8. splitwiser.prepare turns the rows
-into requests, and these reasons into errors.
+number), a text that is not text (a number, a list) or not valid UTF-8, a conversation that is not one, a batch
+request that cannot be honoured. splitwiser.prepare turns the rows into requests, and these reasons into errors.
 """
 
 import csv
 import io
 import json
+import logging
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -26,12 +31,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from splitwiser.config import DataConfig, PromptConfig
+from splitwiser.config import DataConfig, PromptConfig, SamplingConfig
+from splitwiser.conversation import conversation
 from splitwiser.errors import UserError
+from splitwiser.openai_batch import is_batch_file, read_requests
+
+log = logging.getLogger(__name__)
 
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
 REPLACED = "\ufffd"  # what stands for bytes that are not UTF-8
 READ_ERROR = "__splitwiser_read_error__"  # read_dataset's column, where a row has one: why it cannot be used
+KEPT = "__splitwiser_kept__"  # the prefix of read_dataset's columns of output.keep_columns (kept_column)
 
 
 class _Read(NamedTuple):
@@ -39,6 +49,7 @@ class _Read(NamedTuple):
     columns: dict[str, pa.Array | pa.ChunkedArray]  # the configured ones that exist, as strings
     reasons: list[str | None]  # per row: why it cannot be used
     replaced: bool  # bytes that are not UTF-8 were replaced by U+FFFD
+    kept: dict[str, pa.Array | pa.ChunkedArray] = {}  # output.keep_columns' columns, typed as in the file
 
 
 class _Number(str):
@@ -58,7 +69,8 @@ def data_path(path: str) -> Path:
 
 def _wanted(cfg: DataConfig, named: list[str] = ()) -> list[str]:
     """The columns to read: the configured ones, then those the prompt names."""
-    configured = (cfg.id_column, cfg.text_column, cfg.reference_column)
+    configured = (cfg.id_column, cfg.text_column, cfg.reference_column, cfg.messages_column,
+                  *cfg.per_row_columns().values())
     return list(dict.fromkeys([*(c for c in configured if c is not None), *named]))
 
 
@@ -71,7 +83,21 @@ def _decode(path: Path) -> tuple[str, bool]:
         return raw.decode("utf-8-sig", errors="replace"), True
 
 
-def _read_csv(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
+def kept_column(name: str) -> str:
+    """read_dataset's column holding output.keep_columns' `name` as typed in the file (the nightly job's
+    input.parquet keeps it under this name too)."""
+    return KEPT + name
+
+
+def _conversations(values: list, column: str, reasons: list[str | None]) -> tuple[pa.Array, list[str | None]]:
+    """A messages column's values as canonical JSON text (splitwiser.conversation), and the rows' reasons with
+    why a value is not a conversation added; an empty cell is missing, as in any column."""
+    checked = [(None, None) if value is None else conversation(value, column) for value in values]
+    return (pa.array([text for text, _ in checked], pa.string()),
+            [reason or why for reason, (_, why) in zip(reasons, checked)])
+
+
+def _read_csv(path: Path, cfg: DataConfig, named: list[str], keep: list[str] = ()) -> _Read:
     """Every cell as its exact text, None where empty. Python's csv module, not a reader that infers types or
     missing values (`007` would become 7, `NA` missing); and a line with more fields than the header is set
     aside with its number, not read with its columns shifted. A line with fewer fields has the rest empty."""
@@ -79,7 +105,7 @@ def _read_csv(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
     csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long report is one field
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, [])
-    where = {name: header.index(name) for name in _wanted(cfg, named) if name in header}
+    where = {name: header.index(name) for name in _wanted(cfg, [*named, *keep]) if name in header}
     columns, reasons = {name: [] for name in where}, []
     line = reader.line_num + 1
     for fields in reader:
@@ -89,7 +115,11 @@ def _read_csv(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
             for name, i in where.items():
                 columns[name].append((fields[i] or None) if i < len(fields) and not extra else None)
         line = reader.line_num + 1
-    return _Read(header, {name: pa.array(values, pa.string()) for name, values in columns.items()}, reasons, replaced)
+    arrays = {name: pa.array(values, pa.string()) for name, values in columns.items()}
+    if cfg.messages_column in columns:  # a conversation's JSON text
+        column = cfg.messages_column
+        arrays[column], reasons = _conversations(columns[column], column, reasons)
+    return _Read(header, arrays, reasons, replaced, {name: arrays[name] for name in keep if name in arrays})
 
 
 def _json_object(value, where: str) -> tuple[dict, str | None]:
@@ -127,7 +157,30 @@ def _json_text(value, column: str, is_text: bool) -> tuple[str | None, str | Non
     return None, f"{column} is {kind}, not text"
 
 
-def _read_json(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
+def _json_value(value):
+    """A JSON value with its numbers as numbers (int where written without a fraction or exponent)."""
+    if isinstance(value, _Number):
+        try:
+            return int(value)
+        except ValueError:
+            return float(value)
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    return {k: _json_value(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def _json_typed(values: list, column: str) -> pa.Array:
+    """A kept JSON column typed as Arrow infers it from the values (ints, floats, strings, booleans, lists,
+    objects); a column whose values mix types (7 and "7") is kept as the values' JSON text instead."""
+    values = [_json_value(v) for v in values]
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        log.warning("output.keep_columns: %s mixes types in the JSON; kept as the values' JSON text", column)
+        return pa.array([v if v is None or type(v) is str else json.dumps(v) for v in values], pa.string())
+
+
+def _read_json(path: Path, cfg: DataConfig, named: list[str], keep: list[str] = ()) -> _Read:
     text, replaced = _decode(path)
     objects, reasons = map(list, zip(*_json_rows(text))) if text.strip() else ([], [])
     names = list(dict.fromkeys(key for row in objects for key in row))
@@ -135,10 +188,14 @@ def _read_json(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
         raise ValueError(reasons[0])
     columns = {}
     for name in (name for name in _wanted(cfg, named) if name in names):
+        if name == cfg.messages_column:
+            columns[name], reasons = _conversations([row.get(name) for row in objects], name, reasons)
+            continue
         values, why = zip(*(_json_text(row.get(name), name, name == cfg.text_column) for row in objects))
         columns[name] = pa.array(values, pa.string())
         reasons = [r or w for r, w in zip(reasons, why)]
-    return _Read(names, columns, reasons, replaced)
+    kept = {name: _json_typed([row.get(name) for row in objects], name) for name in keep if name in names}
+    return _Read(names, columns, reasons, replaced, kept)
 
 
 def _replace_bad_utf8(table: pa.Table) -> tuple[pa.Table, bool]:
@@ -172,19 +229,31 @@ def _arrow_text(column: pa.ChunkedArray, name: str, is_text: bool) -> tuple[pa.C
     return column.cast(pa.string()), None
 
 
-def _read_table(ds: Dataset, cfg: DataConfig, named: list[str]) -> _Read:
+def _kept_arrow(table: pa.Table, name: str) -> pa.ChunkedArray:
+    """A kept column as typed in the table (read_dataset's own copy where the table has one: a nightly partition's
+    input.parquet); a dictionary column as its values' type."""
+    column = table[kept_column(name) if kept_column(name) in table.column_names else name]
+    return column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column
+
+
+def _read_table(ds: Dataset, cfg: DataConfig, named: list[str], keep: list[str] = ()) -> _Read:
     table = ds.with_format("arrow")[:]
     # A column of reasons is read_dataset's own, written with the rows (the nightly job's input.parquet).
     reasons = table[READ_ERROR].to_pylist() if READ_ERROR in table.column_names else [None] * len(table)
     wanted, replaced = _replace_bad_utf8(table.select([name for name in _wanted(cfg, named) if name in table.column_names]))
     columns = {}
     for name in wanted.column_names:
+        if name == cfg.messages_column:  # a list of {role, content} structs, or its JSON text
+            columns[name], reasons = _conversations(wanted[name].to_pylist(), name, reasons)
+            continue
         columns[name], why = _arrow_text(wanted[name], name, name == cfg.text_column)
         reasons = reasons if why is None else [r or w for r, w in zip(reasons, why)]
-    return _Read(table.column_names, columns, reasons, replaced)
+    names = table.column_names
+    kept = {name: _kept_arrow(table, name) for name in keep if name in names or kept_column(name) in names}
+    return _Read(names, columns, reasons, replaced, kept)
 
 
-def _read_saved(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
+def _read_saved(path: Path, cfg: DataConfig, named: list[str], keep: list[str] = ()) -> _Read:
     """A directory written by datasets' save_to_disk."""
     try:
         ds = load_from_disk(str(path))
@@ -194,20 +263,29 @@ def _read_saved(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
         if len(ds) != 1:
             raise UserError(f"data.path={cfg.path} holds several splits ({', '.join(ds)}); save the one to run")
         ds = next(iter(ds.values()))
-    return _read_table(ds, cfg, named)
+    return _read_table(ds, cfg, named, keep)
 
 
-def _read_file(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
+def _read_batch(path: Path, sampling: SamplingConfig) -> _Read:
+    """An OpenAI batch input file (splitwiser.openai_batch), as the columns its reader makes."""
+    text, replaced = _decode(path)
+    names, columns, reasons = read_requests(text, sampling)
+    return _Read(names, {name: pa.array(values, pa.string()) for name, values in columns.items()}, reasons, replaced)
+
+
+def _read_file(path: Path, cfg: DataConfig, named: list[str], keep: list[str] = (),
+               sampling: SamplingConfig | None = None) -> _Read:
     suffix = Path(cfg.path).suffix  # the name given, not that of a symbolic link's target
     builder = FORMATS.get(suffix.lower())
     if builder is None:
         raise UserError(f"data.path={cfg.path}: unknown format {suffix!r}; use .csv, .jsonl, .json, .parquet")
     try:
         if builder == "csv":
-            return _read_csv(path, cfg, named)
+            return _read_csv(path, cfg, named, keep)
         if builder == "json":
-            return _read_json(path, cfg, named)
-        return _read_table(load_dataset(builder, data_files=str(path), split="train"), cfg, named)
+            batch = is_batch_file(cfg.path)  # a Batch API request per line: read as such, whatever data.* say
+            return _read_batch(path, sampling or SamplingConfig()) if batch else _read_json(path, cfg, named, keep)
+        return _read_table(load_dataset(builder, data_files=str(path), split="train"), cfg, named, keep)
     except OSError:  # read_dataset says what it is
         raise
     except Exception as e:  # a user's file that the reader rejects: say why, in one line
@@ -215,43 +293,63 @@ def _read_file(path: Path, cfg: DataConfig, named: list[str]) -> _Read:
         raise UserError(f"data.path={cfg.path}: cannot be read as {builder}: {reason}") from None
 
 
-def _check_columns(cfg: DataConfig, prompt: PromptConfig | None, names: list[str]) -> None:
-    """A UserError, in one line, for a configured or named column that the dataset does not have."""
-    for option in ("id_column", "text_column", "reference_column"):
+def _check_columns(cfg: DataConfig, prompt: PromptConfig | None, names: list[str], keep: list[str] = ()) -> None:
+    """A UserError, in one line, for a configured, named or kept column that the dataset does not have. The text
+    column is needed only where a template names {text} (not with a messages column: the prompt is the
+    conversation)."""
+    options = ("id_column", "text_column", "messages_column", "reference_column", "max_new_tokens_column",
+               "temperature_column")
+    text_unused = cfg.messages_column or (prompt and "text" not in prompt_columns(cfg, prompt))
+    for option in (o for o in options if not (o == "text_column" and text_unused)):
         column = getattr(cfg, option)
         if column is not None and column not in names:
             raise UserError(f"data.{option}={column}: no such column; the columns are: {', '.join(names)}")
-    for placeholder, column in (prompt.columns(cfg.text_column) if prompt else {}).items():
+    for placeholder, column in (prompt_columns(cfg, prompt) if prompt else {}).items():
         if column not in names:
             raise UserError(f"prompt: the placeholder {{{placeholder}}} names no column of the dataset; "
                             f"the columns are: {', '.join(names)}")
+    unknown = [name for name in keep if name not in names and kept_column(name) not in names]
+    if unknown:
+        raise UserError(f"output.keep_columns: no column {', '.join(unknown)} in the dataset; the columns are: "
+                        f"{', '.join(n for n in names if not n.startswith(KEPT) and n != READ_ERROR)}")
+
+
+def prompt_columns(cfg: DataConfig, prompt: PromptConfig) -> dict[str, str]:
+    """placeholder → column, of the templates the job's prompt may use (with a messages column: the instruction's;
+    with prompt.style=auto, before the tokenizer says which: chat's and plain's)."""
+    chat = {"chat": True, "plain": False}.get(prompt.style)
+    return prompt.columns(cfg.text_column, chat, conversation=cfg.messages_column is not None)
 
 
 def _bad_utf8(read: _Read, columns: list[str]) -> list[str | None]:
     """The rows' reasons, with a column's bytes that were not UTF-8 as one where a row has none yet."""
     reasons = read.reasons
-    for column in columns:
+    for column in (c for c in columns if c in read.columns):
         bad = pc.fill_null(pc.match_substring(read.columns[column], REPLACED), False).to_pylist()
         why = f"{column} is not valid UTF-8 (bad bytes shown here as U+FFFD)"
         reasons = [r or (why if b else None) for r, b in zip(reasons, bad)]
     return reasons
 
 
-def read_dataset(cfg: DataConfig, prompt: PromptConfig | None = None) -> Dataset:
+def read_dataset(cfg: DataConfig, prompt: PromptConfig | None = None, keep: list[str] = (),
+                 sampling: SamplingConfig | None = None) -> Dataset:
     """The configured columns of the input, and those `prompt`'s templates name, as strings (see the module's
     docstring), checked to exist; where a row cannot be used, the column READ_ERROR says why."""
     path = data_path(cfg.path)
-    named = list(prompt.columns(cfg.text_column).values()) if prompt else []
+    named = list(prompt_columns(cfg, prompt).values()) if prompt else []
+    keep = list(keep)
     datasets.disable_progress_bars()
     try:
-        read = _read_saved(path, cfg, named) if path.is_dir() else _read_file(path, cfg, named)
+        read = _read_saved(path, cfg, named, keep) if path.is_dir() else _read_file(path, cfg, named, keep, sampling)
     except OSError as e:  # unreadable: no permission, a directory that vanished, an I/O error
         raise UserError(f"data.path={cfg.path}: {(e.strerror or str(e)).lower()}") from None
     if not read.reasons:
         raise UserError(f"data.path={cfg.path}: the dataset has no rows")
-    _check_columns(cfg, prompt, read.names)
-    reasons = _bad_utf8(read, list(dict.fromkeys([cfg.text_column, *named]))) if read.replaced else read.reasons
-    columns = {**read.columns, **({READ_ERROR: pa.array(reasons, pa.string())} if any(reasons) else {})}
+    _check_columns(cfg, prompt, read.names, keep)
+    checked = [c for c in (cfg.text_column, cfg.messages_column, *named) if c in read.columns]
+    reasons = _bad_utf8(read, list(dict.fromkeys(checked))) if read.replaced else read.reasons
+    columns = {**read.columns, **{kept_column(name): values for name, values in read.kept.items()},
+               **({READ_ERROR: pa.array(reasons, pa.string())} if any(reasons) else {})}
     ds = Dataset(pa.table(columns))
     if cfg.limit is not None:
         ds = ds.select(range(min(cfg.limit, len(ds))))

@@ -20,7 +20,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import count, islice
 
 import torch
@@ -31,7 +32,8 @@ from splitwiser.errors import UnsupportedModel, UserError
 from splitwiser.memory import forward_bytes, free_memory, gigabytes, kv_slot_bytes
 from splitwiser.models import LoadedModel
 from splitwiser.request import Generation, Request
-from splitwiser.sampler import GREEDY, request_key
+from splitwiser.sampler import request_key
+from splitwiser.stop import stop_table, stopped
 from splitwiser.runner import KVPool, SlotRunner
 
 log = logging.getLogger(__name__)
@@ -159,16 +161,37 @@ def prefill_group_size(lengths: list[int], prefill_tokens: int) -> int:
     return size
 
 
+@dataclass
+class FirstToken:
+    """What a prefill gives a request: its first token, and that token's log-probability (sampling.logprobs)."""
+    token: int
+    logprob: float | None = None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How an engine chooses tokens: the sampling settings, and whether any row may be sampled (JobConfig.sampled:
+    a row of data.temperature_column may be, with sampling.temperature=0)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampled: bool = False
+
+    def temperature(self, request: Request) -> float:
+        return self.sampling.temperature if request.temperature is None else request.temperature
+
+    def key(self, request: Request) -> int:
+        return request_key(self.sampling, request.id, request.sample)
+
+
 def prefill_group(runner: SlotRunner, requests: list[Request], slots: list[int], memory_cap_mb: int | None,
-                  sampling: SamplingConfig) -> tuple[list[int | OutOfMemory], int]:
+                  choice: Choice) -> tuple[list[FirstToken | OutOfMemory], int]:
     """Prefills the requests' prompts into `slots` of the runner's KV pool → (the first token of each, or the
     error of a prompt that ran out of memory even alone; how many times the group was split)."""
-    return split_on_oom(lambda items: _prefill_slots(runner, *zip(*items), memory_cap_mb, sampling),
+    return split_on_oom(lambda items: _prefill_slots(runner, *zip(*items), memory_cap_mb, choice),
                         list(zip(requests, slots)))
 
 
 def _prefill_slots(runner: SlotRunner, requests: tuple[Request], slots: tuple[int], memory_cap_mb,
-                   sampling: SamplingConfig) -> list[int]:
+                   choice: Choice) -> list[FirstToken]:
     lengths = [request.prompt_tokens for request in requests]
     check_memory_cap(memory_cap_mb, runner.arch.model, len(requests), max(lengths))
     padded = torch.zeros(len(requests), max(lengths), dtype=torch.long)
@@ -176,16 +199,28 @@ def _prefill_slots(runner: SlotRunner, requests: tuple[Request], slots: tuple[in
         padded[row, :request.prompt_tokens] = torch.tensor(request.input_ids)
     device = runner.device
     logits = runner.prefill(padded.to(device), torch.tensor(lengths, device=device), torch.tensor(slots, device=device))
-    keys = torch.tensor([request_key(sampling, r.id) for r in requests], device=device)
+    keys = torch.tensor([choice.key(r) for r in requests], device=device)
+    temperature = torch.tensor([choice.temperature(r) for r in requests], device=device) if choice.sampled else None
+    seen = prompt_tokens_seen(padded, lengths, logits.shape[-1]).to(device) \
+        if choice.sampling.repetition_penalty != 1 else None
+    tokens = sampler.next_tokens(logits, choice.sampling, keys, torch.zeros_like(keys), temperature, seen)
+    logprobs = sampler.token_logprobs(logits, tokens).tolist() if choice.sampling.logprobs else [None] * len(requests)
     # .tolist() waits for the prefill: in mode=split the keys are in the slots before a token worker hears of them
-    return sampler.next_tokens(logits, sampling, keys, torch.zeros_like(keys)).tolist()
+    return [FirstToken(token, logprob) for token, logprob in zip(tokens.tolist(), logprobs)]
+
+
+def prompt_tokens_seen(padded: torch.Tensor, lengths: list[int], vocab: int) -> torch.Tensor:
+    """[G, vocab] whether each token is in each prompt (the repetition penalty's tokens seen so far)."""
+    seen = torch.zeros(len(lengths), vocab, dtype=torch.bool)
+    live = torch.arange(padded.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+    return seen.scatter_(1, torch.where(live, padded, padded[:, :1]), True)
 
 
 @dataclass
 class Handoff:
     """mode=split: a group of requests a prompt worker prefilled into a token worker's KV slots."""
     slots: list[int]
-    first_tokens: list[int]
+    first_tokens: list[FirstToken]
     generations: list[Generation]  # their requests (without input_ids: a token worker needs none), timing so far
 
 
@@ -195,8 +230,8 @@ class ContinuousEngine:
     ADMIT_FRACTION = 1 / 8
 
     def __init__(self, loaded: LoadedModel, cfg: EngineConfig, slot_length: int, kv: KVPool | None = None,
-                 sampling: SamplingConfig = GREEDY):
-        self.cfg, self.device, self.tokenizer, self.sampling = cfg, loaded.device, loaded.tokenizer, sampling
+                 choice: Choice = Choice()):
+        self.cfg, self.device, self.tokenizer, self.choice = cfg, loaded.device, loaded.tokenizer, choice
         slots, device = cfg.batch_size, loaded.device
         self.runner = SlotRunner(loaded.model, slots=slots, max_len=slot_length, live_attention=cfg.attention != "sdpa",
                                  kv=kv)
@@ -210,6 +245,9 @@ class ContinuousEngine:
         self.active = torch.zeros(slots, dtype=torch.bool, device=device)
         self.finished = torch.zeros(slots, dtype=torch.bool, device=device)
         self.output = torch.zeros(slots, cfg.max_new_tokens, dtype=torch.long, device=device)
+        # each request's own max_new_tokens
+        self.limit = torch.full((slots,), cfg.max_new_tokens, dtype=torch.long, device=device)
+        self._sampling_state(loaded, slots)
         self.eos_ids = set() if cfg.ignore_eos else eos_ids(loaded)
         self.eos = torch.tensor(sorted(self.eos_ids) or [-1], device=device)
         self.use_graphs = cfg.cuda_graphs and device.type == "cuda"
@@ -218,6 +256,17 @@ class ContinuousEngine:
         self.prefill_groups = 0
         self.oom_splits = 0  # prefill groups split because they ran out of memory
         self.probe_tokens_per_s: dict[int, float] | None = None  # make_engine's probe (batch_size=auto)
+
+    def _sampling_state(self, loaded: LoadedModel, slots: int) -> None:
+        """The per-slot state of the sampling options in use (None where not in use): each one's temperature,
+        its tokens' log-probabilities, the tokens it has seen (repetition penalty), and the stop strings' table."""
+        sampling, device = self.choice.sampling, loaded.device
+        vocab = loaded.model.get_output_embeddings().weight.shape[0]
+        self.temperature = torch.zeros(slots, device=device) if self.choice.sampled else None
+        self.logprobs = torch.zeros(slots, self.cfg.max_new_tokens, device=device) if sampling.logprobs else None
+        self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device) \
+            if sampling.repetition_penalty != 1 else None
+        self.stops = stop_table(loaded.tokenizer, sampling.stop, vocab, device)
 
     def run(self, requests: Iterable[Request]) -> Iterator[Generation]:
         source = iter(requests)
@@ -273,7 +322,7 @@ class ContinuousEngine:
         start = time.perf_counter_ns()
         slots = [heapq.heappop(free) for _ in group]
         firsts, splits = prefill_group(self.runner, [g.request for g in group], slots, self.cfg.memory_cap_mb,
-                                       self.sampling)
+                                       self.choice)
         self.oom_splits += splits
         now = time.perf_counter_ns()
         started = []
@@ -291,29 +340,52 @@ class ContinuousEngine:
             self._start(*map(list, zip(*started)))
         self.prefill_groups += 1
 
-    def _start(self, slots: list[int], first_tokens: list[int], requests: list[Request]) -> None:
+    def _start(self, slots: list[int], first_tokens: list[FirstToken], requests: list[Request]) -> None:
         """Makes prefilled slots running: their first token is the next input, at the position after the prompt."""
-        slot_ids, first = (torch.tensor(values, device=self.device) for values in (slots, first_tokens))
+        on_device = partial(torch.tensor, device=self.device)
+        slot_ids, first = on_device(slots), on_device([f.token for f in first_tokens])
         self.tokens[slot_ids] = first
-        self.positions[slot_ids] = torch.tensor([r.prompt_tokens for r in requests], device=self.device)
-        self.keys[slot_ids] = torch.tensor([request_key(self.sampling, r.id) for r in requests], device=self.device)
+        self.positions[slot_ids] = on_device([r.prompt_tokens for r in requests])
+        self.keys[slot_ids] = on_device([self.choice.key(r) for r in requests])
+        self.limit[slot_ids] = on_device([r.max_new_tokens or self.cfg.max_new_tokens for r in requests])
+        if self.temperature is not None:
+            self.temperature[slot_ids] = on_device([self.choice.temperature(r) for r in requests])
+        if self.logprobs is not None:
+            self.logprobs[slot_ids, 0] = on_device([f.logprob for f in first_tokens])
+        if self.seen is not None:
+            self.seen[slot_ids] = False
+            for slot, request in zip(slots, requests):
+                self.seen[slot, on_device(request.input_ids)] = True
+            self.seen[slot_ids, first] = True
         self.generated[slot_ids] = 1
         self.output[slot_ids, 0] = first
-        self.finished[slot_ids] = torch.isin(first, self.eos) | (self.cfg.max_new_tokens == 1)
+        self.finished[slot_ids] = torch.isin(first, self.eos) | (self.limit[slot_ids] == 1) | self._stopped(slot_ids)
         self.active[slot_ids] = ~self.finished[slot_ids]
+
+    def _stopped(self, slots: torch.Tensor | slice) -> torch.Tensor | bool:
+        """Whether the slots' outputs end in a stop string (False without stop strings)."""
+        return self.stops is not None and stopped(self.stops, self.output[slots], self.generated[slots])
 
     def _step(self, batch: int) -> None:
         """Decode slots 0..batch-1 and update their state, on the device only (capturable)."""
         active = self.active[:batch]
         logits = self.runner.decode(self.tokens[:batch], self.positions[:batch])
-        next_tokens = sampler.next_tokens(logits, self.sampling, self.keys[:batch], self.generated[:batch])
+        temperature, seen = (None if state is None else state[:batch] for state in (self.temperature, self.seen))
+        next_tokens = sampler.next_tokens(logits, self.choice.sampling, self.keys[:batch], self.generated[:batch],
+                                          temperature, seen)
         generated = self.generated[:batch]
         # Free slots in the batch compute too (static shapes); their results land nowhere that is read.
-        self.output[torch.arange(batch, device=self.device), generated.clamp(max=self.cfg.max_new_tokens - 1)] = next_tokens
+        rows, at = torch.arange(batch, device=self.device), generated.clamp(max=self.cfg.max_new_tokens - 1)
+        self.output[rows, at] = next_tokens
+        if self.logprobs is not None:
+            self.logprobs[rows, at] = sampler.token_logprobs(logits, next_tokens)
+        if seen is not None:
+            seen[rows, next_tokens] |= active
         generated += active
         self.positions[:batch] += active
         self.tokens[:batch] = next_tokens
-        finished = active & ((generated >= self.cfg.max_new_tokens) | torch.isin(next_tokens, self.eos))
+        ended = (generated >= self.limit[:batch]) | torch.isin(next_tokens, self.eos) | self._stopped(slice(0, batch))
+        finished = active & ended
         self.finished[:batch] = finished
         self.active[:batch] = active & ~finished
 
@@ -329,9 +401,11 @@ class ContinuousEngine:
         # (mode=split prefills a released slot in another process while this one keeps stepping).
         self.positions[slots] = self.runner.max_len - 1
         outputs, counts = self.output[slots].tolist(), self.generated[slots].tolist()
-        for slot, tokens, generated in zip(slots, outputs, counts):
+        logprobs = self.logprobs[slots].tolist() if self.logprobs is not None else [None] * len(slots)
+        for slot, tokens, generated, token_logprobs in zip(slots, outputs, counts, logprobs):
             generation = running.pop(slot)
             generation.token_ids = tokens[:generated]
+            generation.logprobs = token_logprobs and token_logprobs[:generated]
             generation.finish_reason = "stop" if tokens[generated - 1] in self.eos_ids else "length"
             generation.finish_ns = now
             release(slot)
@@ -455,8 +529,7 @@ def auto_batch_size(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, re
     return slots
 
 
-def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int,
-                sampling: SamplingConfig = GREEDY):
+def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, choice: Choice = Choice()):
     """The configured engine, with engine.batch_size resolved (engine.cfg.batch_size is the number). On a GPU,
     a continuous engine with batch_size=auto is warmed up and probed: engine.probe_tokens_per_s holds the
     decode tokens/s of each batch bucket, and the engine runs the best (use_best_batch_size)."""
@@ -464,11 +537,11 @@ def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, reques
     if cfg.kind == "generate":
         return GenerateEngine(loaded, resolved)
     try:
-        engine = ContinuousEngine(loaded, resolved, slot_length, sampling=sampling)
+        engine = ContinuousEngine(loaded, resolved, slot_length, choice=choice)
     except UnsupportedModel as e:
-        if not sampling.greedy:
-            raise UserError(f"sampling.temperature > 0 needs the continuous engine, which does not support this "
-                            f"model ({e}); use sampling.temperature=0") from None
+        if choice.sampled or choice.sampling.continuous_only():
+            raise UserError(f"{', '.join(choice.sampling.continuous_only()) or 'data.temperature_column'}: only the "
+                            f"continuous engine has them, and it does not support this model ({e})") from None
         log.warning("engine.kind=continuous does not support this model (%s): using engine.kind=generate", e)
         fallback = GenerateEngine(loaded, resolved)
         fallback.fallback_from = f"continuous: {e}"  # why, for the manifest

@@ -19,17 +19,19 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from splitwiser import openai_batch
 from splitwiser.colocated import generate_units, run_colocated
-from splitwiser.config import JobConfig, to_plain_dict
-from splitwiser.data import data_path, read_dataset
-from splitwiser.engine import make_engine
+from splitwiser.config import JobConfig, SamplingConfig, to_plain_dict
+from splitwiser.data import data_path, kept_column, read_dataset
+from splitwiser.engine import Choice, make_engine
 from splitwiser.errors import UserError, WorkersFailed
 from splitwiser.models import LoadedModel, load_model, resolve_devices
 from splitwiser.mps import MPSState, mps_session
-from splitwiser.output import OutputDir, check_free_space
+from splitwiser.output import GENERATION_SCHEMA, OutputDir, check_free_space
 from splitwiser.plan import Plan, choose_procs, plan_run, seconds_since_process_start
-from splitwiser.prepare import Prepared, prepare_requests, write_shards
+from splitwiser.prepare import Prepared, prepare_requests, row_ids, uses_chat, write_shards
 from splitwiser.progress import Progress
+from splitwiser.score import METRICS, score_output
 from splitwiser.split import run_split
 from splitwiser.workers import Totals, Work, fork_server_running
 
@@ -43,8 +45,17 @@ def fingerprint(job: JobConfig) -> dict:
         "tokenizer": job.model.tokenizer, "data": str(data_path(job.data.path)),
         "text_column": job.data.text_column, "part": [job.data.part, job.data.parts], "prompt": to_plain_dict(job.prompt),
         "max_new_tokens": job.engine.max_new_tokens, "ignore_eos": job.engine.ignore_eos,
-        **({} if job.sampling.greedy else {"sampling": to_plain_dict(job.sampling)}),  # greedy: as jobs were before sampling
+        **_changed_sampling(job),  # none: as jobs were before sampling
+        **({"messages_column": job.data.messages_column} if job.data.messages_column else {}),
     }
+
+
+def _changed_sampling(job: JobConfig) -> dict:
+    """The sampling settings and per-row columns that differ from the defaults, as fingerprint entries."""
+    defaults = to_plain_dict(SamplingConfig())
+    changed = {k: v for k, v in to_plain_dict(job.sampling).items() if v != defaults[k]}
+    per_row = {k: getattr(job.data, k) for k in ("max_new_tokens_column", "temperature_column") if getattr(job.data, k)}
+    return ({"sampling": changed} if changed else {}) | per_row
 
 
 def installed_version(package: str) -> str | None:
@@ -107,9 +118,12 @@ def run(job: JobConfig) -> dict:
     # server runs already (jobs.run starts it with the process), else about this process's own imports.
     worker_imports_s = 0.0 if fork_server_running() else seconds_since_process_start()
     stages = Stages()
+    job = openai_batch.configure(job)  # an OpenAI batch file: its requests' columns
+    check_kept(job.output.keep_columns)
     out = OutputDir(job.output.dir)
     out.check(fingerprint(job), job.output.overwrite)  # refused before anything is read, loaded or written
-    rows = read_dataset(job.data, job.prompt)  # before the model: a bad path or column fails in a second
+    # Before the model: a bad path or column fails in a second.
+    rows = read_dataset(job.data, job.prompt, job.output.keep_columns, job.sampling)
     stages.done("read_s")
     plan = plan_run(job, resolve_devices(job.model.device, job.gpus))
     # MPS before any worker starts: they take its settings before their first CUDA call. One control daemon
@@ -120,6 +134,14 @@ def run(job: JobConfig) -> dict:
         stages.done("load_model_s")
         with out.locked():  # every check has passed: the directory is created (or cleared) and is ours
             return Run(job, out, models, mps, stages, worker_imports_s)(rows, plan)
+
+
+def check_kept(keep_columns: list[str]) -> None:
+    """output.keep_columns may not name a column that generations.parquet has of its own."""
+    own = [name for name in keep_columns if name in GENERATION_SCHEMA.names or name in METRICS]
+    if own:
+        raise UserError(f"output.keep_columns: {own[0]} is a column of generations.parquet already "
+                        f"({', '.join([*GENERATION_SCHEMA.names, *METRICS])})")
 
 
 def check_max_new_tokens(max_new_tokens: int, context_length: int) -> None:
@@ -136,7 +158,7 @@ class Run:
         self.job, self.out, self.models, self.mps, self.stages = job, out, models, mps, stages
         self.worker_imports_s = worker_imports_s
         self.index = len(out.start_run(fingerprint(job), job.output.overwrite, stages.started.isoformat())) - 1
-        self.prompts_done = out.done()  # id → the prompt of its generation on disk
+        self.prompts_done = out.done()  # (id, sample) → the prompt of its generation on disk
         self.probe: dict[int, float] | None = None  # engine.batch_size=auto on a GPU: the decode probe it chose from
 
     def __call__(self, rows, plan: Plan) -> dict:
@@ -153,7 +175,8 @@ class Run:
         """The rows of this part as requests, less those already done, and the errors."""
         job, loaded = self.job, self.models[0]
         max_prompt = loaded.context_length - job.engine.max_new_tokens
-        prepared = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, self.prompts_done)
+        prepared = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, self.prompts_done,
+                                    job.sampling.n, job.engine.max_new_tokens)
         log.info("%d rows: %d already done, %d to generate, %d set aside (errors.parquet)",
                  len(job.data.part_rows(len(rows))), len(prepared.reused), len(prepared.requests), len(prepared.errors))
         return prepared
@@ -164,8 +187,8 @@ class Run:
         # The least the outputs take: shards of the prompts' token ids, and the generated token ids.
         check_free_space(self.out.path, 4 * (sum(requests["prompt_tokens"]) + len(requests) * cfg.max_new_tokens))
         shards = self.out.path / "shards"
-        return Work(cfg=cfg, slot_length=plan.slot_length, sampling=self.job.sampling, requests=len(requests),
-                    threads=torch.get_num_threads(),
+        return Work(cfg=cfg, slot_length=plan.slot_length, choice=Choice(self.job.sampling, self.job.sampled),
+                    requests=len(requests), threads=torch.get_num_threads(),
                     shards=shards, unit_count=write_shards(requests, shards, plan.unit_rows), out=self.out,
                     run_index=self.index, job_start_ns=self.stages.start_ns)
 
@@ -175,7 +198,8 @@ class Run:
         if plan.mode != "single" and plan.procs_auto is None:
             return None, plan
         start = time.perf_counter()
-        engine = make_engine(self.models[0], self.job.engine, plan.slot_length, requests, self.job.sampling)
+        engine = make_engine(self.models[0], self.job.engine, plan.slot_length, requests,
+                             Choice(self.job.sampling, self.job.sampled))
         if requests:
             engine.warm_up()
         self.probe = getattr(engine, "probe_tokens_per_s", None)
@@ -201,7 +225,8 @@ class Run:
             return {"colocated": run_colocated, "split": run_split}[plan.mode](self.models, plan, work, progress)
 
     def finish(self, rows, plan: Plan, prepared: Prepared, totals: Totals, engine) -> dict:
-        """Records the run in job.json, merges the outputs, writes the manifest; returns it."""
+        """Records the run in job.json, merges the outputs, writes the manifest, scores every row kept against its
+        reference (those of earlier runs too: a resumed job ends with all its rows scored); returns the manifest."""
         wall_s = self.stages.wall_s()
         runs = self.out.finish_run(self.record(plan, prepared, totals, engine, wall_s))
         job, loaded = self.job, self.models[0]
@@ -211,15 +236,40 @@ class Run:
             "weights": job.model.weights,  # "random": timing only, the generations are meaningless
             "model_source": loaded.source,
             "environment": environment(loaded),
-            "rows": {"input": len(job.data.part_rows(len(rows)))},
+            "rows": {"input": len(job.data.part_rows(len(rows))), **({"samples_per_row": job.sampling.n}
+                                                                      if job.sampling.n > 1 else {})},
             "wall_s_last_run": round(wall_s, 3),
             "wall_s_finished_runs": round(sum(r.get("wall_s", 0) for r in runs), 3),
             "runs": runs,  # every run of this job, as it started: a killed one shows finished: false
         }
-        generated = prepared.requests.select_columns(["id", "prompt"])[:]
-        wanted = pa.table({"id": generated["id"] + prepared.reused,
-                           "prompt": generated["prompt"] + [self.prompts_done[i] for i in prepared.reused]})
-        return self.out.finalize(prepared.errors.with_format("arrow")[:], wanted, manifest)
+        generated = prepared.requests.select_columns(["id", "sample", "prompt"])[:]
+        wanted = pa.table({"id": generated["id"] + [i for i, _ in prepared.reused],
+                           "sample": generated["sample"] + [sample for _, sample in prepared.reused],
+                           "prompt": generated["prompt"] + [self.prompts_done[key] for key in prepared.reused]})
+        manifest = self.out.finalize(prepared.errors.with_format("arrow")[:], wanted, manifest, self.kept(rows))
+        if job.output.format == "openai_batch":
+            self.write_results(rows)
+        return score_output(self.out.path) if job.data.reference_column else manifest
+
+    def kept(self, rows) -> pa.Table | None:
+        """output.keep_columns' values of the input's rows, by the rows' ids (for OutputDir.finalize)."""
+        keep = self.job.output.keep_columns
+        if not keep:
+            return None
+        table = rows.select_columns([kept_column(name) for name in keep]).with_format("arrow")[:]
+        ids, _ = row_ids(rows, self.job.data.id_column)
+        return pa.table({"id": ids, **{name: table[kept_column(name)] for name in keep}})
+
+    def write_results(self, rows) -> None:
+        """output.format=openai_batch: results.jsonl, a line per row of this part, in the input's order."""
+        job, part = self.job, self.job.data.part_rows(len(rows))
+        names, written = row_ids(rows, job.data.id_column)
+        if job.data.messages_column:  # a conversation's JSON text is a list; a raw prompt's, a string
+            chat = [not (text or "[").startswith('"') for text in rows[job.data.messages_column][part.start:part.stop]]
+        else:
+            chat = [uses_chat(job.prompt, self.models[0].tokenizer)] * len(part)
+        requests = list(zip(names[part.start:part.stop], written[part.start:part.stop], chat))
+        openai_batch.write_results(self.out.path, requests, job.model.name, fingerprint(job), self.out.job_id)
 
     def record(self, plan: Plan, prepared: Prepared, totals: Totals, engine, wall_s: float) -> dict:
         """This run's figures, for job.json and the manifest's runs."""

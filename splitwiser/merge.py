@@ -15,7 +15,10 @@ import pyarrow.parquet as pq
 from splitwiser.config import DataConfig
 from splitwiser.errors import UserError
 from splitwiser.data import read_dataset
-from splitwiser.output import ERROR_SCHEMA, GENERATION_SCHEMA, TIMING_SCHEMA, write_json, write_parquet
+from splitwiser.openai_batch import RESULTS
+from splitwiser.output import (ERROR_SCHEMA, GENERATION_SCHEMA, TIMING_SCHEMA, atomic_write, read_generations,
+                               write_json, write_parquet)
+from splitwiser.score import METRICS, score_output
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,27 @@ def task_manifests(root: Path) -> list[dict]:
     return [manifests[part] for part in range(parts)]
 
 
+def _read_task(path: Path, schema: pa.Schema) -> pa.Table:
+    """A task's file as `schema`; its generations.parquet with the columns beyond it (output.keep_columns'), less its
+    scores (the merged rows are scored again)."""
+    if schema is not GENERATION_SCHEMA:
+        return pq.read_table(path, schema=schema)
+    table = read_generations(path)
+    return table.drop_columns([name for name in METRICS if name in table.column_names])
+
+
+def _merge_results(root: Path, manifests: list[dict]) -> None:
+    """output.format=openai_batch: root/results.jsonl, the tasks' in part order (their parts are contiguous, so
+    this is the input's order)."""
+    if manifests[0]["config"]["output"].get("format") != "openai_batch":
+        return
+    missing = next((m["dir"] for m in manifests if not (Path(m["dir"]) / RESULTS).is_file()), None)
+    if missing:
+        raise UserError(f"{missing}: no {RESULTS} (output.format=openai_batch); rerun the task, then merge")
+    text = "".join((Path(m["dir"]) / RESULTS).read_text(encoding="utf-8") for m in manifests)
+    atomic_write(root / RESULTS, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def merge_tasks(root: str) -> dict:
     """Writes the merged files into root and returns the merged manifest; raises UserError when a row
     of the dataset is missing or duplicated."""
@@ -51,7 +75,8 @@ def merge_tasks(root: str) -> dict:
     tables = {}
     for schema, name in ((GENERATION_SCHEMA, "generations.parquet"), (TIMING_SCHEMA, "timing.parquet"),
                          (ERROR_SCHEMA, "errors.parquet")):
-        tables[name] = pa.concat_tables([pq.read_table(Path(m["dir"]) / name, schema=schema) for m in manifests])
+        tables[name] = pa.concat_tables([_read_task(Path(m["dir"]) / name, schema) for m in manifests],
+                                        promote_options="default")
     generations, errors = tables["generations.parquet"], tables["errors.parquet"]
 
     dataset_rows = len(read_dataset(DataConfig(**{**manifests[0]["config"]["data"], "part": 0, "parts": 1})))
@@ -59,6 +84,7 @@ def merge_tasks(root: str) -> dict:
     if duplicated or generations.num_rows + errors.num_rows != dataset_rows:
         raise UserError(f"{root}: the tasks hold {generations.num_rows} generations ({'with' if duplicated else 'no'} "
                         f"duplicate ids) and {errors.num_rows} errors, for a dataset of {dataset_rows} rows")
+    _merge_results(root, manifests)  # first: a task without its results.jsonl refuses the merge before it writes
     for name, table in tables.items():
         write_parquet(table.sort_by("id"), root / name)
     manifest = {
@@ -69,6 +95,8 @@ def merge_tasks(root: str) -> dict:
                    "environment": m["environment"]} for m in manifests],
     }
     write_json(manifest, root / "manifest.json")
+    if manifest["config"]["data"].get("reference_column"):
+        manifest = score_output(root)  # over the merged rows: the tasks' scores are not read (GENERATION_SCHEMA)
     log.info("merged %d tasks into %s: %d rows ok, %d failed, of %d", len(manifests), root,
              generations.num_rows, errors.num_rows, dataset_rows)
     return manifest

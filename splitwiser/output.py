@@ -22,12 +22,14 @@ import pyarrow.parquet as pq
 
 from splitwiser.errors import UserError
 from splitwiser.request import Generation
+from splitwiser.stop import cut
 
 log = logging.getLogger(__name__)
 
 # One row per request. A part file holds all of these; the merge splits them into two files.
 GENERATION_SCHEMA = pa.schema([
     ("id", pa.string()),
+    ("sample", pa.int32()),  # which of the row's sampling.n samples (0 with n=1)
     ("reference", pa.string()),
     ("prompt", pa.string()),
     ("prompt_truncated", pa.bool_()),  # prompt.too_long=truncate cut the end of the text to fit the context
@@ -35,6 +37,7 @@ GENERATION_SCHEMA = pa.schema([
     ("prompt_tokens", pa.int32()),
     ("generated_tokens", pa.int32()),
     ("output_token_ids", pa.list_(pa.int32())),
+    ("output_logprobs", pa.list_(pa.float32())),  # sampling.logprobs: each output token's (else null)
     ("finish_reason", pa.string()),
     ("worker", pa.int32()),
     ("batch", pa.int64()),
@@ -42,6 +45,7 @@ GENERATION_SCHEMA = pa.schema([
 # Milliseconds from the start of the run that produced the row (`run`: manifest's runs[n]).
 TIMING_SCHEMA = pa.schema([
     ("id", pa.string()),
+    ("sample", pa.int32()),
     ("run", pa.int32()),
     ("worker", pa.int32()),  # the worker that decoded it (and wrote it)
     ("prefill_worker", pa.int32()),  # the worker that prefilled it: another one in mode=split
@@ -54,7 +58,8 @@ TIMING_SCHEMA = pa.schema([
     ("finish_ms", pa.float64()),
 ])
 PART_SCHEMA = pa.unify_schemas([GENERATION_SCHEMA, TIMING_SCHEMA])
-ERROR_SCHEMA = pa.schema([("id", pa.string()), ("error", pa.string())])
+# sample: the one of the row's sampling.n samples that failed while generating; null: the row (every sample)
+ERROR_SCHEMA = pa.schema([("id", pa.string()), ("sample", pa.int32()), ("error", pa.string())])
 JOB_ID_KEY = b"splitwiser.job_id"  # a part file's Parquet metadata: the job that wrote it (job.json's job_id)
 TEMP_FILE = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # atomic_write's temporary files
 
@@ -123,7 +128,7 @@ class OutputDir:
     (its fingerprint, an id that its part files carry, and each run as it starts and ends)."""
 
     OWN_FILES = {"generations.parquet", "timing.parquet", "errors.parquet", "manifest.json", "job.json", ".lock",
-                 "parts", "shards"}
+                 "parts", "shards", "results.jsonl"}
 
     def __init__(self, path: str):
         self.path = Path(path).expanduser()
@@ -243,17 +248,17 @@ class OutputDir:
         tables = [t for t in (self._readable(p, PART_SCHEMA) for p in sorted(self.parts.glob("*.parquet"))) if t]
         merged = self.path / "generations.parquet"
         if merged.exists():
-            generations = pq.read_table(merged, schema=GENERATION_SCHEMA)
-            timing = pq.read_table(self.path / "timing.parquet", schema=TIMING_SCHEMA)
-            timing = timing.take(pc.index_in(generations["id"], value_set=timing["id"]))  # row for row
+            generations = read_merged(merged, GENERATION_SCHEMA)
+            timing = read_merged(self.path / "timing.parquet", TIMING_SCHEMA)
+            timing = timing.take(pc.index_in(_sample_keys(generations), value_set=_sample_keys(timing)))  # row for row
             columns = {**{n: timing[n] for n in TIMING_SCHEMA.names}, **{n: generations[n] for n in GENERATION_SCHEMA.names}}
             tables.insert(0, pa.table([columns[n] for n in PART_SCHEMA.names], schema=PART_SCHEMA))
         return pa.concat_tables(tables or [PART_SCHEMA.empty_table()])
 
-    def done(self) -> dict[str, str]:
-        """id → the prompt its generation on disk was made from."""
+    def done(self) -> dict[tuple[str, int], str]:
+        """(id, sample) → the prompt its generation on disk was made from."""
         table = self._candidates()
-        return dict(zip(table["id"].to_pylist(), table["prompt"].to_pylist()))
+        return dict(zip(zip(table["id"].to_pylist(), table["sample"].to_pylist()), table["prompt"].to_pylist()))
 
     def write_part(self, rows: list[dict]) -> None:
         table = pa.Table.from_pylist(rows, schema=PART_SCHEMA.with_metadata({JOB_ID_KEY: self.job_id}))
@@ -264,11 +269,12 @@ class OutputDir:
         table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA.with_metadata({JOB_ID_KEY: self.job_id}))
         write_parquet(table, self.error_parts / f"{uuid.uuid4().hex}.parquet")
 
-    def finalize(self, errors: pa.Table, wanted: pa.Table, manifest: dict) -> dict:
+    def finalize(self, errors: pa.Table, wanted: pa.Table, manifest: dict, kept: pa.Table | None = None) -> dict:
         """Merges the generations on disk whose (id, prompt) is in `wanted` (the input's rows as they are now)
         into generations.parquet and timing.parquet, writes errors (the data's, and those met while generating,
         less any row generated since) and the manifest. A row no longer in the input, or whose prompt changed,
-        is left out.
+        is left out. `kept`: output.keep_columns' values of the input's rows (an `id` column, then theirs), added to
+        each generation by its id: a row generated by an earlier run gets them too.
 
         Returns the manifest, with its row counts. Safe to interrupt: parts are removed only after the merged
         files are in place, and ids seen twice are kept once.
@@ -276,13 +282,15 @@ class OutputDir:
         parts, error_parts = sorted(self.parts.glob("*.parquet")), sorted(self.error_parts.glob("*.parquet"))
         rows = self._candidates()
         rows = _first_of_each_id(rows.filter(pc.is_in(_row_keys(rows), value_set=_row_keys(wanted))))
-        rows = rows.sort_by("id")
+        rows = rows.sort_by([("id", "ascending"), ("sample", "ascending")])
         for schema, name in ((GENERATION_SCHEMA, "generations.parquet"), (TIMING_SCHEMA, "timing.parquet")):
-            write_parquet(rows.select(schema.names).cast(schema), self.path / name)
+            table = rows.select(schema.names).cast(schema)
+            write_parquet(with_kept(table, kept) if schema is GENERATION_SCHEMA else table, self.path / name)
         failed = [t for t in (self._readable(p, ERROR_SCHEMA) for p in error_parts) if t]
         failed = pa.concat_tables(failed or [ERROR_SCHEMA.empty_table()])
-        still_failed = pc.and_(pc.is_in(failed["id"], value_set=wanted["id"]),
-                               pc.invert(pc.is_in(failed["id"], value_set=rows["id"])))
+        still_failed = pc.and_(pc.is_in(_sample_keys(failed), value_set=_sample_keys(wanted)),
+                               pc.invert(pc.is_in(_sample_keys(failed), value_set=_sample_keys(rows))))
+        errors = pa.table({"id": errors["id"], "sample": pa.nulls(len(errors), pa.int32()), "error": errors["error"]})
         errors = pa.concat_tables([errors.cast(ERROR_SCHEMA), _first_of_each_id(failed.filter(still_failed))])
         write_parquet(errors, self.path / "errors.parquet")
         for part in parts + error_parts:
@@ -302,8 +310,9 @@ class PartWriter:
     nothing failed."""
 
     def __init__(self, out: OutputDir, tokenizer, rows: int, worker: int, gpu: int | None, run_index: int,
-                 job_start_ns: int, progress, on_write=lambda written: None):
+                 job_start_ns: int, progress, on_write=lambda written: None, stop: list[str] = ()):
         self.out, self.tokenizer, self.rows, self.worker, self.gpu = out, tokenizer, rows, worker, gpu
+        self.stop = list(stop)  # sampling.stop
         self.run_index, self.job_start_ns, self.progress, self.on_write = run_index, job_start_ns, progress, on_write
         self.finished: list[Generation] = []
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="part-writer")
@@ -343,12 +352,22 @@ class PartWriter:
             self.on_write(finished)
 
     def write(self, finished: list[Generation]) -> None:
-        failed = [{"id": g.request.id, "error": g.error} for g in finished if g.error]
+        failed = [{"id": g.request.id, "sample": g.request.sample, "error": g.error} for g in finished if g.error]
         if failed:
             self.out.write_errors(failed)
         generated = [g for g in finished if not g.error]
         texts = self.tokenizer.batch_decode([g.token_ids for g in generated], skip_special_tokens=True)
-        self.out.write_part([self.row(g, text) for g, text in zip(generated, texts)])
+        self.out.write_part([self.row(g, self.cut_at_stop(g, text)) for g, text in zip(generated, texts)])
+
+    def cut_at_stop(self, g: Generation, text: str) -> str:
+        """The text before the first stop string, and the generation's tokens up to the one that completed it."""
+        found = cut(text, g.token_ids, self.stop, self.tokenizer) if self.stop else None
+        if found is None:
+            return text
+        text, tokens = found
+        g.token_ids, g.finish_reason = g.token_ids[:tokens], "stop"
+        g.logprobs = g.logprobs and g.logprobs[:tokens]
+        return text
 
     def row(self, g: Generation, text: str) -> dict:
         """A part file's row (PART_SCHEMA): the request's, its generation's, and its timing, in ms from the run's
@@ -356,10 +375,10 @@ class PartWriter:
         ms = lambda ns: (ns - self.job_start_ns) / 1e6  # noqa: E731
         request = g.request
         return {
-            "id": request.id, "reference": request.reference, "prompt": request.prompt,
+            "id": request.id, "sample": request.sample, "reference": request.reference, "prompt": request.prompt,
             "prompt_truncated": request.prompt_truncated, "generation": text.strip(),
             "prompt_tokens": request.prompt_tokens, "generated_tokens": len(g.token_ids),
-            "output_token_ids": g.token_ids, "finish_reason": g.finish_reason, "worker": self.worker, "gpu": self.gpu,
+            "output_token_ids": g.token_ids, "output_logprobs": g.logprobs, "finish_reason": g.finish_reason, "worker": self.worker, "gpu": self.gpu,
             "prefill_worker": self.worker if g.prefill_worker is None else g.prefill_worker,
             "batch": g.batch, "run": self.run_index, "batch_size": g.batch_size, "enqueue_ms": ms(g.enqueue_ns),
             "prefill_start_ms": ms(g.prefill_start_ns), "first_token_ms": ms(g.first_token_ns),
@@ -367,11 +386,45 @@ class PartWriter:
         }
 
 
+def read_merged(path: Path, schema: pa.Schema) -> pa.Table:
+    """A merged file as `schema`; a file written before the `sample` column (and logprobs) existed gets them."""
+    table = pq.read_table(path)
+    missing = {"sample": pa.array([0] * table.num_rows, pa.int32())}
+    return pa.table([table[n] if n in table.column_names else missing.get(n, pa.nulls(table.num_rows, schema.field(n).type))
+                     for n in schema.names], schema=schema)
+
+
+def with_kept(generations: pa.Table, kept: pa.Table | None) -> pa.Table:
+    """generations with the kept columns of each one's input row (kept's first row with its id), as typed there."""
+    if kept is None:
+        return generations
+    rows = kept.take(pc.index_in(generations["id"], value_set=kept["id"]))  # null where no input row has the id
+    for name in kept.column_names[1:]:
+        generations = generations.append_column(kept.schema.field(name), rows[name])
+    return generations
+
+
+def read_generations(path: Path) -> pa.Table:
+    """A generations.parquet as GENERATION_SCHEMA (read_merged), then the columns it has beyond it
+    (output.keep_columns', scores) as they are."""
+    extra = [name for name in pq.read_schema(path).names if name not in GENERATION_SCHEMA.names]
+    table = read_merged(path, GENERATION_SCHEMA)
+    for name, column in zip(extra, pq.read_table(path, columns=extra).columns if extra else []):
+        table = table.append_column(name, column)
+    return table
+
+
+def _sample_keys(table: pa.Table) -> pa.Array:
+    """A row's id and sample as one value (a row-level error, sample null, counts as sample 0)."""
+    sample = pc.cast(pc.fill_null(table["sample"], 0), pa.string())
+    return pc.binary_join_element_wise(table["id"], sample, "\x00")
+
+
 def _row_keys(table: pa.Table) -> pa.Array:
-    """A row's id and prompt as one value: a generation holds for the input row with the same of both."""
-    return pc.binary_join_element_wise(table["id"], table["prompt"], "\x00")
+    """A row's id, sample and prompt as one value: a generation holds for the input row with the same of these."""
+    return pc.binary_join_element_wise(_sample_keys(table), table["prompt"], "\x00")
 
 
 def _first_of_each_id(table: pa.Table) -> pa.Table:
-    indices = pc.index_in(table["id"].unique(), value_set=table["id"])  # first index of each distinct id
-    return table.take(indices)
+    keys = _sample_keys(table)
+    return table.take(pc.index_in(keys.unique(), value_set=keys))  # the first row of each (id, sample)

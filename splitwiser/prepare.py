@@ -9,7 +9,8 @@ number, from 0); where a real id starts with `row:`, the prefix takes more colon
 none does, so that it never equals a real id.
 
 The templates fill each `{name}` with the row's value of that column (stripped), `{text}` with data.text_column's.
-Only the template contributes special tokens: a special token's string in any value (`<|im_end|>`) is
+With data.messages_column, a row's prompt is its conversation, rendered with the chat template (_ChatEncoder).
+Only the template contributes special tokens: a special token's string in any value or message (`<|im_end|>`) is
 encoded as text.
 """
 
@@ -23,6 +24,7 @@ from typing import NamedTuple
 from datasets import Dataset, Features, Sequence, Value, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
+from splitwiser import conversation
 from splitwiser.config import DataConfig, PromptConfig
 from splitwiser.data import READ_ERROR
 from splitwiser.errors import UserError
@@ -107,6 +109,12 @@ class _Ids:
         return self.by_row[row] or f"{self.no_id}{row}"
 
 
+def row_ids(ds: Dataset, id_column: str | None) -> tuple[list[str], list[str | None]]:
+    """Each row's id as the outputs name it (a placeholder where it has none), and as written (None where missing)."""
+    ids = _Ids(ds, id_column)
+    return [ids.name(row) for row in range(len(ds))], ids.by_row
+
+
 def _row_error(ids: _Ids, row: int, cells: dict[str, str | None], read_error: str | None) -> str | None:
     """Why the row cannot be generated, as far as its cells (by column, those the prompt names) tell (before
     its prompt is made), or None."""
@@ -163,8 +171,95 @@ class _Encoder:
             if len(token_ids) <= limit:
                 return prompt_text, token_ids, True
             keep -= len(token_ids) - limit
-        without = "text" if longest == "text" else self.columns[longest]
-        return f"the prompt without its {without} is over the {limit} tokens that fit the context"
+        return f"the prompt without its {self.describe(longest)} is over the {limit} tokens that fit the context"
+
+    def values(self, cells: dict[str, str]) -> dict[str, str]:
+        """A good row's values by placeholder, from its cells by column."""
+        return {name: cells[column].strip() for name, column in self.columns.items()}
+
+    def describe(self, name: str) -> str:
+        """What a value is, for a reason: `text`, or its column."""
+        return "text" if name == "text" else self.columns[name]
+
+
+RAW = "\x00prompt"  # _ChatEncoder's value of a prompt used as it is (an OpenAI /v1/completions request)
+
+
+class _ChatEncoder(_Encoder):
+    """Rows' conversations (data.messages_column) as prompts and token ids: each rendered with the chat template,
+    prompt.instruction as its system message where it has none; or a prompt used as it is (splitwiser.conversation).
+    A row's values are the instruction's (where used) and its messages' contents, by keys `\x00N role` (N from 0),
+    in order: special-token strings in any of them are encoded as text, and truncation cuts the longest."""
+
+    def __init__(self, prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int,
+                 data: DataConfig):
+        self.prompt, self.tokenizer, self.max_prompt_tokens = prompt, tokenizer, max_prompt_tokens
+        self.instruction = prompt.columns(data.text_column, conversation=True)  # its placeholder → column
+        self.messages_column = data.messages_column
+        self.columns = {**self.instruction, "\x00messages": data.messages_column}  # the cells a row needs
+        self.specials = special_tokens(tokenizer)
+
+    def values(self, cells: dict[str, str]) -> dict[str, str]:
+        messages = conversation.parse(cells[self.messages_column])
+        if isinstance(messages, str):
+            return {RAW: messages}
+        used = self.prompt.instruction.strip() and not conversation.has_system(messages)
+        instruction = {name: cells[column].strip() for name, column in self.instruction.items()} if used else {}
+        return {**instruction, **{f"\x00{i} {m['role']}": m["content"] for i, m in enumerate(messages)}}
+
+    def describe(self, name: str) -> str:
+        if name == RAW:
+            return "prompt"
+        if name.startswith("\x00"):
+            number, role = name[1:].split(" ")
+            return f"message {int(number) + 1} ({role})"
+        return self.instruction[name]
+
+    def messages(self, row: dict[str, str]) -> list[dict[str, str]]:
+        """The messages to render: the row's, after the instruction where the row has it (see values)."""
+        messages = [{"role": "system" if key.split(" ")[1] in conversation.SYSTEM_ROLES else key.split(" ")[1],
+                     "content": value} for key, value in row.items() if key.startswith("\x00")]
+        instruction = {k: v for k, v in row.items() if not k.startswith("\x00")}
+        used = self.prompt.instruction.strip() and not any(m["role"] == "system" for m in messages)
+        if not used:
+            return messages
+        return [{"role": "system", "content": self.prompt.instruction.format(**instruction)}, *messages]
+
+    def render(self, rows: list[dict[str, str]]) -> list[str]:
+        """The prompts of rows: a conversation with the chat template (one call for them all), a raw prompt as it is."""
+        chats = [row for row in rows if RAW not in row]
+        rendered = iter(self.tokenizer.apply_chat_template([self.messages(row) for row in chats], tokenize=False,
+                                                           add_generation_prompt=True) if chats else [])
+        return [row[RAW] if RAW in row else next(rendered) for row in rows]
+
+    def tokenize(self, rows: list[dict[str, str]]) -> tuple[list[str], list[list[int]]]:
+        if not self.tokenizer.chat_template:  # no conversation can be rendered (fit says so), raw prompts can
+            rows = [row if RAW in row else {RAW: ""} for row in rows]
+        prompt_texts, token_ids = self.render(rows), [[] for _ in rows]
+        for raw in (False, True):  # a chat template writes its own special tokens; a raw prompt gets the tokenizer's
+            which = [i for i, row in enumerate(rows) if (RAW in row) == raw]
+            texts = [prompt_texts[i] for i in which]
+            for i, ids in zip(which, self.tokenizer(texts, add_special_tokens=raw).input_ids if which else []):
+                token_ids[i] = ids
+        for i, row in enumerate(rows):
+            if any(map(self.specials.search, row.values())):  # encoded again, the values as text
+                [template] = self.render([{key: sentinel(key) for key in row}])
+                prompt_texts[i], token_ids[i] = encode_as_text(template, row, self.tokenizer, self.specials, RAW in row)
+        return prompt_texts, token_ids
+
+    def fit(self, row: dict[str, str], prompt_text: str, token_ids: list[int]) -> tuple[str, list[int], bool] | str:
+        if RAW not in row and not self.tokenizer.chat_template:
+            return "a conversation needs the model's chat template, and this model's tokenizer has none"
+        return super().fit(row, prompt_text, token_ids)
+
+
+def make_encoder(data: DataConfig, prompt: PromptConfig, tokenizer: PreTrainedTokenizerBase,
+                 max_prompt_tokens: int) -> _Encoder:
+    """The encoder of the job's rows: of their conversations where data.messages_column is set, else of the prompt
+    templates."""
+    if data.messages_column:
+        return _ChatEncoder(prompt, tokenizer, max_prompt_tokens, data)
+    return _Encoder(prompt, tokenizer, max_prompt_tokens, data.text_column)
 
 
 class _Row(NamedTuple):
@@ -174,6 +269,9 @@ class _Row(NamedTuple):
     input_ids: list[int]
     prompt_tokens: int
     prompt_truncated: bool
+    sample: int
+    max_new_tokens: int | None
+    temperature: float | None
     error: str | None
     reused: bool
 
@@ -181,40 +279,65 @@ class _Row(NamedTuple):
 def _features(data: DataConfig) -> Features:
     # Typed: map would otherwise keep an input column's type for an output of the same name (numeric ids).
     return Features({"id": Value("string"), "prompt": Value("string"), "input_ids": Sequence(Value("int32")),
-                     "prompt_tokens": Value("int32"), "prompt_truncated": Value("bool"), "error": Value("string"),
+                     "prompt_tokens": Value("int32"), "prompt_truncated": Value("bool"), "sample": Value("int32"),
+                     "max_new_tokens": Value("int32"), "temperature": Value("float64"), "error": Value("string"),
                      "reused": Value("bool"), **({"reference": Value("string")} if data.reference_column else {})})
 
 
+def _row_settings(batch: dict, index: int, data: DataConfig, max_new_tokens: int) -> dict | str:
+    """The row's own settings (data.max_new_tokens_column, data.temperature_column; an empty cell: the job's), or
+    why they cannot be used."""
+    settings = {}
+    for setting, column in data.per_row_columns().items():
+        text = batch[column][index]
+        if text is None or not text.strip():
+            continue
+        try:
+            value = int(text) if setting == "max_new_tokens" else float(text)
+        except ValueError:
+            return f"{column}={text!r} is not a {'whole number' if setting == 'max_new_tokens' else 'number'}"
+        if setting == "max_new_tokens" and not 1 <= value <= max_new_tokens:
+            return f"{column}={text}: must be 1 to engine.max_new_tokens={max_new_tokens}"
+        if setting == "temperature" and not 0 <= value < math.inf:
+            return f"{column}={text}: must be 0 (greedy) or more"
+        settings[setting] = value
+    return settings
+
+
 def _to_requests(batch: dict, indices: list[int], data: DataConfig, start: int, ids: _Ids, encoder: _Encoder,
-                 done: dict[str, str]) -> dict:
-    """map's function: a batch of data.part's rows (`indices` counted from row `start`) as _Row's columns."""
+                 done: dict[tuple[str, int], str], samples: int, max_new_tokens: int) -> dict:
+    """map's function: a batch of data.part's rows (`indices` counted from row `start`) as _Row's columns, `samples`
+    rows (sampling.n) for each row that can be generated and one for each that cannot."""
     rows = [start + i for i in indices]
     read_errors = batch.get(READ_ERROR, [None] * len(indices))
     named = list(dict.fromkeys(encoder.columns.values()))
     cells = [{column: batch[column][i] for column in named} for i in range(len(indices))]
-    errors = [_row_error(ids, row, row_cells, read_error)
-              for row, row_cells, read_error in zip(rows, cells, read_errors)]
-    good = [{name: row_cells[column].strip() for name, column in encoder.columns.items()}
-            for row_cells, error in zip(cells, errors) if error is None]
+    settings = [_row_settings(batch, i, data, max_new_tokens) for i in range(len(indices))]
+    errors = [_row_error(ids, row, row_cells, read_error) or (setting if isinstance(setting, str) else None)
+              for row, row_cells, read_error, setting in zip(rows, cells, read_errors, settings)]
+    good = [encoder.values(row_cells) for row_cells, error in zip(cells, errors) if error is None]
     fitted = map(encoder.fit, good, *encoder.tokenize(good))  # the good rows tokenized in one call
-    prepared = []
-    for row, error in zip(rows, errors):
+    prepared, copies = [], []
+    for row, error, setting in zip(rows, errors, settings):
         result = next(fitted) if error is None else error
         if isinstance(result, str):  # why the row cannot be generated
-            error, result = result, ("", [], False)
+            error, result, setting = result, ("", [], False), {}
         prompt_text, token_ids, truncated = result
-        reused = error is None and done.get(ids.by_row[row]) == prompt_text
-        prepared.append(_Row(ids.name(row), prompt_text, token_ids, len(token_ids), truncated, error, reused))
+        copies.append(samples if error is None else 1)
+        for sample in range(copies[-1]):
+            reused = error is None and done.get((ids.by_row[row], sample)) == prompt_text
+            prepared.append(_Row(ids.name(row), prompt_text, token_ids, len(token_ids), truncated, sample,
+                                 setting.get("max_new_tokens"), setting.get("temperature"), error, reused))
     out = {name: [getattr(r, name) for r in prepared] for name in _Row._fields}
     if data.reference_column:
-        out["reference"] = batch[data.reference_column]
+        out["reference"] = [value for value, n in zip(batch[data.reference_column], copies) for _ in range(n)]
     return out
 
 
 class Prepared(NamedTuple):
     requests: Dataset  # sorted by prompt length
     errors: Dataset  # id, error
-    reused: list[str]  # ids of the part's rows whose existing generation still holds: not generated again
+    reused: list[tuple[str, int]]  # (id, sample) of the part's rows whose generation on disk holds: not generated again
 
 
 def _split(prepared: Dataset) -> Prepared:
@@ -225,7 +348,7 @@ def _split(prepared: Dataset) -> Prepared:
     requests = prepared.filter(lambda errors, reused: [e is None and not r for e, r in zip(errors, reused)],
                                input_columns=["error", "reused"], batched=True)
     return Prepared(requests.remove_columns(["error", "reused"]).sort("prompt_tokens"),
-                    errors.select_columns(["id", "error"]), reused["id"][:])  # [:]: a list, not a Column
+                    errors.select_columns(["id", "error"]), list(zip(reused["id"][:], reused["sample"][:])))
 
 
 def prepare_requests(
@@ -234,17 +357,21 @@ def prepare_requests(
     prompt: PromptConfig,
     tokenizer: PreTrainedTokenizerBase,
     max_prompt_tokens: int,
-    done: dict[str, str],
+    done: dict[tuple[str, int], str],
+    samples: int = 1,
+    max_new_tokens: int = 64,
 ) -> Prepared:
-    """The rows of data.part as requests and errors. A row whose id is in `done` (id → the prompt its existing
-    generation was made from) with the same prompt now is reused, not a request; one whose text changed is
-    generated again. Ids are checked over the whole dataset, so a duplicate in another part is caught.
+    """The rows of data.part as requests and errors: `samples` requests per row (sampling.n), each of which
+    may have its own max_new_tokens (up to the job's) and temperature. A request whose (id, sample) is in `done`
+    (→ the prompt its existing generation was made from) with the same prompt now is reused; one whose text
+    changed is generated again. Ids are checked over the whole dataset, so a duplicate in another part is caught.
 
-    A request has: id, reference (if configured), prompt, input_ids, prompt_tokens, prompt_truncated.
+    A request has request.Request's fields (reference if configured).
     """
     part = data.part_rows(len(ds))
     to_requests = partial(_to_requests, data=data, start=part.start, ids=_Ids(ds, data.id_column),
-                          encoder=_Encoder(prompt, tokenizer, max_prompt_tokens, data.text_column), done=done)
+                          encoder=make_encoder(data, prompt, tokenizer, max_prompt_tokens), done=done,
+                          samples=samples, max_new_tokens=max_new_tokens)
     prepared = ds.select(part).map(to_requests, batched=True, with_indices=True, remove_columns=ds.column_names,
                                    features=_features(data))
     return _split(prepared)

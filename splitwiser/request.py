@@ -16,6 +16,14 @@ class Request:
     prompt_tokens: int
     prompt_truncated: bool = False  # prompt.too_long=truncate cut the end of its text
     reference: str | None = None  # data.reference_column's value, kept beside the generation
+    sample: int = 0  # which of the row's sampling.n samples this is
+    max_new_tokens: int | None = None  # the row's own (data.max_new_tokens_column), else engine.max_new_tokens
+    temperature: float | None = None  # the row's own (data.temperature_column), else sampling.temperature
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """What tells requests apart: the row's id and the sample."""
+        return self.id, self.sample
 
     @classmethod
     def from_columns(cls, columns: dict[str, list]) -> list["Request"]:
@@ -31,7 +39,7 @@ class Generation:
     Times are time.perf_counter_ns() of the process that measured them."""
     request: Request
     token_ids: list[int] = field(default_factory=list)  # EOS included when the model stopped
-    finish_reason: str = "length"  # "stop" (EOS) or "length" (max_new_tokens)
+    finish_reason: str = "length"  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
     batch: int = 0  # the generate batch, or the prefill group the request entered with
     batch_size: int = 0
     enqueue_ns: int = 0
@@ -40,3 +48,4 @@ class Generation:
     finish_ns: int = 0
     prefill_worker: int | None = None  # mode=split: the prompt worker that prefilled it
     error: str | None = None  # why it was not generated (goes to errors.parquet)
+    logprobs: list[float] | None = None  # sampling.logprobs: each token's log-probability under the model

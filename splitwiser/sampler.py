@@ -4,7 +4,8 @@ that anyone can reproduce it.
 A sampled token is the Gumbel-max choice: argmax(logits / temperature + g), where g is Gumbel noise made from a
 hash of (the request's key, its step, the token id). The key comes from (sampling.seed, the row's id): so a row's
 sample depends on the seed, the row, its prompt, the model and the settings, and not on the batch around it,
-the slot it sits in, the worker or the run. top_k, top_p and min_p first leave out the tokens they exclude.
+the slot it sits in, the worker or the run. top_k, top_p and min_p first leave out the tokens they exclude; a
+repetition penalty (greedy or sampled) first lowers the tokens already seen.
 
 next_tokens runs inside the decode step that is captured into a CUDA graph: it stays on the device, with static
 shapes and no host synchronisation.
@@ -20,9 +21,10 @@ GREEDY = SamplingConfig()
 MASK32 = 0xFFFFFFFF
 
 
-def request_key(sampling: SamplingConfig, row_id: str) -> int:
-    """The 31-bit key of a row's random numbers."""
-    digest = hashlib.sha256(f"{sampling.seed}\0{row_id}".encode()).digest()
+def request_key(sampling: SamplingConfig, row_id: str, sample: int = 0) -> int:
+    """The 31-bit key of a row's random numbers (sample: which of its sampling.n samples; 0 keys as before n)."""
+    text = f"{sampling.seed}\0{row_id}" + (f"\0{sample}" if sample else "")
+    digest = hashlib.sha256(text.encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
@@ -42,9 +44,16 @@ def gumbel_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.T
     return -torch.log(-torch.log(uniform))
 
 
-def filtered(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Logits (float32, divided by the temperature) with the tokens that top_k, top_p and min_p leave out at -inf."""
-    logits = logits.float() / sampling.temperature
+def penalized(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: the logits of the tokens `seen` [B, vocab] (in the prompt or generated)
+    divided by `penalty` where positive, multiplied where negative."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def filtered(logits: torch.Tensor, temperature: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Logits (float32, divided by each row's temperature [B]) with the tokens that top_k, top_p and min_p leave
+    out at -inf. A row of temperature 0 is divided by 1: greedy rows take the argmax instead (next_tokens)."""
+    logits = logits.float() / torch.where(temperature > 0, temperature, 1)[:, None]
     if sampling.top_k:
         kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -60,9 +69,21 @@ def filtered(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, sampling: SamplingConfig = GREEDY, keys: torch.Tensor | None = None,
-                steps: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, vocab] → next token ids [B]. Sampling needs each row's key (request_key) and step (the tokens
-    it has generated so far)."""
-    if sampling.greedy:
-        return logits.argmax(-1)
-    return (filtered(logits, sampling) + gumbel_noise(keys, steps, logits.shape[-1])).argmax(-1)
+                steps: torch.Tensor | None = None, temperature: torch.Tensor | None = None,
+                seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, vocab] → next token ids [B]. temperature: each row's [B] (0: greedy), or None: all greedy.
+    Sampling needs each row's key (request_key) and step (the tokens it has generated so far); the repetition
+    penalty needs the tokens each row has `seen` [B, vocab]."""
+    if seen is not None:
+        logits = penalized(logits, seen, sampling.repetition_penalty)
+    greedy = logits.argmax(-1)
+    if temperature is None:
+        return greedy
+    sampled = (filtered(logits, temperature, sampling) + gumbel_noise(keys, steps, logits.shape[-1])).argmax(-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The log-probability [B] of each row's token under the model's own distribution (no penalty, temperature or
+    filter: what the model says of the text)."""
+    return logits.float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]

@@ -71,17 +71,19 @@ class PromptWorker:
         ran out of memory alone gives its slot back and goes to errors.parquet."""
         start = time.perf_counter_ns()
         firsts, splits = prefill_group(self.runners[target], group, slots, self.work.cfg.memory_cap_mb,
-                                       self.work.sampling)
+                                       self.work.choice)
         now = time.perf_counter_ns()
         self.oom_splits += splits
         started, failed = [], []
         for slot, request, first in zip(slots, group, firsts):
             if isinstance(first, OutOfMemory):
                 self.free_slots[target].put(slot)
-                failed.append({"id": request.id, "error": first.error(request.prompt_tokens)})
-            else:  # the token worker needs no prompt ids: they stay here
-                started.append((slot, first, Generation(replace(request, input_ids=[]), batch=self.groups,
-                                                        batch_size=len(group), enqueue_ns=enqueued, prefill_start_ns=start,
+                failed.append({"id": request.id, "sample": request.sample, "error": first.error(request.prompt_tokens)})
+            else:  # the token worker needs no prompt ids but the repetition penalty's: they stay here
+                penalty = self.work.choice.sampling.repetition_penalty != 1
+                handed = request if penalty else replace(request, input_ids=[])
+                started.append((slot, first, Generation(handed, batch=self.groups, batch_size=len(group),
+                                                        enqueue_ns=enqueued, prefill_start_ns=start,
                                                         first_token_ns=now, prefill_worker=self.rank)))
         if failed:
             self.work.out.write_errors(failed)
@@ -131,14 +133,14 @@ def handoff_receiver(handoffs: mp.Queue, prompt_procs: int):
 def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Queue, ready, free_slots: mp.Queue,
                  handoffs: mp.Queue, prompt_procs: int) -> None:
     """mode=split: decodes the requests handed over into its KV pool; writes them as part files."""
-    engine = ContinuousEngine(loaded, work.cfg, work.slot_length, kv=pool, sampling=work.sampling)
+    engine = ContinuousEngine(loaded, work.cfg, work.slot_length, kv=pool, choice=work.choice)
     events.put(EngineBuilt(rank, engine.cfg.batch_size))
     for slot in range(work.cfg.batch_size):  # free slots are parked on a never-read position: safe at once
         free_slots.put(slot)
     engine.warm_up()
     ready()
     with PartWriter(work.out, loaded.tokenizer, work.cfg.batch_size, rank, gpu_index(loaded.device), work.run_index,
-                    work.job_start_ns, progress_event(events, rank)) as writer:
+                    work.job_start_ns, progress_event(events, rank), stop=work.choice.sampling.stop) as writer:
         for generation in engine.run_handed_over(handoff_receiver(handoffs, prompt_procs), release=free_slots.put):
             writer.add(generation)
 

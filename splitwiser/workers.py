@@ -34,8 +34,8 @@ import torch
 import torch.multiprocessing as mp
 
 from splitwiser import WORKER_PRELOAD
-from splitwiser.config import EngineConfig, SamplingConfig
-from splitwiser.engine import resolve_batch_size
+from splitwiser.config import EngineConfig
+from splitwiser.engine import Choice, resolve_batch_size
 from splitwiser.errors import UserError, WorkersFailed
 from splitwiser.memory import free_memory, gigabytes
 from splitwiser.models import LoadedModel
@@ -54,7 +54,7 @@ class Work:
     """What every worker of a run needs to know (pickled to each)."""
     cfg: EngineConfig  # per device (for_device): batch_size resolved, the slots (or batch) of each engine
     slot_length: int  # positions per KV slot (plan.slot_length)
-    sampling: SamplingConfig
+    choice: Choice  # how tokens are chosen: the sampling settings
     requests: int  # the requests, per engine once for_device has divided them
     threads: int  # CPU threads, per worker once for_device has divided them
     shards: Path

@@ -33,10 +33,10 @@ def test_limit_and_integer_ids(tmp_path, default_model, column):
     ds.to_parquet(str(tmp_path / "ints.parquet"))
     cfg = DataConfig(path=str(tmp_path / "ints.parquet"), id_column=column, reference_column=None, limit=3)
     first = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer, 1000, done={})
-    done = {"1": dict(zip(first.requests["id"], first.requests["prompt"]))["1"]}
+    done = {("1", 0): dict(zip(first.requests["id"], first.requests["prompt"]))["1"]}
     requests, errors, reused = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer,
                                                 1000, done=done)
-    assert sorted(requests["id"]) == ["0", "2"] and len(errors) == 0 and reused == ["1"]
+    assert sorted(requests["id"]) == ["0", "2"] and len(errors) == 0 and reused == [("1", 0)]
     assert requests.features["id"].dtype == "string"  # what generations.parquet holds
 
 

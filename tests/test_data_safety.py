@@ -111,7 +111,7 @@ def test_a_csv_line_with_too_many_fields_goes_to_errors_with_its_line_end_to_end
     generated = outputs(tmp_path / "out", "generations.parquet")
     assert sorted((r["id"], r["reference"]) for r in generated) == [("r2", None), ("r3", "i")]  # r2: fewer fields
     errors = outputs(tmp_path / "out", "errors.parquet")
-    assert errors == [{"id": "row:0", "error": "line 2 has 5 fields, the header 3"}]
+    assert errors == [{"id": "row:0", "sample": None, "error": "line 2 has 5 fields, the header 3"}]
 
 
 def test_line_numbers_count_the_lines_of_quoted_text(tmp_path, default_model):
@@ -186,11 +186,11 @@ def test_a_row_is_reused_only_when_its_prompt_is_unchanged(tmp_path, default_mod
     path = tmp_path / "rows.csv"
     Dataset.from_list(rows).to_csv(str(path), index=False)
     first = prepare(default_model, path)
-    done = dict(zip(first.requests["id"], first.requests["prompt"]))
+    done = {(i, 0): prompt for i, prompt in zip(first.requests["id"], first.requests["prompt"])}
     rows[1]["findings"] += " Also a new nodule."
     rows[2]["findings"] = ""
     Dataset.from_list(rows).to_csv(str(path), index=False)
     requests, errors, reused = prepare(default_model, path, done=done)
     assert requests["id"] == [rows[1]["id"]] and "a new nodule" in requests["prompt"][0]
     assert errors["id"] == [rows[2]["id"]]
-    assert sorted(reused) == sorted([rows[0]["id"], rows[3]["id"]]) and isinstance(reused, list)
+    assert sorted(reused) == sorted([(rows[0]["id"], 0), (rows[3]["id"], 0)]) and isinstance(reused, list)

@@ -145,7 +145,8 @@ def assert_stopped(run: subprocess.Popen, stderr: str, status: int, said: str, o
 
 def test_ctrl_c_says_so_in_one_line_and_the_rerun_resumes(tmp_path):
     out = tmp_path / "o"
-    command = ("data.limit=40", "engine.max_new_tokens=32", f"output.dir={out}")
+    # A part every 4 rows: the first is on disk long before the job ends, even on a loaded machine
+    command = ("data.limit=40", "engine.max_new_tokens=32", "engine.batch_size=4", f"output.dir={out}")
     run = job(*command)
     deadline = time.time() + 60
     while not list(out.glob("parts/*.parquet")) and time.time() < deadline and run.poll() is None:

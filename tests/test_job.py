@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from conftest import ROOT, job_config, kill_when_parts_written, sample_rows, write_csv
 from splitwiser.job import run
 from splitwiser.output import ERROR_SCHEMA, GENERATION_SCHEMA, TIMING_SCHEMA
+from splitwiser.score import SCORE_SCHEMA
 
 
 def read(out, name):
@@ -22,7 +24,7 @@ def test_rows_add_up_and_files_have_their_schemas(tmp_path, messy_csv):
     manifest = run(job_config(f"data.path={messy_csv}", f"output.dir={out}", "engine.max_new_tokens=8",
                               "engine.batch_size=4"))
     generations, timing, errors = (read(out, n) for n in ("generations.parquet", "timing.parquet", "errors.parquet"))
-    assert generations.schema.equals(GENERATION_SCHEMA)
+    assert generations.schema.equals(pa.unify_schemas([GENERATION_SCHEMA, SCORE_SCHEMA]))  # scored (the reference)
     assert timing.schema.equals(TIMING_SCHEMA)
     assert errors.schema.equals(ERROR_SCHEMA)
     assert generations.num_rows == 6 and errors.num_rows == 4

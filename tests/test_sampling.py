@@ -8,7 +8,7 @@ import torch
 from conftest import SAMPLE, job_config, run_cli
 from splitwiser.bench import workload, write_workload
 from splitwiser.config import EngineConfig, PromptConfig, SamplingConfig
-from splitwiser.engine import make_engine
+from splitwiser.engine import Choice, make_engine
 from splitwiser.job import run
 from splitwiser.merge import merge_tasks
 from splitwiser.plan import slot_length
@@ -65,7 +65,7 @@ def test_the_same_row_gets_the_same_sample_whatever_the_batch(tmp_path, default_
     outputs = []
     for batch_size in (1, 4, 16):
         engine = make_engine(default_model, EngineConfig(batch_size=batch_size, max_new_tokens=10), length,
-                             len(requests), sampling)
+                             len(requests), Choice(sampling, sampled=True))
         outputs.append({g.request.id: g.token_ids for g in engine.run(requests)})
     assert outputs[0] == outputs[1] == outputs[2]
 
@@ -103,4 +103,4 @@ def test_bad_sampling_values_are_one_line_errors(tmp_path, override, message):
 
 def test_sampling_with_the_generate_engine_is_refused(tmp_path):
     result = run_cli("sampling.temperature=0.7", "engine.kind=generate", f"output.dir={tmp_path}/o")
-    assert result.returncode == 2 and "it needs engine.kind=continuous" in result.stderr.splitlines()[-1]
+    assert result.returncode == 2 and "only engine.kind=continuous has them" in result.stderr.splitlines()[-1]

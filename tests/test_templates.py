@@ -50,6 +50,15 @@ def test_chat_message_and_instruction_name_columns(tmp_path, default_model):
     assert requests[0]["input_ids"] == ids
 
 
+def test_the_text_column_is_needed_only_where_a_template_names_text(tmp_path, default_model):
+    rows = [{"id": row["id"], "report": row["findings"], "indication": row["indication"]} for row in ROWS[:2]]
+    requests, errors, _ = prepare(default_model, write_csv(tmp_path / "r.csv", rows),
+                                  plain("Indication: {indication}\nReport: {report}\n### impressions:"),
+                                  reference_column=None)  # no `findings` column (data.text_column's default)
+    prompts = dict(zip(requests["id"], requests["prompt"]))
+    assert sorted(prompts) == ["r1", "r2"] and "Report: Lungs clear." in prompts["r1"] and not len(errors)
+
+
 def test_template_columns_end_to_end(tmp_path):
     data = write_csv(tmp_path / "r.csv", ROWS)
     result = run_cli(f"data.path={data}", f"output.dir={tmp_path}/out", "engine.max_new_tokens=2", "prompt.style=plain",
@@ -58,7 +67,7 @@ def test_template_columns_end_to_end(tmp_path):
     generated = {r["id"]: r["prompt"] for r in pq.read_table(tmp_path / "out" / "generations.parquet").to_pylist()}
     assert generated["r2"] == "Indication: Fever\nComparison: 2020 film\nFindings: Small effusion.\n### impressions:"
     errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
-    assert errors == [{"id": "r3", "error": "empty or missing comparison"}]
+    assert errors == [{"id": "r3", "sample": None, "error": "empty or missing comparison"}]
 
 
 def test_an_unknown_placeholder_lists_the_columns(tmp_path):
