@@ -1,7 +1,9 @@
-"""Writes data/radiology.csv: a synthetic sample of radiology reports (id, modality, findings, impression).
+"""Writes data/radiology.csv: a synthetic sample of radiology reports (id, modality, indication, comparison,
+findings, impression).
 
 Every report is composed here from sentence pools, so the sample is ours to ship. It is
-seeded: running this script again writes the same file.
+seeded: running this script again writes the same file. The indication and comparison columns come from a
+second random stream, so that the findings and impressions are those the file had before it had them.
 
     python data/make_radiology.py [--rows 300] [--seed 7] [--out data/radiology.csv]
 """
@@ -99,6 +101,24 @@ STUDIES = {
 }
 
 
+INDICATIONS = {
+    "Chest X-ray": ["Cough.", "Fever and cough.", "Shortness of breath.", "Chest pain.", "Preoperative."],
+    "CT head": ["Headache.", "Fall, head strike.", "Confusion.", "Dizziness."],
+    "CT abdomen and pelvis": ["Abdominal pain.", "Right lower quadrant pain.", "Weight loss.", "Nausea."],
+    "MRI knee": ["Knee pain after a twisting injury.", "Swelling of the knee.", "Locking of the knee."],
+    "Ultrasound abdomen": ["Right upper quadrant pain.", "Abnormal liver tests.", "Jaundice."],
+}
+
+
+def make_context(rng: random.Random, modality: str, findings: str) -> tuple[str, str]:
+    """The request's indication and its comparison: the findings' own comparison line where they have one, else a
+    prior study or "None." (as reports write)."""
+    comparison = f"{modality} from {rng.randint(2, 400)} days ago." if rng.random() < 0.4 else "None."
+    if findings.startswith("Comparison: "):
+        comparison = findings.split(". ", 1)[0].removeprefix("Comparison: ").capitalize() + "."
+    return rng.choice(INDICATIONS[modality]), comparison
+
+
 def make_report(rng: random.Random, modality: str) -> tuple[str, str]:
     normal, abnormal, normal_impression = STUDIES[modality]
     sentences = rng.sample(normal, k=rng.randint(2, len(normal)))
@@ -124,14 +144,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("radiology.csv"))
     args = parser.parse_args()
-    rng = random.Random(args.seed)
+    rng, context_rng = random.Random(args.seed), random.Random(args.seed + 1)
     with args.out.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", "modality", "findings", "impression"])
+        writer.writerow(["id", "modality", "indication", "comparison", "findings", "impression"])
         for n in range(args.rows):
             modality = rng.choice(list(STUDIES))
             findings, impression = make_report(rng, modality)
-            writer.writerow([f"RAD-{n + 1:05d}", modality, findings, impression])
+            writer.writerow([f"RAD-{n + 1:05d}", modality, *make_context(context_rng, modality, findings), findings, impression])
     print(f"wrote {args.rows} rows to {args.out}")
 
 

@@ -23,7 +23,7 @@ def test_missing_input_file(tmp_path):
 
 def test_unknown_column_lists_the_columns(tmp_path):
     assert_user_error(run_cli("data.text_column=report", f"output.dir={tmp_path}/o"),
-                      "data.text_column=report: no such column", "id, modality, findings, impression")
+                      "data.text_column=report: no such column", "id, modality, indication, comparison, findings, impression")
 
 
 def test_unknown_model_name(tmp_path):

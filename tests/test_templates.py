@@ -8,7 +8,7 @@ from datetime import date
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SAMPLE, job_config, run_cli, write_csv
+from conftest import SAMPLE, job_config, run_cli, sample_rows, write_csv
 from splitwiser import nightly
 from splitwiser.config import DataConfig, PromptConfig
 from splitwiser.data import read_dataset
@@ -48,6 +48,16 @@ def test_chat_message_and_instruction_name_columns(tmp_path, default_model):
     assert "Indication: Cough.." in requests[0]["prompt"] and "Findings: Lungs clear.\n" in requests[0]["prompt"]
     ids = default_model.tokenizer(requests[0]["prompt"], add_special_tokens=False).input_ids
     assert requests[0]["input_ids"] == ids
+
+
+def test_a_template_over_three_columns_of_the_sample(default_model):
+    requests, errors, _ = prepare(default_model, SAMPLE, plain(), limit=3)
+    rows = {row["id"]: row for row in sample_rows(3)}
+    for request in requests:
+        row = rows[request["id"]]
+        assert request["prompt"] == TEMPLATE.format(text=row["findings"], indication=row["indication"],
+                                                    comparison=row["comparison"])
+    assert len(requests) == 3 and not len(errors)
 
 
 def test_the_text_column_is_needed_only_where_a_template_names_text(tmp_path, default_model):
