@@ -40,7 +40,8 @@ def gumbel_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.T
     row = _mix(_mix(keys) ^ steps)  # [B]
     token = torch.arange(vocab, device=keys.device)
     bits = _mix(row[:, None] ^ _mix(token + 0x9E3779B9 & MASK32)[None, :])
-    uniform = ((bits >> 8).float() + 0.5) / 2**24  # in (0, 1)
+    # (2**24 - 1 + 0.5) / 2**24 rounds to 1.0 in float32: its noise would be +inf, and win even where filtered out
+    uniform = (((bits >> 8).float() + 0.5) / 2**24).clamp(max=1 - 2**-24)  # in (0, 1)
     return -torch.log(-torch.log(uniform))
 
 

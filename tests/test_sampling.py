@@ -12,7 +12,7 @@ from splitwiser.engine import Choice, make_engine
 from splitwiser.job import run
 from splitwiser.merge import merge_tasks
 from splitwiser.plan import slot_length
-from splitwiser.sampler import next_tokens, request_key
+from splitwiser.sampler import gumbel_noise, next_tokens, request_key
 
 SAMPLED = ("sampling.temperature=0.8", "sampling.top_p=0.95", "sampling.seed=7")
 
@@ -37,7 +37,7 @@ def test_the_sampler_draws_from_the_softmax():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     keys = torch.tensor([request_key(SamplingConfig(seed=1), str(i)) for i in range(20_000)])
     logits = probs.log().expand(len(keys), -1)
-    chosen = next_tokens(logits, SamplingConfig(temperature=1.0), keys, torch.zeros_like(keys))
+    chosen = next_tokens(logits, SamplingConfig(temperature=1.0), keys, torch.zeros_like(keys), torch.ones(len(keys)))
     frequencies = torch.bincount(chosen, minlength=4) / len(keys)
     assert torch.allclose(frequencies, probs, atol=0.015), frequencies
 
@@ -46,8 +46,20 @@ def test_top_k_1_min_p_and_a_tiny_top_p_leave_only_the_greedy_token():
     logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0))
     keys = torch.arange(64)
     for option in ({"top_k": 1}, {"top_p": 1e-6}, {"min_p": 0.999}):
-        chosen = next_tokens(logits, SamplingConfig(temperature=2.0, **option), keys, torch.zeros_like(keys))
+        chosen = next_tokens(logits, SamplingConfig(temperature=2.0, **option), keys, torch.zeros_like(keys),
+                             torch.full((64,), 2.0))
         assert torch.equal(chosen, logits.argmax(-1)), option
+
+
+def test_the_noise_is_finite_and_a_filtered_token_never_wins():
+    """Key 7969 at step 0 hashes token 964 to the largest 24 bits, whose uniform rounds to 1.0 (noise +inf) unless
+    kept below it: top_k=1 must still give the argmax."""
+    keys = torch.tensor([7969, 17513, 31120])
+    noise = gumbel_noise(keys, torch.zeros_like(keys), 1000)
+    assert torch.isfinite(noise).all()
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
+    chosen = next_tokens(logits, SamplingConfig(temperature=1.0, top_k=1), keys, torch.zeros_like(keys), torch.ones(3))
+    assert torch.equal(chosen, logits.argmax(-1))
 
 
 def test_sampled_rows_vary_and_the_seed_reproduces_them(tmp_path, sampled):
