@@ -51,9 +51,12 @@ def fingerprint(job: JobConfig) -> dict:
 
 
 def _changed_sampling(job: JobConfig) -> dict:
-    """The sampling settings and per-row columns that differ from the defaults, as fingerprint entries."""
+    """The sampling settings and per-row columns that differ from the defaults, as fingerprint entries; of a job
+    that samples no row, only those that change greedy outputs (a seed or top_p changes nothing there)."""
     defaults = to_plain_dict(SamplingConfig())
-    changed = {k: v for k, v in to_plain_dict(job.sampling).items() if v != defaults[k]}
+    greedy_settings = ("repetition_penalty", "n", "stop", "logprobs")
+    changed = {k: v for k, v in to_plain_dict(job.sampling).items()
+               if v != defaults[k] and (job.sampled or k in greedy_settings)}
     per_row = {k: getattr(job.data, k) for k in ("max_new_tokens_column", "temperature_column") if getattr(job.data, k)}
     return ({"sampling": changed} if changed else {}) | per_row
 

@@ -1,5 +1,10 @@
-import csv
 import os
+
+# Before torch loads: the in-process jobs' threads sleep while they wait, as jobs.run's do (a CI machine shared
+# with other work made spinning threads several times slower)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import csv  # noqa: E402
 import signal
 import subprocess
 import sys
