@@ -198,9 +198,9 @@ class SamplingConfig:
 
     def continuous_only(self) -> list[str]:
         """The settings in use that only the continuous engine has."""
-        defaults = SamplingConfig.__dataclass_fields__
+        default = SamplingConfig()
         return [f"sampling.{name}" for name in ("temperature", "repetition_penalty", "n", "stop", "logprobs")
-                if getattr(self, name) != (defaults[name].default if name != "stop" else [])]
+                if getattr(self, name) != getattr(default, name)]
 
     @property
     def greedy(self) -> bool:

@@ -281,7 +281,7 @@ class OutputDir:
         """
         parts, error_parts = sorted(self.parts.glob("*.parquet")), sorted(self.error_parts.glob("*.parquet"))
         rows = self._candidates()
-        rows = _first_of_each_id(rows.filter(pc.is_in(_row_keys(rows), value_set=_row_keys(wanted))))
+        rows = _first_of_each_key(rows.filter(pc.is_in(_row_keys(rows), value_set=_row_keys(wanted))))
         rows = rows.sort_by([("id", "ascending"), ("sample", "ascending")])
         for schema, name in ((GENERATION_SCHEMA, "generations.parquet"), (TIMING_SCHEMA, "timing.parquet")):
             table = rows.select(schema.names).cast(schema)
@@ -291,7 +291,7 @@ class OutputDir:
         still_failed = pc.and_(pc.is_in(_sample_keys(failed), value_set=_sample_keys(wanted)),
                                pc.invert(pc.is_in(_sample_keys(failed), value_set=_sample_keys(rows))))
         errors = pa.table({"id": errors["id"], "sample": pa.nulls(len(errors), pa.int32()), "error": errors["error"]})
-        errors = pa.concat_tables([errors.cast(ERROR_SCHEMA), _first_of_each_id(failed.filter(still_failed))])
+        errors = pa.concat_tables([errors.cast(ERROR_SCHEMA), _first_of_each_key(failed.filter(still_failed))])
         write_parquet(errors, self.path / "errors.parquet")
         for part in parts + error_parts:
             part.unlink(missing_ok=True)
@@ -378,7 +378,8 @@ class PartWriter:
             "id": request.id, "sample": request.sample, "reference": request.reference, "prompt": request.prompt,
             "prompt_truncated": request.prompt_truncated, "generation": text.strip(),
             "prompt_tokens": request.prompt_tokens, "generated_tokens": len(g.token_ids),
-            "output_token_ids": g.token_ids, "output_logprobs": g.logprobs, "finish_reason": g.finish_reason, "worker": self.worker, "gpu": self.gpu,
+            "output_token_ids": g.token_ids, "output_logprobs": g.logprobs, "finish_reason": g.finish_reason,
+            "worker": self.worker, "gpu": self.gpu,
             "prefill_worker": self.worker if g.prefill_worker is None else g.prefill_worker,
             "batch": g.batch, "run": self.run_index, "batch_size": g.batch_size, "enqueue_ms": ms(g.enqueue_ns),
             "prefill_start_ms": ms(g.prefill_start_ns), "first_token_ms": ms(g.first_token_ns),
@@ -388,10 +389,18 @@ class PartWriter:
 
 def read_merged(path: Path, schema: pa.Schema) -> pa.Table:
     """A merged file as `schema`; a file written before the `sample` column (and logprobs) existed gets them."""
-    table = pq.read_table(path)
-    missing = {"sample": pa.array([0] * table.num_rows, pa.int32())}
-    return pa.table([table[n] if n in table.column_names else missing.get(n, pa.nulls(table.num_rows, schema.field(n).type))
-                     for n in schema.names], schema=schema)
+    return _as_schema(pq.read_table(path), schema)
+
+
+def _as_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`schema`'s columns of the table; those it lacks: sample 0, the others null."""
+    def column(name: str) -> pa.Array | pa.ChunkedArray:
+        if name in table.column_names:
+            return table[name]
+        if name == "sample":
+            return pa.array([0] * table.num_rows, pa.int32())
+        return pa.nulls(table.num_rows, schema.field(name).type)
+    return pa.table([column(name) for name in schema.names], schema=schema)
 
 
 def with_kept(generations: pa.Table, kept: pa.Table | None) -> pa.Table:
@@ -407,10 +416,10 @@ def with_kept(generations: pa.Table, kept: pa.Table | None) -> pa.Table:
 def read_generations(path: Path) -> pa.Table:
     """A generations.parquet as GENERATION_SCHEMA (read_merged), then the columns it has beyond it
     (output.keep_columns', scores) as they are."""
-    extra = [name for name in pq.read_schema(path).names if name not in GENERATION_SCHEMA.names]
-    table = read_merged(path, GENERATION_SCHEMA)
-    for name, column in zip(extra, pq.read_table(path, columns=extra).columns if extra else []):
-        table = table.append_column(name, column)
+    whole = pq.read_table(path)  # once: the schema's columns and the others come from the same read
+    table = _as_schema(whole, GENERATION_SCHEMA)
+    for name in (name for name in whole.column_names if name not in GENERATION_SCHEMA.names):
+        table = table.append_column(whole.schema.field(name), whole[name])
     return table
 
 
@@ -425,6 +434,6 @@ def _row_keys(table: pa.Table) -> pa.Array:
     return pc.binary_join_element_wise(_sample_keys(table), table["prompt"], "\x00")
 
 
-def _first_of_each_id(table: pa.Table) -> pa.Table:
+def _first_of_each_key(table: pa.Table) -> pa.Table:
     keys = _sample_keys(table)
     return table.take(pc.index_in(keys.unique(), value_set=keys))  # the first row of each (id, sample)

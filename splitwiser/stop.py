@@ -26,7 +26,7 @@ def stop_table(tokenizer, stop: list[str], vocab: int, device: torch.device) -> 
         return None
     texts = tokenizer.batch_decode([[i] for i in range(min(vocab, len(tokenizer)))])
     contains = torch.zeros(vocab, dtype=torch.bool)
-    contains[:len(texts)] = torch.tensor([any(s in text for s in stop) for text in texts])
+    contains[:len(texts)] = torch.tensor([holds_stop(text, stop) for text in texts])
     # A string as it is written alone, and after a space (where BPE tokenizers fold the space into its first token)
     written = {tuple(tokenizer(text, add_special_tokens=False).input_ids) for s in stop for text in (s, " " + s)}
     written = sorted(ids for ids in written if ids and holds_stop(tokenizer.decode(ids), stop))
