@@ -1,5 +1,5 @@
 """Times sampling on a GPU: the fused kernel (splitwiser/sampling_kernel.py) against the torch reference
-(sampler.next_tokens) and against argmax alone, each captured in a CUDA graph and replayed, as the decode step
+(sampler.reference_tokens) and against argmax alone, each captured in a CUDA graph and replayed, as the decode step
 runs it. Prints a markdown table of microseconds per call.
 
     python bench/sampling_kernel.py          # B 256 and 1024, OPT's vocabulary 50,272, float16 logits
@@ -63,7 +63,7 @@ def timings(batch: int, kind: str) -> dict[str, float]:
     times = {"argmax": replay_us(lambda: logits.argmax(-1))}
     for name, (top_k, top_p, min_p) in SETTINGS.items():
         settings = SamplingConfig(top_k=top_k, top_p=top_p, min_p=min_p)
-        times[f"torch {name}"] = replay_us(lambda: sampler.next_tokens(logits, settings, keys, steps, temperature))
+        times[f"torch {name}"] = replay_us(lambda: sampler.reference_tokens(logits, settings, keys, steps, temperature))
         times[f"fused {name}"] = replay_us(
             lambda: sampling_kernel.next_tokens_fused(logits, keys, steps, temperature, top_k, top_p, min_p))
     return times

@@ -15,6 +15,7 @@ import hashlib
 
 import torch
 
+from splitwiser import sampling_kernel
 from splitwiser.config import SamplingConfig
 
 GREEDY = SamplingConfig()
@@ -77,11 +78,19 @@ def next_tokens(logits: torch.Tensor, sampling: SamplingConfig = GREEDY, keys: t
     penalty needs the tokens each row has `seen` [B, vocab]."""
     if seen is not None:
         logits = penalized(logits, seen, sampling.repetition_penalty)
-    greedy = logits.argmax(-1)
     if temperature is None:
-        return greedy
+        return logits.argmax(-1)
+    if sampling_kernel.available(logits.device) and logits.stride(-1) == 1:  # the same tokens, one read of the row
+        return sampling_kernel.next_tokens_fused(logits, keys, steps, temperature.float(), sampling.top_k,
+                                                 sampling.top_p, sampling.min_p)
+    return reference_tokens(logits, sampling, keys, steps, temperature)
+
+
+def reference_tokens(logits: torch.Tensor, sampling: SamplingConfig, keys: torch.Tensor, steps: torch.Tensor,
+                     temperature: torch.Tensor) -> torch.Tensor:
+    """The sampled choice in torch operations: what the fused kernel computes in one pass on a GPU."""
     sampled = (filtered(logits, temperature, sampling) + gumbel_noise(keys, steps, logits.shape[-1])).argmax(-1)
-    return torch.where(temperature > 0, sampled, greedy)
+    return torch.where(temperature > 0, sampled, logits.argmax(-1))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

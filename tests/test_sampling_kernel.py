@@ -92,8 +92,8 @@ def judged(kernel, logits, keys, steps, temperature, top_k, top_p, min_p) -> tup
     settings = SamplingConfig(top_k=top_k, top_p=top_p, min_p=min_p)
     if INTERPRETED:
         reference = drawn(sampler.filtered(logits, temperature, settings), noise, logits, temperature)
-    else:  # the noise is the same bits: sampler.next_tokens itself
-        reference = sampler.next_tokens(logits, settings, keys, steps, temperature)
+    else:  # the noise is the same bits: the reference itself
+        reference = sampler.reference_tokens(logits, settings, keys, steps, temperature)
     explained = kernel == reference
     for nudge in (1.0, 1 - 1e-5, 1 + 1e-5):
         filtered = stable_filtered(logits, temperature, top_k, min(top_p * nudge, 1.0), min_p * nudge)
@@ -122,7 +122,7 @@ def compare(kind: str, rows: int, vocab: int, dtype: torch.dtype, seed: int) -> 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_the_kernel_draws_the_references_token(dtype):
     """Vocabulary 1000, every kind of row; float16 at every setting, the others at all three filters together.
-    Rows without planted ties differ from the reference itself (on a GPU sampler.next_tokens) at float rounding
+    Rows without planted ties differ from the reference itself (sampler.reference_tokens) at float rounding
     only: at most 1 in 200; any difference must be defensible."""
     rows = 12 if INTERPRETED else 256
     differ = compared = 0
@@ -173,7 +173,7 @@ def test_the_largest_noise_is_finite_and_a_filtered_token_never_wins():
     assert not (logits.argmax(-1) == tokens).any()  # the all-ones token is filtered out at top_k=1
     temperature = torch.ones(len(keys), device=DEVICE)
     kernel = sampling_kernel.next_tokens_fused(logits, keys, steps, temperature, 1, 1.0, 0.0)
-    reference = sampler.next_tokens(logits, SamplingConfig(top_k=1), keys, steps, temperature)
+    reference = sampler.reference_tokens(logits, SamplingConfig(top_k=1), keys, steps, temperature)
     assert torch.equal(kernel, logits.argmax(-1)) and torch.equal(kernel, reference)
     for top_k, top_p, min_p in [(0, 1.0, 0.0), (0, 0.5, 0.0), (2, 1.0, 0.0)]:
         kernel = sampling_kernel.next_tokens_fused(logits, keys, steps, temperature, top_k, top_p, min_p)
