@@ -51,8 +51,9 @@ class System:
     mode: str | None = None
     procs: int = 1
     mps: str = "auto"
-    temperature: float = 0.0  # continuous: sampled (sampler.py) instead of greedy, with top_p
+    temperature: float = 0.0  # continuous: sampled (sampler.py) instead of greedy, with top_p and top_k
     top_p: float = 1.0
+    top_k: int = 0
 
     def __post_init__(self) -> None:
         if self.mode is not None and (self.mode not in ("single", "colocated", "split")
@@ -97,7 +98,7 @@ def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, max_pr
     if system.name == "generate_batch":
         return GenerateBatchEngine(loaded, cfg)
     if system.name == "continuous":
-        sampling = SamplingConfig(temperature=system.temperature, top_p=system.top_p)
+        sampling = SamplingConfig(temperature=system.temperature, top_p=system.top_p, top_k=system.top_k)
         return ContinuousEngine(loaded, cfg, slot_length(max_prompt_tokens, max_new_tokens),
                                 choice=Choice(sampling, not sampling.greedy))
     raise ValueError(f"unknown system {system.name}")
@@ -128,7 +129,7 @@ def system_columns(system: System, max_new_tokens: int) -> dict:
     """What a result row says of the system it measured (a failed one's row too)."""
     return {"system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": str(system.batch_size),
             "cuda_graphs": system.cuda_graphs, "attention": system.attention, "max_new_tokens": max_new_tokens,
-            "temperature": system.temperature, "top_p": system.top_p}
+            "temperature": system.temperature, "top_p": system.top_p, "top_k": system.top_k}
 
 
 def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: float, latency_ms: list[float],

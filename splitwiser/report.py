@@ -9,9 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLUMNS = ["system", "mode", "procs", "mps", "batch_size", "cuda_graphs", "attention", "temperature", "requests",
-           "tokens_per_s",
-           "vs_paper", "warmup_s", "run_s", "job_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms", "peak_memory_gb"]
+COLUMNS = ["system", "mode", "procs", "mps", "batch_size", "cuda_graphs", "attention", "temperature", "top_p", "top_k",
+           "requests", "tokens_per_s", "vs_paper", "warmup_s", "run_s", "job_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms", "peak_memory_gb"]
 
 
 def mps_state(row: dict) -> str:
@@ -29,6 +28,7 @@ def label(row: dict) -> str:
         name += f" {row.get('attention', 'sdpa')}" + ("" if row.get("cuda_graphs", True) else " eager")
         if row.get("temperature"):
             name += f" sampled T={row['temperature']}" + (f" top_p={row['top_p']}" if row.get("top_p", 1) < 1 else "")
+            name += f" top_k={row['top_k']}" if row.get("top_k") else ""
     if row.get("mode"):
         name += f" {row['mode']} x{row['procs']}" + (" MPS" if mps_state(row) == "on" else "")
     return name
@@ -41,7 +41,7 @@ def write_report(rows: list[dict], path: Path, results: Path) -> None:
         "# Benchmark results", "",
         f"`{first['command']}` on {first['device_name']}, {first['date']}; commit {first['git_commit']}; "
         f"torch {first['torch']}, transformers {first['transformers']}; data in `{results}`.",
-        "", "Random weights, EOS ignored (every request generates max_new_tokens), greedy. "
+        "", "Random weights, EOS ignored (every request generates max_new_tokens), greedy unless the row has a temperature. "
         "`vs_paper`: tokens/s over the paper's baseline (`generate` batch 20) in the same table. "
         "Systems with a `mode` ran as real jobs (`python -m jobs.run`: `procs` worker processes sharing "
         "one model, MPS on or off); the others in the benchmark's own process. `run_s`: the run, or for a "

@@ -296,7 +296,8 @@ if triton is not None:
             alive, weight = _survives(h, valid, h_max, scale, kth, min_p, MASS)
             inside = alive & (h > lo) & (h <= hi)
             at = tl.atomic_add(scratch + CAP + tl.zeros_like(idx), 1, mask=inside, sem="relaxed", scope="cta")
-            packed = ((0xFFFFFFFF - _order_key(h)).to(tl.int64) << 31) | idx.to(tl.int64)
+            same_zero = tl.where(h == 0, 0.0, h)  # -0.0 equals 0.0: it must rank by id among them, not below
+            packed = ((0xFFFFFFFF - _order_key(same_zero)).to(tl.int64) << 31) | idx.to(tl.int64)
             tl.store(scratch + at, packed, mask=inside & (at < CAP))
         tl.debug_barrier()  # the whole program's stores before its loads
         base = tl.load(scratch + CAP)

@@ -181,6 +181,24 @@ def test_the_largest_noise_is_finite_and_a_filtered_token_never_wins():
         assert not bad and not differ, (top_k, top_p, min_p)
 
 
+def test_minus_zero_ties_with_zero_in_the_sorted_bracket(monkeypatch):
+    """-0.0 equals 0.0: where top_p's cut falls among zeros of both signs, the kernel keeps them by id as the
+    stable sort does. Its bracket gathers them all and sorts them on chip, as at the GPU's sizes (the
+    interpreter's small CAP would split them into one value's path, which never sorts)."""
+    if INTERPRETED:
+        monkeypatch.setattr(sampling_kernel, "CAP", 512)
+    vocab = 300
+    logits = torch.zeros(32, vocab)
+    logits[:, 1::2] = -0.0
+    logits[:, :5] = 2.0  # above the zeros: the cut lands inside them
+    logits = logits[:, torch.randperm(vocab, generator=torch.Generator().manual_seed(2))].half().to(DEVICE)
+    keys, steps = torch.arange(32, device=DEVICE), torch.zeros(32, dtype=torch.int64, device=DEVICE)
+    temperature = torch.ones(32, device=DEVICE)
+    kernel = sampling_kernel.next_tokens_fused(logits, keys, steps, temperature, 0, 0.5, 0.0)
+    filtered = stable_filtered(logits, temperature, 0, 0.5, 0.0)
+    assert torch.equal(kernel, drawn(filtered, noise_of(keys, steps, vocab), logits, temperature))
+
+
 @pytest.mark.skipif(not CUDA or INTERPRETED, reason="CUDA graphs need a GPU")
 def test_the_kernel_replays_in_a_cuda_graph():
     generator = torch.Generator().manual_seed(9)
