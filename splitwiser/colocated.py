@@ -68,7 +68,7 @@ def colocated_worker(rank: int, loaded: LoadedModel, work: Work, events: mp.Queu
     ready()
     generate_units(engine, work, take_units(units, events, rank), rank, progress=progress_event(events, rank),
                    unit_done=lambda unit: events.put(UnitDone(rank, unit)))
-    events.put(WorkerDone(rank, engine.oom_splits))
+    events.put(WorkerDone(rank, engine.oom_splits, getattr(engine, "kv_tokens", 0), getattr(engine, "kv_peak_tokens", 0)))
 
 
 def run_colocated(models: list[LoadedModel], plan: Plan, work: Work, progress) -> Totals:

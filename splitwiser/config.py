@@ -142,6 +142,10 @@ class EngineConfig:
     max_new_tokens: int = 64
     ignore_eos: bool = False  # always generate max_new_tokens (fixed-length timing runs)
     prefill_tokens: int = 8192  # continuous: padded prompt tokens per prefill forward
+    # continuous: the KV cache's size in tokens, in blocks of 16 that the running requests share (each holds its
+    # prompt's and max_new_tokens' worth). auto: all that the slots could use with the job's longest request,
+    # within the free memory (half of it with batch_size=auto); the manifest has the number.
+    kv_tokens: Any = "auto"
     cuda_graphs: bool = True  # continuous on CUDA: replay the decode step as a CUDA graph
     # continuous decode attention: live (Triton kernel reading each slot's live keys only; CUDA),
     # sdpa (PyTorch's, over whole slots), auto (live where Triton runs, else sdpa)
@@ -159,8 +163,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check_choice("engine.kind", self.kind, ("continuous", "generate"))
         _check_choice("engine.attention", self.attention, ("auto", "live", "sdpa"))
-        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise UserError(f"engine.batch_size={self.batch_size}: must be auto or at least 1")
+        for name in ("batch_size", "kv_tokens"):
+            value = getattr(self, name)
+            if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise UserError(f"engine.{name}={value}: must be auto or at least 1")
         for name in ("max_new_tokens", "prefill_tokens", "shard_rows", "memory_cap_mb", "cpu_threads"):
             _check_positive(f"engine.{name}", getattr(self, name))
 

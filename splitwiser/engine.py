@@ -5,9 +5,10 @@
     for generation in engine.run(requests):         # requests: an iterable of request.Request
         ...                                          # generation.request is the request it answers
 
-- `ContinuousEngine` (engine.kind=continuous, the default): a KV cache allocated once as slots,
-  continuous batching (new prompts are prefilled into free slots between decode steps, so prefill
-  and decode overlap in one process), and on CUDA the decode step replayed as a CUDA graph.
+- `ContinuousEngine` (engine.kind=continuous, the default): a KV cache allocated once in blocks, each
+  request holding the blocks its prompt and max_new_tokens need (FreeBlocks), continuous batching (new
+  prompts are prefilled into free slots between decode steps, so prefill and decode overlap in one
+  process), and on CUDA the decode step replayed as a CUDA graph.
 - `GenerateEngine` (engine.kind=generate): transformers' `generate`, batch by batch. The
   reference for correctness and the paper's baseline.
 Both give the tokens `model.generate(do_sample=False)` gives each prompt alone. A batch (prefill group,
@@ -34,7 +35,7 @@ from splitwiser.models import LoadedModel
 from splitwiser.request import Generation, Request
 from splitwiser.sampler import request_key
 from splitwiser.stop import stop_table, stopped
-from splitwiser.runner import KVPool, SlotRunner
+from splitwiser.runner import BLOCK_TOKENS, KVPool, SlotRunner, allocate_kv
 
 log = logging.getLogger(__name__)
 
@@ -224,17 +225,61 @@ class Handoff:
     generations: list[Generation]  # their requests (without input_ids: a token worker needs none), timing so far
 
 
+class FreeBlocks:
+    """The KV blocks of a pool that no request holds. A request takes the blocks its prompt and max_new_tokens need
+    as its prefill starts (so it never runs out half-way) and gives them back as it ends; its slot's row of the
+    block table points at them, and otherwise at the spare block."""
+
+    def __init__(self, kv: KVPool):
+        self.kv = kv
+        self.free = list(range(kv.spare))
+        self.held: dict[int, list[int]] = {}  # slot → its blocks
+        self.peak = 0  # the most blocks held at once
+
+    @staticmethod
+    def needed(tokens: int) -> int:
+        return -(-tokens // BLOCK_TOKENS)
+
+    def give(self, slots: list[int], tokens: list[int]) -> None:
+        """Blocks for `tokens` positions to each of `slots`, written into their rows of the table."""
+        rows = torch.full((len(slots), self.kv.table.shape[1]), self.kv.spare)
+        for row, (slot, count) in enumerate(zip(slots, tokens)):
+            cut = len(self.free) - self.needed(count)
+            self.held[slot], self.free[cut:] = self.free[cut:], []
+            rows[row, :len(self.held[slot])] = torch.tensor(self.held[slot])
+        self.kv.table[torch.tensor(slots, device=self.kv.table.device)] = rows.to(self.kv.table.device)
+        self.peak = max(self.peak, self.kv.spare - len(self.free))
+
+    def take_back(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.free += self.held.pop(slot)
+        self.kv.table[torch.tensor(slots, device=self.kv.table.device)] = self.kv.spare
+
+
+def kv_tokens(cfg: EngineConfig, slot_length: int) -> int:
+    """engine.kv_tokens as a number (resolve_engine sizes auto to the memory; unresolved, auto is what every
+    slot could use)."""
+    return cfg.batch_size * slot_length if cfg.kv_tokens == "auto" else cfg.kv_tokens
+
+
 class ContinuousEngine:
-    # Admit new prompts once this fraction of the slots is free (or nothing is running): fewer,
-    # larger prefills, each one launch-bound like a decode step.
+    # Admit new prompts once this fraction of the slots (and of the KV blocks) is free, or nothing is running:
+    # fewer, larger prefills, each one launch-bound like a decode step.
     ADMIT_FRACTION = 1 / 8
 
     def __init__(self, loaded: LoadedModel, cfg: EngineConfig, slot_length: int, kv: KVPool | None = None,
                  choice: Choice = Choice()):
+        """kv: mode=split's pool, shared with prompt workers, each slot's blocks fixed; without it the engine
+        allocates engine.kv_tokens in blocks and gives them out per request."""
         self.cfg, self.device, self.tokenizer, self.choice = cfg, loaded.device, loaded.tokenizer, choice
         slots, device = cfg.batch_size, loaded.device
+        paged = kv is None
+        if paged:
+            kv = allocate_kv(loaded.model, slots, slot_length, FreeBlocks.needed(kv_tokens(cfg, slot_length)))
         self.runner = SlotRunner(loaded.model, slots=slots, max_len=slot_length, live_attention=cfg.attention != "sdpa",
                                  kv=kv)
+        self.blocks = FreeBlocks(kv) if paged else None
+        self.kv_tokens = kv.spare * BLOCK_TOKENS  # the KV cache's size
         # Per-slot state lives on the device, so that a decode step (bookkeeping included) is one
         # CUDA graph and the host reads back only which slots finished.
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # last token: the next input
@@ -275,10 +320,10 @@ class ContinuousEngine:
         running: dict[int, Generation] = {}  # slot → its request's generation so far
         admit_at = max(1, int(self.cfg.batch_size * self.ADMIT_FRACTION))
         while True:
-            for request in islice(source, len(free) - len(waiting)):
+            for request in islice(source, max(0, len(free) - len(waiting))):
                 waiting.append(Generation(request, enqueue_ns=time.perf_counter_ns()))
-            if waiting and (len(free) >= admit_at or not running):
-                admitted = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+            if waiting and (len(free) >= admit_at and self._blocks_free() >= self.ADMIT_FRACTION or not running):
+                admitted = self._admit(waiting, len(free))
                 for group in self._prefill_groups(admitted):
                     yield from self._prefill(group, free, running)
                     yield from self._collect(running, release=lambda slot: heapq.heappush(free, slot))
@@ -308,6 +353,31 @@ class ContinuousEngine:
                 self._decode(self._bucket(max(running) + 1))
                 yield from self._collect(running, release)
 
+    @property
+    def kv_peak_tokens(self) -> int:
+        """The most KV positions requests held at once (mode=split's fixed slots: all of them)."""
+        return self.kv_tokens if self.blocks is None else self.blocks.peak * BLOCK_TOKENS
+
+    def _tokens(self, request: Request) -> int:
+        """The positions a request may fill: its prompt and its max_new_tokens."""
+        return request.prompt_tokens + (request.max_new_tokens or self.cfg.max_new_tokens)
+
+    def _blocks_free(self) -> float:
+        """The share of the KV blocks that no request holds (1 where each slot has its own)."""
+        return 1.0 if self.blocks is None else len(self.blocks.free) / self.blocks.kv.spare
+
+    def _admit(self, waiting: deque[Generation], free_slots: int) -> list[Generation]:
+        """The waiting requests that start now, first come first served: one per free slot, while the free KV blocks
+        hold them."""
+        admitted, blocks = [], len(self.blocks.free) if self.blocks is not None else None
+        while waiting and len(admitted) < free_slots:
+            if blocks is not None:
+                blocks -= FreeBlocks.needed(self._tokens(waiting[0].request))
+                if blocks < 0:
+                    break
+            admitted.append(waiting.popleft())
+        return admitted
+
     def _prefill_groups(self, admitted: list[Generation]) -> Iterator[list[Generation]]:
         """Splits the admitted requests (shortest first) into groups of at most engine.prefill_tokens padded tokens."""
         admitted.sort(key=lambda generation: generation.request.prompt_tokens)
@@ -321,6 +391,8 @@ class ContinuousEngine:
         """Prefills the group into free slots and makes them running; yields the requests that did not fit in memory."""
         start = time.perf_counter_ns()
         slots = [heapq.heappop(free) for _ in group]
+        if self.blocks is not None:
+            self.blocks.give(slots, [self._tokens(g.request) for g in group])
         firsts, splits = prefill_group(self.runner, [g.request for g in group], slots, self.cfg.memory_cap_mb,
                                        self.choice)
         self.oom_splits += splits
@@ -330,7 +402,7 @@ class ContinuousEngine:
             generation.batch, generation.batch_size, generation.prefill_start_ns = self.prefill_groups, len(group), start
             generation.first_token_ns = generation.finish_ns = now
             if isinstance(first, OutOfMemory):
-                heapq.heappush(free, slot)
+                self._release([slot], lambda slot: heapq.heappush(free, slot))
                 generation.error = first.error(generation.request.prompt_tokens)
                 yield generation
             else:
@@ -402,14 +474,21 @@ class ContinuousEngine:
         self.positions[slots] = self.runner.max_len - 1
         outputs, counts = self.output[slots].tolist(), self.generated[slots].tolist()
         logprobs = self.logprobs[slots].tolist() if self.logprobs is not None else [None] * len(slots)
+        self._release(slots, release)
         for slot, tokens, generated, token_logprobs in zip(slots, outputs, counts, logprobs):
             generation = running.pop(slot)
             generation.token_ids = tokens[:generated]
             generation.logprobs = token_logprobs and token_logprobs[:generated]
             generation.finish_reason = "stop" if tokens[generated - 1] in self.eos_ids else "length"
             generation.finish_ns = now
-            release(slot)
             yield generation
+
+    def _release(self, slots: list[int], release: Callable[[int], None]) -> None:
+        """Gives the slots of requests that ended back (release), and their KV blocks."""
+        if self.blocks is not None:
+            self.blocks.take_back(slots)
+        for slot in slots:
+            release(slot)
 
     def warm_up(self) -> None:
         """Captures the decode graph of every batch bucket (and compiles kernels) before any request:
@@ -430,14 +509,19 @@ class ContinuousEngine:
 
     def probe(self, steps: int = 5) -> dict[int, float]:
         """Decode tokens/s of each bucket, every slot attending over a long context (the slot's length less
-        half the new tokens): how much a wider running batch pays on this device. Leaves the state as it was."""
-        state = (self.tokens, self.positions, self.generated, self.active, self.finished, self.output)
+        half the new tokens, or its share of the KV blocks if less): how much a wider running batch pays on this
+        device. Run before any request (it writes keys into the blocks); leaves the state as it was."""
+        table = self.runner.table
+        state = (self.tokens, self.positions, self.generated, self.active, self.finished, self.output, table)
         saved = [tensor.clone() for tensor in state]
-        self.positions.fill_(self.runner.max_len - 1 - self.cfg.max_new_tokens // 2)
+        pool_tokens = self.runner.kv.spare * BLOCK_TOKENS
+        table.copy_(torch.arange(table.numel(), device=table.device).view_as(table) % self.runner.kv.spare)
         self.active.fill_(False)  # the step computes every slot all the same; nothing advances
         synchronize = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         tokens_per_s = {}
         for batch in self.buckets():
+            self.positions.fill_(max(0, min(self.runner.max_len - 1 - self.cfg.max_new_tokens // 2,
+                                            pool_tokens // batch - 1)))
             self._decode(batch)  # captured, or warmed up, outside the timing
             synchronize()
             start = time.perf_counter()
@@ -485,55 +569,61 @@ def decode_bucket(needed: int) -> int:
     return max(8, 1 << (needed - 1).bit_length())
 
 
-def resolve_batch_size(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, share: int = 1) -> int:
-    """engine.batch_size as a number, for an engine given `requests`; `share`: how many engines (worker
-    processes) split the device's memory. Every engine's KV cache is sized here: one that does not fit in
-    the free memory is refused before anything is allocated."""
+def resolve_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int,
+                   share: int = 1) -> EngineConfig:
+    """engine.batch_size and engine.kv_tokens as numbers, for an engine given `requests`; `share`: how many engines
+    (worker processes) split the device's memory. Every engine's KV cache is sized here: one that does not fit
+    in the free memory is refused before anything is allocated."""
     if cfg.batch_size == "auto":
-        slots = auto_batch_size(loaded, cfg, slot_length, requests, share)
+        slots = auto_batch_size(loaded, cfg, requests)
     else:  # an engine never runs more requests at once, nor decodes them in a wider bucket: more slots take memory only
         slots = min(cfg.batch_size, decode_bucket(requests))
-    if cfg.kind == "continuous":
-        check_kv_fits(loaded, cfg, slots, slot_length, share)
-    return slots
+    if cfg.kind != "continuous":
+        return replace(cfg, batch_size=slots)
+    return replace(cfg, batch_size=slots, kv_tokens=kv_capacity(loaded, cfg, slots, slot_length, share))
 
 
-def check_kv_fits(loaded: LoadedModel, cfg: EngineConfig, slots: int, slot_length: int, engines: int) -> None:
-    """Raises UserError where `engines` KV caches of `slots` slots need more than the device's free memory (a
-    mistyped engine.batch_size would try to allocate terabytes)."""
-    slot_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, slot_length)
-    need, free = engines * slots * slot_bytes, free_memory(loaded.device)
-    if free is None or need <= free:
-        return
-    setting = f"engine.batch_size={cfg.batch_size}" + ("" if slots == cfg.batch_size else f" ({slots} slots)")
+def kv_capacity(loaded: LoadedModel, cfg: EngineConfig, slots: int, slot_length: int, engines: int) -> int:
+    """engine.kv_tokens as a number. auto: what `slots` slots of the longest request (slot_length positions) could
+    use, within each of `engines` engines' share of the free memory (half of it with engine.batch_size=auto).
+    Raises UserError where the KV caches do not fit or cannot hold the longest request."""
+    token_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, 1)
+    free = free_memory(loaded.device)
+    fit = None if free is None else int(free / (engines * (2 if cfg.batch_size == "auto" else 1) * token_bytes))
     whose = "its KV cache needs" if engines == 1 else f"the KV caches of {engines} workers on {loaded.device} need"
-    fit = free // (engines * slot_bytes)
-    advice = (f"at most engine.batch_size={fit} fits" if fit else
-              "not one slot fits: lower engine.max_new_tokens" + (" or procs" if engines > 1 else ""))
-    if loaded.device.type == "cuda" and cfg.batch_size != "auto":
-        advice += "; engine.batch_size=auto sizes it to the memory"
-    raise UserError(f"{setting}: {whose} {gigabytes(need)}, {gigabytes(free)} free; {advice}")
+    if cfg.kv_tokens != "auto" and fit is not None and cfg.kv_tokens > fit:
+        raise UserError(f"engine.kv_tokens={cfg.kv_tokens}: {whose} {gigabytes(engines * cfg.kv_tokens * token_bytes)}, "
+                        f"{gigabytes(free)} free; at most engine.kv_tokens={fit} fits")
+    tokens = kv_tokens(replace(cfg, batch_size=slots), slot_length)
+    tokens = tokens if fit is None or cfg.kv_tokens != "auto" else min(tokens, fit)
+    if tokens >= slot_length:
+        return tokens
+    if cfg.kv_tokens != "auto" and (fit is None or fit >= slot_length):
+        raise UserError(f"engine.kv_tokens={cfg.kv_tokens}: less than the longest request (its prompt and "
+                        f"engine.max_new_tokens), {slot_length} positions")
+    raise UserError(f"engine.max_new_tokens={cfg.max_new_tokens}: for the longest request alone ({slot_length} positions) "
+                    f"{whose} {gigabytes(engines * slot_length * token_bytes)}, {gigabytes(free)} free; lower "
+                    "engine.max_new_tokens" + (" or procs" if engines > 1 else ""))
 
 
-def auto_batch_size(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, share: int) -> int:
-    """engine.batch_size=auto, from the device and the job (bench/RESULTS.md)."""
+def auto_batch_size(loaded: LoadedModel, cfg: EngineConfig, requests: int) -> int:
+    """engine.batch_size=auto, from the device and the job (bench/RESULTS.md). The KV blocks, not the slots, are
+    sized to the memory (kv_capacity): a slot holds only what its request needs."""
     if loaded.device.type != "cuda":
         return 16
     if cfg.kind == "generate":
         return 256
-    slot_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, slot_length)
-    free_bytes = free_memory(loaded.device)
     slots = 2048  # the most worth having: more add latency, not throughput (bench/RESULTS.md)
-    while slots > 8 and (slots * slot_bytes > free_bytes / (2 * share) or slots // 2 >= requests):
+    while slots > 8 and slots // 2 >= requests:
         slots //= 2
     return slots
 
 
 def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, choice: Choice = Choice()):
-    """The configured engine, with engine.batch_size resolved (engine.cfg.batch_size is the number). On a GPU,
+    """The configured engine, with engine.batch_size and kv_tokens resolved (engine.cfg has the numbers). On a GPU,
     a continuous engine with batch_size=auto is warmed up and probed: engine.probe_tokens_per_s holds the
     decode tokens/s of each batch bucket, and the engine runs the best (use_best_batch_size)."""
-    resolved = replace(cfg, batch_size=resolve_batch_size(loaded, cfg, slot_length, requests))
+    resolved = resolve_engine(loaded, cfg, slot_length, requests)
     if cfg.kind == "generate":
         return GenerateEngine(loaded, resolved)
     try:

@@ -222,7 +222,8 @@ class Run:
         with Progress(work.requests, self.job.output.progress) as progress, mps_blamed_for_dead_workers(self.mps):
             if plan.mode == "single":
                 tokens = generate_units(engine, work, range(work.unit_count), worker=0, progress=progress)
-                return Totals(tokens, engine.oom_splits, engine.cfg.batch_size, getattr(engine, "fallback_from", None))
+                return Totals(tokens, engine.oom_splits, engine.cfg.batch_size, getattr(engine, "fallback_from", None),
+                              getattr(engine, "kv_tokens", 0), getattr(engine, "kv_peak_tokens", 0))
             if not work.unit_count:
                 return Totals()
             return {"colocated": run_colocated, "split": run_split}[plan.mode](self.models, plan, work, progress)
@@ -280,6 +281,8 @@ class Run:
         kind = type(engine).__name__ if plan.mode == "single" else plan.engine_kind(self.job.engine.kind)
         ran = {"batch_size": totals.batch_size} if totals.batch_size is not None else {}  # no engine ran: none
         ran |= {"fallback_from": totals.fallback_from} if totals.fallback_from else {}
+        # the KV cache's size and the most of it the requests held at once, in tokens
+        ran |= {"kv_tokens": totals.kv_tokens, "kv_peak_tokens": totals.kv_peak_tokens} if totals.kv_tokens else {}
         probe = {"probe_tokens_per_s": {str(b): round(v) for b, v in self.probe.items()}} if self.probe else {}
         return {
             "wall_s": round(wall_s, 3), "stages": self.stages.seconds, **plan.record(),

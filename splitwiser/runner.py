@@ -1,10 +1,11 @@
 """A model runner over a pool of KV-cache slots, built from a transformers model's own modules.
 
-The KV cache is allocated once: per layer, keys and values of shape [slots, kv_heads, max_len,
-head_dim]. A request owns one slot from its prefill to its last token. `prefill` runs a group of
-prompts (right-padded, causal attention) and writes their keys/values into their slots;
-`decode` feeds one token per slot and attends over the slot's cache up to its position (on CUDA
-with kernels.py, which reads only the live keys). Both return the logits of the next token
+The KV cache is allocated once, in blocks of BLOCK_TOKENS positions (KVPool): a slot's positions are found
+through its row of the block table, so a slot holds only the blocks its request needs (the engine gives them
+out) and a long prompt does not make every slot long. A request owns one slot from its prefill to its last
+token. `prefill` runs a group of prompts (right-padded, causal attention) and writes their keys/values into
+their slots' blocks; `decode` feeds one token per slot and attends over the slot's cache up to its position
+(on CUDA with kernels.py, which reads only the live keys, through the table). Both return the logits of the next token
 (sampler.py chooses it) and reuse the model's linear layers, norms, MLPs and rotary embedding
 through its family's adapter (families/), so the arithmetic is the model's own; decode has
 static shapes and no host synchronisation, so it can be captured in a CUDA graph.
@@ -15,6 +16,7 @@ cannot compute, take capped_attention. Masks are made once per forward, one per 
 """
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +33,45 @@ log = logging.getLogger(__name__)
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-KVPool = tuple[list[torch.Tensor], list[torch.Tensor]]  # keys and values, one tensor per layer
+BLOCK_TOKENS = 16  # positions per KV block: a request wastes fewer than this at its end
 
 
-def allocate_kv(model: nn.Module, slots: int, max_len: int) -> KVPool:
-    """Per layer, keys and values of shape [slots, kv_heads, max_len, head_dim], on the model's device."""
+@dataclass
+class KVPool:
+    """Keys and values, one tensor per layer of shape [blocks + 1, kv_heads, BLOCK_TOKENS, head_dim], and the block
+    table [slots, max_len // BLOCK_TOKENS]: the block holding each slot's positions. The last block (`spare`) takes
+    the writes nothing reads (a prompt's padding, a free slot's step): a slot's positions without a block of
+    their own point there."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    table: torch.Tensor
+
+    @property
+    def spare(self) -> int:
+        return self.keys[0].shape[0] - 1
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values, self.table]
+
+
+def allocate_kv(model: nn.Module, slots: int, max_len: int, blocks: int | None = None) -> KVPool:
+    """A pool for `slots` slots of up to max_len positions, on the model's device. blocks=None: each slot owns the
+    blocks of max_len positions for good (the table never changes: mode=split, where prompt workers fill the slots
+    a token worker offers); else `blocks` blocks that the engine gives each request as it starts (the table
+    starts with every position on the spare block)."""
+    assert max_len % BLOCK_TOKENS == 0, max_len
     _, kv_heads, head_dim = head_geometry(model.config)
     param = next(model.parameters())
-    shape = (slots, kv_heads, max_len, head_dim)
+    per_slot = max_len // BLOCK_TOKENS
+    if blocks is None:
+        blocks = slots * per_slot
+        table = torch.arange(blocks, device=param.device).view(slots, per_slot)
+    else:
+        table = torch.full((slots, per_slot), blocks, device=param.device)
+    shape = (blocks + 1, kv_heads, BLOCK_TOKENS, head_dim)
     layers = model.config.num_hidden_layers
-    return ([torch.zeros(shape, device=param.device, dtype=param.dtype) for _ in range(layers)],
-            [torch.zeros(shape, device=param.device, dtype=param.dtype) for _ in range(layers)])
+    return KVPool([torch.zeros(shape, device=param.device, dtype=param.dtype) for _ in range(layers)],
+                  [torch.zeros(shape, device=param.device, dtype=param.dtype) for _ in range(layers)], table)
 
 
 def visible(queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -64,17 +94,18 @@ def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 class SlotRunner:
     def __init__(self, model: nn.Module, slots: int, max_len: int, live_attention: bool = False,
                  kv: KVPool | None = None):
-        """kv: a pool allocated elsewhere (mode=split: shared by a token worker with prompt workers)."""
+        """kv: a pool allocated elsewhere (the engine's, or in mode=split one shared by a token worker with prompt
+        workers); without it each slot gets blocks of its own."""
         self.arch = adapter_for(model, max_len)
         self.slots, self.max_len = slots, max_len
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.keys, self.values = kv if kv is not None else allocate_kv(model, slots, max_len)
+        self.kv = kv if kv is not None else allocate_kv(model, slots, max_len)
+        self.keys, self.values, self.table = self.kv.keys, self.kv.values, self.kv.table
         self.group = self.arch.num_heads // self.arch.num_kv_heads  # query heads per kv head
-        head_dim = self.arch.head_dim
-        self.live_attention = live_attention and kernels.available(self.device) and head_dim & (head_dim - 1) == 0
+        self.live_attention = live_attention and kernels.available(self.device)
         if live_attention and not self.live_attention and self.device.type == "cuda":
-            log.warning("live attention needs Triton and a power-of-two head size: using SDPA")
+            log.warning("live attention needs Triton: using SDPA")
         # A window as long as the slot hides no key (positions < max_len): its layers keep the plain path.
         windows = (self.arch.window(index) for index in range(len(self.arch.layers)))
         self.windows = [window if window is not None and window < max_len else None for window in windows]
@@ -88,12 +119,13 @@ class SlotRunner:
         # Masks [T, T] where SDPA's is_causal cannot serve: windowed layers, and every layer when scores are capped.
         masks = {window: visible(positions, positions, window) for window in set(self.windows)
                  if window is not None or self.softcap is not None}
+        blocks, offsets = self.table[slots][:, positions // BLOCK_TOKENS], positions % BLOCK_TOKENS  # [G, T], [T]
         positions = positions.expand_as(tokens)
         x = arch.embed(tokens, positions)
         for layer, window, keys, values in zip(arch.layers, self.windows, self.keys, self.values):
             q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions)
-            keys[slots, :, :tokens.shape[1]] = k
-            values[slots, :, :tokens.shape[1]] = v
+            keys[blocks, :, offsets] = k.transpose(1, 2)  # [G, T, Hkv, D] into each position's block
+            values[blocks, :, offsets] = v.transpose(1, 2)
             attn = self._prefill_attention(q, k, v, masks.get(window))
             x = x + arch.attention_output(layer, attn.transpose(1, 2).flatten(2))
             x = x + arch.mlp(layer, x)
@@ -120,11 +152,12 @@ class SlotRunner:
         if not self.live_attention:
             cached = torch.arange(self.max_len, device=self.device)
             masks = {window: visible(positions[:, None, None], cached, window) for window in set(self.windows)}
+        blocks, offsets = self.table[rows, positions // BLOCK_TOKENS], positions % BLOCK_TOKENS
         x = arch.embed(tokens[:, None], positions[:, None])
         for layer, window, keys, values in zip(arch.layers, self.windows, self.keys, self.values):
             q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions[:, None])
-            keys[rows, :, positions] = k[:, :, 0]
-            values[rows, :, positions] = v[:, :, 0]
+            keys[blocks, :, offsets] = k[:, :, 0]
+            values[blocks, :, offsets] = v[:, :, 0]
             # The query heads that share a kv head go where SDPA expects query positions: they see
             # the same keys under the same mask, and the cache is read once, never copied.
             q = q.reshape(batch, arch.num_kv_heads, self.group, arch.head_dim)
@@ -135,10 +168,16 @@ class SlotRunner:
 
     def _decode_attention(self, q, keys, values, positions, window: int | None, mask: torch.Tensor | None):
         """q [B, Hkv, G, D] over the first B slots of a layer's cache → [B, Hkv, G, D]."""
-        if self.live_attention:  # reads only each slot's live keys
-            return kernels.decode_attention(q.contiguous(), keys, values, positions, self.arch.scaling, window,
-                                            self.softcap)
         batch = q.shape[0]
+        if self.live_attention:  # reads only each slot's live keys
+            return kernels.decode_attention(q.contiguous(), keys, values, self.table[:batch], positions,
+                                            self.arch.scaling, window, self.softcap)
+        keys, values = self.slot_view(keys, batch), self.slot_view(values, batch)
         if self.softcap is not None:
-            return capped_attention(q, keys[:batch], values[:batch], mask, self.arch.scaling, self.softcap)
-        return F.scaled_dot_product_attention(q, keys[:batch], values[:batch], attn_mask=mask, scale=self.arch.scaling)
+            return capped_attention(q, keys, values, mask, self.arch.scaling, self.softcap)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.arch.scaling)
+
+    def slot_view(self, cache: torch.Tensor, batch: int) -> torch.Tensor:
+        """A layer's keys or values of slots 0..B-1 in position order, [B, Hkv, max_len, D] (a copy, through the
+        table: SDPA's path)."""
+        return cache[self.table[:batch]].transpose(1, 2).flatten(2, 3)

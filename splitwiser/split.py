@@ -152,6 +152,13 @@ def pools_sent(plan: Plan, procs: int) -> int:
     return (procs - token_procs + 1) * token_procs
 
 
+def fixed_slots(work: Work, slot_length: int) -> Work:
+    """Each slot of a shared pool owns its blocks (prompt workers fill the slots a token worker offers): the slots
+    are as many as engine.kv_tokens holds of the longest request."""
+    slots = min(work.cfg.batch_size, work.cfg.kv_tokens // slot_length)
+    return replace(work, cfg=replace(work.cfg, batch_size=slots))
+
+
 def run_split(models: list[LoadedModel], plan: Plan, work: Work, progress) -> Totals:
     """Runs plan.prompt_procs prompt and plan.token_procs token workers per model copy (device) over all units."""
     try:
@@ -165,7 +172,8 @@ def run_split(models: list[LoadedModel], plan: Plan, work: Work, progress) -> To
     units, events = context.Queue(), context.Queue()
     specs, pools_of_devices = [], []
     for loaded in models:
-        device_work = work.for_device(loaded, len(models), engines=plan.token_procs, processes=plan.procs)
+        device_work = fixed_slots(work.for_device(loaded, len(models), engines=plan.token_procs, processes=plan.procs),
+                                  plan.slot_length)
         pools = [allocate_kv(loaded.model, device_work.cfg.batch_size, plan.slot_length) for _ in range(plan.token_procs)]
         share_on_cpu(loaded, pools)
         pools_of_devices.append(pools)

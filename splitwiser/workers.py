@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 
 from splitwiser import WORKER_PRELOAD
 from splitwiser.config import EngineConfig
-from splitwiser.engine import Choice, resolve_batch_size
+from splitwiser.engine import Choice, resolve_engine
 from splitwiser.errors import UserError, WorkersFailed
 from splitwiser.memory import free_memory, gigabytes
 from splitwiser.models import LoadedModel
@@ -44,7 +44,7 @@ from splitwiser.output import OutputDir
 log = logging.getLogger(__name__)
 # What starting a worker costs the job (bench/NOTES.md, "What a worker costs"): the file descriptors of its pipes
 # (status, data, inbox), one more per CPU tensor it is sent until it has taken it; and its own memory beside the
-# shared weights and its KV cache (which check_kv_fits counts).
+# shared weights and its KV cache (which engine.kv_capacity counts).
 FDS_PER_WORKER = 5
 WORKER_BYTES = 300 * 2**20
 
@@ -68,8 +68,8 @@ class Work:
         with its own KV cache) out of `processes`: engine.batch_size resolved once for all of them (engines each
         sizing for "half the free memory" would take that many halves)."""
         requests = max(1, -(-self.requests // (devices * engines)))
-        batch_size = resolve_batch_size(loaded, self.cfg, self.slot_length, requests, share=engines)
-        return replace(self, cfg=replace(self.cfg, batch_size=batch_size), requests=requests,
+        cfg = resolve_engine(loaded, self.cfg, self.slot_length, requests, share=engines)
+        return replace(self, cfg=cfg, requests=requests,
                        threads=max(1, self.threads // (devices * processes)))  # CPU: share the cores
 
 
@@ -104,6 +104,8 @@ class EngineBuilt(Event):
 @dataclass
 class WorkerDone(Event):
     oom_splits: int  # batches it ran as halves because they ran out of memory
+    kv_tokens: int = 0  # its KV cache's size, and the most of it its requests held at once
+    kv_peak_tokens: int = 0
 
 
 @dataclass
@@ -118,6 +120,8 @@ class Totals:
     oom_splits: int = 0
     batch_size: int | None = None  # the decoding engines' running batches together (None: no engine was built)
     fallback_from: str | None = None  # why the engines are not the ones configured
+    kv_tokens: int = 0  # the continuous engines' KV caches together, in tokens, and the most they held at once
+    kv_peak_tokens: int = 0
 
 
 def worker_context():
@@ -193,7 +197,7 @@ def worker_fds(loaded: LoadedModel, procs: int, pools: int = 0) -> int:
     if loaded.device.type != "cpu":
         return procs * FDS_PER_WORKER
     model = len({t.untyped_storage().data_ptr() for t in chain(loaded.model.parameters(), loaded.model.buffers())})
-    return procs * (FDS_PER_WORKER + model) + pools * 2 * loaded.model.config.num_hidden_layers
+    return procs * (FDS_PER_WORKER + model) + pools * (2 * loaded.model.config.num_hidden_layers + 1)
 
 
 def check_workers_fit(setting: str, procs: int, devices: int, fds: Callable[[int], int]) -> None:
@@ -277,8 +281,8 @@ def share_on_cpu(loaded: LoadedModel, pools: list = ()) -> None:
     """CUDA tensors travel as IPC handles; CPU ones must be in shared memory first."""
     if loaded.device.type == "cpu":
         loaded.model.share_memory()
-        for keys, values in pools:
-            for tensor in keys + values:
+        for pool in pools:
+            for tensor in pool.tensors():
                 tensor.share_memory_()
 
 
@@ -324,8 +328,10 @@ def tally(event: Event, totals: Totals, failures: list[str], progress, on_unit: 
         case EngineBuilt(batch_size=batch_size, fallback_from=fallback_from):
             totals.batch_size = (totals.batch_size or 0) + batch_size
             totals.fallback_from = totals.fallback_from or fallback_from
-        case WorkerDone(oom_splits=oom_splits):
+        case WorkerDone(oom_splits=oom_splits, kv_tokens=kv_tokens, kv_peak_tokens=kv_peak_tokens):
             totals.oom_splits += oom_splits
+            totals.kv_tokens += kv_tokens
+            totals.kv_peak_tokens += kv_peak_tokens
         case WorkerFailed(traceback=text):
             failures.append(text)
         case UnitStarted() | UnitDone():

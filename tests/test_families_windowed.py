@@ -79,16 +79,28 @@ def test_logits_equal_the_models_forward(default_model, name):
                     reason="needs Triton, on a GPU or with TRITON_INTERPRET=1")
 @pytest.mark.parametrize("window, cap", [(None, None), (1, None), (32, None), (64, None), (100, None), (None, 50.0),
                                          (32, 5.0)])
-def test_live_kernel_equals_the_sdpa_path(window, cap):
+@pytest.mark.parametrize("dim", [16, 24])
+def test_live_kernel_equals_the_sdpa_path(window, cap, dim):
     """kernels.decode_attention with a window and a soft-cap gives the attention of the SDPA path (fp32, GQA), at
-    positions on both sides of the window and of the kernel's 64-key blocks."""
+    positions on both sides of the window and of the kernel's 64-key blocks, reading shuffled KV blocks through a
+    table; a head of 24 (not a power of two) is padded."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    keys, values = (torch.randn(12, 2, 320, 16, device=device) for _ in range(2))
-    q = torch.randn(12, 2, 3, 16, device=device) * 2
+    keys, values = (torch.randn(12, 2, 320, dim, device=device) for _ in range(2))
+    q = torch.randn(12, 2, 3, dim, device=device) * 2
     positions = torch.tensor([0, 1, 30, 31, 32, 33, 63, 64, 65, 127, 200, 319], device=device)
     mask = visible(positions[:, None, None], torch.arange(320, device=device), window)
     want = (F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.3) if cap is None else
             capped_attention(q, keys, values, mask, 0.3, cap))
-    got = kernels.decode_attention(q, keys, values, positions, 0.3, window, cap)
+    table, paged_keys, paged_values = paged(keys, values)
+    got = kernels.decode_attention(q, paged_keys, paged_values, table, positions, 0.3, window, cap)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def paged(keys: torch.Tensor, values: torch.Tensor, page: int = 16):
+    """Slots' caches [S, Hkv, L, D] as blocks of `page` positions in shuffled order, and the table that finds them."""
+    slots, heads, length, dim = keys.shape
+    order = torch.randperm(slots * length // page, generator=torch.Generator().manual_seed(1)).to(keys.device)
+    blocks = [cache.unflatten(2, (length // page, page)).transpose(1, 2).flatten(0, 1) for cache in (keys, values)]
+    shuffled = [torch.empty_like(b).index_copy_(0, order, b) for b in blocks]
+    return order.view(slots, length // page), *shuffled

@@ -16,7 +16,8 @@ import pytest
 from conftest import ROOT, run_cli
 from splitwiser.config import EngineConfig
 from splitwiser.errors import UserError
-from splitwiser.engine import resolve_batch_size
+from splitwiser.memory import free_memory, kv_slot_bytes
+from splitwiser.engine import resolve_engine
 from splitwiser.workers import start_workers, worker_context
 from test_workers import workers_of
 
@@ -118,29 +119,43 @@ def test_an_explicit_batch_size_is_capped_at_what_the_requests_use(default_model
     for batch_size, requests, slots in [(100_000_000, 30, 32), (100, 3, 8), (40, 30, 32), (20, 30, 20), (32, 30, 32)]:
         for kind in ("continuous", "generate"):
             cfg = EngineConfig(kind=kind, batch_size=batch_size)
-            assert resolve_batch_size(default_model, cfg, 256, requests) == slots, (batch_size, requests, kind)
+            assert resolve_engine(default_model, cfg, 256, requests).batch_size == slots, (batch_size, requests, kind)
 
 
 def test_kv_caches_larger_than_memory_are_refused(default_model):
-    """The workers' KV caches together: each one fits, a thousand do not."""
+    """The workers' KV caches together: each one fits, a thousand cannot hold the longest request each."""
     cfg = EngineConfig(batch_size=16)
-    assert resolve_batch_size(default_model, cfg, 8192, requests=16) == 16
-    with pytest.raises(UserError, match=r"^engine.batch_size=16: the KV caches of 1000 workers on cpu need 5,625 GB, "
-                                        r"[\d,.]+ GB free; not one slot fits: lower engine.max_new_tokens or procs$"):
-        resolve_batch_size(default_model, cfg, 8192, requests=16, share=1000)
+    assert resolve_engine(default_model, cfg, 8192, requests=16).batch_size == 16
+    with pytest.raises(UserError, match=r"^engine.max_new_tokens=64: for the longest request alone \(8192 positions\) the "
+                                        r"KV caches of 1000 workers on cpu need 352 GB, [\d,.]+ GB free; lower "
+                                        r"engine.max_new_tokens or procs$"):
+        resolve_engine(default_model, cfg, 8192, requests=16, share=1000)
+
+
+def test_a_kv_cache_is_as_large_as_the_memory_allows_and_no_larger(default_model):
+    """engine.kv_tokens=auto: what the slots could use of the longest request, within the free memory; an explicit
+    size over the memory, or under the longest request, is refused in one line."""
+    free_tokens = free_memory(default_model.device) // kv_slot_bytes(default_model.model.config, default_model.dtype, 1)
+    assert resolve_engine(default_model, EngineConfig(batch_size=16), 256, requests=16).kv_tokens == 16 * 256
+    huge = resolve_engine(default_model, EngineConfig(batch_size=10**6), free_tokens // 10, requests=10**6)
+    assert huge.kv_tokens <= free_tokens and huge.kv_tokens >= free_tokens // 10
+    with pytest.raises(UserError, match=r"^engine.kv_tokens=\d+: its KV cache needs [\d,.]+ GB, [\d,.]+ GB free; at "
+                                        r"most engine.kv_tokens=\d+ fits$"):
+        resolve_engine(default_model, EngineConfig(batch_size=16, kv_tokens=free_tokens * 2), 256, requests=16)
+    with pytest.raises(UserError, match=r"^engine.kv_tokens=100: less than the longest request \(its prompt and "
+                                        r"engine.max_new_tokens\), 256 positions$"):
+        resolve_engine(default_model, EngineConfig(batch_size=16, kv_tokens=100), 256, requests=16)
 
 
 def test_a_kv_cache_larger_than_memory_is_refused_in_one_line(tmp_path):
-    """300 rows fill 512 slots, of 8,176 positions (the longest prompt and engine.max_new_tokens=8000, rounded up to
-    16 as the slots are allocated): 180 GB."""
+    """engine.kv_tokens=10^11 would take petabytes: refused before anything runs."""
     start = time.time()
-    result = run_cli("engine.batch_size=100000000", "engine.max_new_tokens=8000", f"output.dir={tmp_path}",
-                     "output.progress=false")
+    result = run_cli("engine.kv_tokens=100000000000", f"output.dir={tmp_path}", "output.progress=false")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors == result.stderr.strip().splitlines()[-1:], result.stderr
-    assert re.fullmatch(r"error: engine.batch_size=100000000 \(512 slots\): its KV cache needs 180 GB, [\d,.]+ GB "
-                        r"free; at most engine.batch_size=\d+ fits", errors[0]), errors[0]
+    assert re.fullmatch(r"error: engine.kv_tokens=100000000000: its KV cache needs [\d,.]+ GB, [\d,.]+ GB free; at most "
+                        r"engine.kv_tokens=\d+ fits", errors[0]), errors[0]
     assert time.time() - start < 120
 
 

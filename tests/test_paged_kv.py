@@ -1,0 +1,55 @@
+"""KV memory by the block: a request holds the blocks its prompt and max_new_tokens need, not a slot as long as
+the job's longest request. One long row among short ones no longer shrinks the running batch, and the tokens
+stay what generate() gives each prompt alone."""
+
+import json
+
+import pyarrow.parquet as pq
+
+from conftest import job_config, sample_rows, write_csv
+from splitwiser.job import run
+from test_job import reference_generation
+
+
+def long_tail_csv(path):
+    """Ten sample reports and one ~20 times as long."""
+    rows = sample_rows(10)
+    long = " ".join(row["findings"] for row in sample_rows(20))
+    return write_csv(path, [*({"id": r["id"], "findings": r["findings"]} for r in rows), {"id": "long", "findings": long}])
+
+
+def most_at_once(timing) -> int:
+    """The most requests decoding at the same time (from first token to finish)."""
+    events = sorted([(t, 1) for t in timing["first_token_ms"]] + [(t, -1) for t in timing["finish_ms"]],
+                    key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def test_short_rows_run_together_beside_a_long_one_in_less_kv_than_two_long_slots(tmp_path, default_model):
+    data = long_tail_csv(tmp_path / "tail.csv")
+    common = (f"data.path={data}", "data.reference_column=null", "engine.max_new_tokens=12", "engine.batch_size=8",
+              "engine.prefill_tokens=256", "output.progress=false")
+    run(job_config(*common, f"output.dir={tmp_path / 'probe'}"))
+    slot_length = json.loads((tmp_path / "probe" / "manifest.json").read_text())["runs"][0]["slot_length"]
+    kv_tokens = slot_length + 4 * 128  # the long row and about four short ones; as slots: one request at a time
+    out = tmp_path / "paged"
+    run(job_config(*common, f"engine.kv_tokens={kv_tokens}", f"output.dir={out}"))
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == {"input": 11, "ok": 11, "failed": 0}
+    engine = manifest["runs"][0]["engine"]
+    assert engine["kv_tokens"] == kv_tokens and 0 < engine["kv_peak_tokens"] <= kv_tokens
+    assert most_at_once(pq.read_table(out / "timing.parquet").to_pydict()) >= 3
+    model, tokenizer = default_model.model, default_model.tokenizer
+    for row in pq.read_table(out / "generations.parquet").to_pylist():
+        ids = tokenizer(row["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
+        assert row["output_token_ids"] == reference_generation(model, ids, 12), row["id"]
+
+    split = tmp_path / "split"  # fixed blocks per slot: as many slots as kv_tokens holds of the longest request
+    run(job_config(*common, f"engine.kv_tokens={kv_tokens}", "mode=split", "procs=2", f"output.dir={split}"))
+    tokens = {r["id"]: r["output_token_ids"] for r in pq.read_table(out / "generations.parquet").to_pylist()}
+    assert {r["id"]: r["output_token_ids"] for r in pq.read_table(split / "generations.parquet").to_pylist()} == tokens
