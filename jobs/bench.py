@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from jobs import command
-from splitwiser.bench import System, measure, measure_job, system_columns, workload, write_workload
+from splitwiser.bench import System, measure, measure_job, system_columns, with_long_rows, workload, write_long_rows, \
+    write_workload
 from splitwiser.config import ModelConfig, PromptConfig
 from splitwiser.errors import UserError
 from splitwiser.job import environment
@@ -53,6 +54,8 @@ def main(cfg: DictConfig) -> None:
     stamp = datetime.now(timezone.utc)
     work = Path(tempfile.mkdtemp(prefix="splitwiser-bench-"))  # the workload file and the jobs' outputs
     data = write_workload(Path(cfg.data), preset.requests, work / "workload.csv")
+    long_rows = max(s.long_rows for s in systems)
+    long_data = write_long_rows(Path(cfg.data), long_rows, work / "long.csv") if long_rows else None
     rows, loaded_name, env = [], None, None
     for model_name, max_new_tokens, system in tqdm(grid, desc="benchmark", unit="run"):
         if loaded_name != model_name:
@@ -61,6 +64,7 @@ def main(cfg: DictConfig) -> None:
             env = environment(loaded)
             style = "chat" if loaded.tokenizer.chat_template and model_name != "opt125m" else "plain"
             requests = workload(loaded, data, PromptConfig(style=style))
+            long = workload(loaded, long_data, PromptConfig(style=style)) if long_data else []
             # The same model and requests for the systems that run as jobs.
             job_overrides = [f"model={model_name}", f"model.path={model_cfg.path}", "model.weights=random",
                              f"model.dtype={cfg.dtype}", f"prompt.style={style}"]
@@ -71,7 +75,7 @@ def main(cfg: DictConfig) -> None:
                 out = work / f"{model_name}-{max_new_tokens}-{system.name}-{system.mode}-p{system.procs}-mps{system.mps}"
                 result = measure_job(system, job_overrides, data, max_new_tokens, out, loaded.device)
             else:
-                result = measure(system, loaded, requests, max_new_tokens)
+                result = measure(system, loaded, with_long_rows(requests, long[:system.long_rows]), max_new_tokens)
         except Exception as e:  # a baseline that fails here is a result too; say why
             log.warning("%s failed: %s", system, e)
             result = {**system_columns(system, max_new_tokens), "error": f"{type(e).__name__}: {e}"[:300]}

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from datasets import Dataset
 from transformers import GenerationConfig
 
 from splitwiser.config import DataConfig, EngineConfig, PromptConfig, SamplingConfig
 from splitwiser.errors import UserError
 from splitwiser.data import read_dataset
-from splitwiser.engine import Choice, ContinuousEngine, GenerateEngine
+from splitwiser.engine import Choice, ContinuousEngine, GenerateEngine, resolve_engine
 from splitwiser.models import LoadedModel
 from splitwiser.plan import slot_length
 from splitwiser.prepare import prepare_requests
@@ -54,6 +55,7 @@ class System:
     temperature: float = 0.0  # continuous: sampled (sampler.py) instead of greedy, with top_p and top_k
     top_p: float = 1.0
     top_k: int = 0
+    long_rows: int = 0  # in the bench's process: this many rows of ~3,000 tokens among the requests (a long tail)
 
     def __post_init__(self) -> None:
         if self.mode is not None and (self.mode not in ("single", "colocated", "split")
@@ -87,7 +89,7 @@ class GenerateBatchEngine:
                              first_token_ns=end, finish_ns=end)
 
 
-def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, max_prompt_tokens: int):
+def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, requests: list[Request]):
     cfg = EngineConfig(kind="generate" if system.name != "continuous" else "continuous", batch_size=system.batch_size,
                        max_new_tokens=max_new_tokens, ignore_eos=True, cuda_graphs=system.cuda_graphs,
                        attention=system.attention)
@@ -99,7 +101,8 @@ def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, max_pr
         return GenerateBatchEngine(loaded, cfg)
     if system.name == "continuous":
         sampling = SamplingConfig(temperature=system.temperature, top_p=system.top_p, top_k=system.top_k)
-        return ContinuousEngine(loaded, cfg, slot_length(max_prompt_tokens, max_new_tokens),
+        length = slot_length(max(r.prompt_tokens for r in requests), max_new_tokens)
+        return ContinuousEngine(loaded, resolve_engine(loaded, cfg, length, len(requests)), length,
                                 choice=Choice(sampling, not sampling.greedy))
     raise ValueError(f"unknown system {system.name}")
 
@@ -112,6 +115,24 @@ def write_workload(sample: Path, requests: int, path: Path) -> Path:
     rows = rows.select([i % len(rows) for i in range(requests)]).remove_columns(data.id_column)
     rows.add_column(data.id_column, [f"{i:07d}" for i in range(requests)]).to_csv(str(path), index=False)
     return path
+
+
+def write_long_rows(sample: Path, rows: int, path: Path) -> Path:
+    """`rows` reports of ~3,000 tokens, each the findings of 50 sample reports in a row (from a different start)."""
+    reports = read_dataset(DataConfig(path=str(sample)))
+    findings = reports["findings"]
+    long = [" ".join(findings[(start + i) % len(findings)] for i in range(50)) for start in range(rows)]
+    columns = {"id": [f"long{i}" for i in range(rows)], "findings": long, "impression": reports["impression"][:rows]}
+    Dataset.from_dict(columns).to_csv(str(path), index=False)
+    return path
+
+
+def with_long_rows(requests: list[Request], long: list[Request]) -> list[Request]:
+    """The long requests spread evenly among the others, as a long tail falls in a real dataset."""
+    mixed = list(requests)
+    for n, request in enumerate(long, 1):
+        mixed.insert(n * len(mixed) // (len(long) + 1), request)
+    return mixed
 
 
 def workload(loaded: LoadedModel, path: Path, prompt: PromptConfig) -> list[Request]:
@@ -156,7 +177,7 @@ def measure(system: System, loaded: LoadedModel, requests: list[Request], max_ne
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    engine = make_system(system, loaded, max_new_tokens, max(r.prompt_tokens for r in requests))
+    engine = make_system(system, loaded, max_new_tokens, requests)
     engine.warm_up()  # every CUDA graph captured, kernels compiled
     list(engine.run(requests[:system.batch_size]))  # warm-up: compilation, allocator
     synchronize()
@@ -168,11 +189,12 @@ def measure(system: System, loaded: LoadedModel, requests: list[Request], max_ne
         synchronize()
         runs.append(((time.perf_counter_ns() - run_start) / 1e9, run_start, results))
     run_s, run_start, results = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
+    kv = {"kv_tokens": engine.kv_tokens, "kv_peak_tokens": engine.kv_peak_tokens} if hasattr(engine, "kv_tokens") else {}
     del engine
     row = summary(system, max_new_tokens, [len(g.token_ids) for g in results], run_s,
                   [(g.finish_ns - run_start) / 1e6 for g in results], [(g.first_token_ns - run_start) / 1e6 for g in results],
                   warmup_s, round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None)
-    return {**row, "runs_s": [round(r[0], 3) for r in runs]}
+    return {**row, **kv, "runs_s": [round(r[0], 3) for r in runs]}
 
 
 class DeviceMemoryPeak:

@@ -144,7 +144,7 @@ class EngineConfig:
     prefill_tokens: int = 8192  # continuous: padded prompt tokens per prefill forward
     # continuous: the KV cache's size in tokens, in blocks of 16 that the running requests share (each holds its
     # prompt's and max_new_tokens' worth). auto: all that the slots could use with the job's longest request,
-    # within the free memory (half of it with batch_size=auto); the manifest has the number.
+    # within the free memory (half of it with batch_size=auto, else 90%); the manifest has the number.
     kv_tokens: Any = "auto"
     cuda_graphs: bool = True  # continuous on CUDA: replay the decode step as a CUDA graph
     # continuous decode attention: live (Triton kernel reading each slot's live keys only; CUDA),

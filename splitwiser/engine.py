@@ -585,11 +585,13 @@ def resolve_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, req
 
 def kv_capacity(loaded: LoadedModel, cfg: EngineConfig, slots: int, slot_length: int, engines: int) -> int:
     """engine.kv_tokens as a number. auto: what `slots` slots of the longest request (slot_length positions) could
-    use, within each of `engines` engines' share of the free memory (half of it with engine.batch_size=auto).
+    use, within each of `engines` engines' share of the free memory (half of it with engine.batch_size=auto, else
+    90%: the rest for the forwards).
     Raises UserError where the KV caches do not fit or cannot hold the longest request."""
     token_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, 1)
     free = free_memory(loaded.device)
-    fit = None if free is None else int(free / (engines * (2 if cfg.batch_size == "auto" else 1) * token_bytes))
+    fraction = 0.5 if cfg.batch_size == "auto" else 0.9
+    fit = None if free is None else int(free * fraction / (engines * token_bytes))
     whose = "its KV cache needs" if engines == 1 else f"the KV caches of {engines} workers on {loaded.device} need"
     if cfg.kv_tokens != "auto" and fit is not None and cfg.kv_tokens > fit:
         raise UserError(f"engine.kv_tokens={cfg.kv_tokens}: {whose} {gigabytes(engines * cfg.kv_tokens * token_bytes)}, "
