@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
-from itertools import count, islice
+from itertools import accumulate, count, islice
 
 import torch
 
@@ -242,11 +242,13 @@ class FreeBlocks:
 
     def give(self, slots: list[int], tokens: list[int]) -> None:
         """Blocks for `tokens` positions to each of `slots`, written into their rows of the table."""
+        counts = [self.needed(count) for count in tokens]
+        cut = len(self.free) - sum(counts)
+        taken, self.free[cut:] = self.free[cut:], []
         rows = torch.full((len(slots), self.kv.table.shape[1]), self.kv.spare)
-        for row, (slot, count) in enumerate(zip(slots, tokens)):
-            cut = len(self.free) - self.needed(count)
-            self.held[slot], self.free[cut:] = self.free[cut:], []
-            rows[row, :len(self.held[slot])] = torch.tensor(self.held[slot])
+        rows[torch.arange(rows.shape[1]) < torch.tensor(counts)[:, None]] = torch.tensor(taken)  # row by row
+        for slot, count, end in zip(slots, counts, accumulate(counts)):
+            self.held[slot] = taken[end - count:end]
         self.kv.table[torch.tensor(slots, device=self.kv.table.device)] = rows.to(self.kv.table.device)
         self.peak = max(self.peak, self.kv.spare - len(self.free))
 

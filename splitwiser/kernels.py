@@ -50,15 +50,18 @@ if triton is not None:
         total = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
         # The first block holds the oldest key, so no block is all masked (its running max stays finite).
-        for start in range(oldest // BLOCK * BLOCK, length, BLOCK):
+        first = oldest // BLOCK * BLOCK
+        pages = tl.load(table + (first + cols) // PAGE, mask=first + cols < length, other=0)  # each key's KV block
+        for start in range(first, length, BLOCK):
             live = (start + cols) < length
             if WINDOWED:
                 live = live & (start + cols >= oldest)
-            page = tl.load(table + (start + cols) // PAGE, mask=live, other=0)  # each key's block
-            offsets = page[:, None] * stride_kb + head * stride_kh + ((start + cols) % PAGE)[:, None] * stride_kl \
+            offsets = pages[:, None] * stride_kb + head * stride_kh + ((start + cols) % PAGE)[:, None] * stride_kl \
                 + dims[None, :]
             k = tl.load(k_ptr + offsets, mask=live[:, None] & in_head, other=0.0)  # [BLOCK, DIM_PAD]
             v = tl.load(v_ptr + offsets, mask=live[:, None] & in_head, other=0.0)
+            # the next keys' blocks, read while these keys arrive: the table's read is off the loop's critical path
+            pages = tl.load(table + (start + BLOCK + cols) // PAGE, mask=start + BLOCK + cols < length, other=0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK], float32
             if CAPPED:  # libdevice's tanh: as exact as torch's (an exp-based one flipped fp32 tokens on a GPU)
                 scores = softcap * libdevice.tanh(scores / softcap)
