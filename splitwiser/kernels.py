@@ -29,7 +29,7 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _decode_attention(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, positions_ptr, scale, window, softcap,
+    def _decode_attention(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, positions_ptr, row_pages, scale, window, softcap,
                           stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_ob, stride_oh, stride_tb,
                           GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr,
                           BLOCK: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr, WINDOWED: tl.constexpr,
@@ -51,7 +51,8 @@ if triton is not None:
         acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
         # The first block holds the oldest key, so no block is all masked (its running max stays finite).
         first = oldest // BLOCK * BLOCK
-        pages = tl.load(table + (first + cols) // PAGE, mask=first + cols < length, other=0)  # each key's KV block
+        # each key's KV block; masked by the table's width, not the slot's length: read beside the position
+        pages = tl.load(table + (first + cols) // PAGE, mask=(first + cols) // PAGE < row_pages, other=0)
         for start in range(first, length, BLOCK):
             live = (start + cols) < length
             if WINDOWED:
@@ -88,7 +89,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     out = torch.empty_like(q)
     dim_pad = triton.next_power_of_2(dim)
     _decode_attention[(batch, kv_heads)](
-        q, keys, values, out, table, positions, scale, window or 0, softcap or 1.0,
+        q, keys, values, out, table, positions, table.shape[1], scale, window or 0, softcap or 1.0,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),
         table.stride(0),
         # keys per block: a head of 256 (Gemma) in blocks of 64 needs more shared memory than an H200 has
