@@ -378,6 +378,9 @@ class ContinuousEngine:
                 if blocks < 0:
                     break
             admitted.append(waiting.popleft())
+        if not admitted and len(self.blocks.free) == self.blocks.kv.spare:  # it would wait for ever
+            raise UserError(f"engine.kv_tokens={self.kv_tokens}: less than request {waiting[0].request.id} needs, "
+                            f"{self._tokens(waiting[0].request)} positions")
         return admitted
 
     def _prefill_groups(self, admitted: list[Generation]) -> Iterator[list[Generation]]:

@@ -5,10 +5,10 @@ through its row of the block table, so a slot holds only the blocks its request 
 out) and a long prompt does not make every slot long. A request owns one slot from its prefill to its last
 token. `prefill` runs a group of prompts (right-padded, causal attention) and writes their keys/values into
 their slots' blocks; `decode` feeds one token per slot and attends over the slot's cache up to its position
-(on CUDA with kernels.py, which reads only the live keys, through the table). Both return the logits of the next token
-(sampler.py chooses it) and reuse the model's linear layers, norms, MLPs and rotary embedding
-through its family's adapter (families/), so the arithmetic is the model's own; decode has
-static shapes and no host synchronisation, so it can be captured in a CUDA graph.
+(on CUDA with kernels.py, which reads only the live keys, through the table). Both return the logits of the
+next token (sampler.py chooses it) and reuse the model's linear layers, norms, MLPs and rotary embedding through
+its family's adapter (families/), so the arithmetic is the model's own; decode has static shapes and no host
+synchronisation, so it can be captured in a CUDA graph.
 
 Attention is causal softmax attention (SDPA; prefill needs no mask), unless the adapter says otherwise: a layer's
 sliding window (Mistral, Qwen2, Gemma) masks the keys older than it, and soft-capped scores (Gemma 2), which SDPA
