@@ -102,8 +102,9 @@ def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, reques
     if system.name == "continuous":
         sampling = SamplingConfig(temperature=system.temperature, top_p=system.top_p, top_k=system.top_k)
         length = slot_length(max(r.prompt_tokens for r in requests), max_new_tokens)
-        return ContinuousEngine(loaded, resolve_engine(loaded, cfg, length, len(requests)), length,
-                                choice=Choice(sampling, not sampling.greedy))
+        longest = tuple(sorted((r.prompt_tokens for r in requests), reverse=True))
+        return ContinuousEngine(loaded, resolve_engine(loaded, cfg, length, len(requests), prompt_lengths=longest),
+                                length, choice=Choice(sampling, not sampling.greedy))
     raise ValueError(f"unknown system {system.name}")
 
 

@@ -62,7 +62,7 @@ def generate_units(engine, work: Work, units: Iterable[int], worker: int, progre
 
 def colocated_worker(rank: int, loaded: LoadedModel, work: Work, events: mp.Queue, ready, units: mp.Queue) -> None:
     """Its own engine (prefill and decode) over units from the queue, until the queue is empty."""
-    engine = make_engine(loaded, work.cfg, work.slot_length, work.requests, work.choice)
+    engine = make_engine(loaded, work.cfg, work.slot_length, work.requests, work.choice, work.prompt_lengths)
     events.put(EngineBuilt(rank, engine.cfg.batch_size, getattr(engine, "fallback_from", None)))
     engine.warm_up()
     ready()

@@ -31,6 +31,7 @@ from splitwiser import sampler
 from splitwiser.config import EngineConfig, SamplingConfig
 from splitwiser.errors import UnsupportedModel, UserError
 from splitwiser.memory import forward_bytes, free_memory, gigabytes, kv_slot_bytes
+from splitwiser.plan import MAX_SLOTS
 from splitwiser.models import LoadedModel
 from splitwiser.request import Generation, Request
 from splitwiser.sampler import request_key
@@ -574,24 +575,27 @@ def decode_bucket(needed: int) -> int:
     return max(8, 1 << (needed - 1).bit_length())
 
 
-def resolve_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int,
-                   share: int = 1) -> EngineConfig:
-    """engine.batch_size and engine.kv_tokens as numbers, for an engine given `requests`; `share`: how many engines
-    (worker processes) split the device's memory. Every engine's KV cache is sized here: one that does not fit
-    in the free memory is refused before anything is allocated."""
+def resolve_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, share: int = 1,
+                   prompt_lengths: tuple[int, ...] = ()) -> EngineConfig:
+    """engine.batch_size and engine.kv_tokens as numbers, for an engine given `requests` (prompt_lengths: the
+    longest prompts' token counts, longest first: Plan.prompt_lengths); `share`: how many engines (worker
+    processes) split the device's memory. Every engine's KV cache is sized here: one that does not fit in the
+    free memory is refused before anything is allocated."""
     if cfg.batch_size == "auto":
         slots = auto_batch_size(loaded, cfg, requests)
     else:  # an engine never runs more requests at once, nor decodes them in a wider bucket: more slots take memory only
         slots = min(cfg.batch_size, decode_bucket(requests))
     if cfg.kind != "continuous":
         return replace(cfg, batch_size=slots)
-    return replace(cfg, batch_size=slots, kv_tokens=kv_capacity(loaded, cfg, slots, slot_length, share))
+    return replace(cfg, batch_size=slots, kv_tokens=kv_capacity(loaded, cfg, slots, slot_length, share, prompt_lengths))
 
 
-def kv_capacity(loaded: LoadedModel, cfg: EngineConfig, slots: int, slot_length: int, engines: int) -> int:
-    """engine.kv_tokens as a number. auto: what `slots` slots of the longest request (slot_length positions) could
-    use, within each of `engines` engines' share of the free memory (half of it with engine.batch_size=auto, else
-    90%: the rest for the forwards).
+def kv_capacity(loaded: LoadedModel, cfg: EngineConfig, slots: int, slot_length: int, engines: int,
+                prompt_lengths: tuple[int, ...] = ()) -> int:
+    """engine.kv_tokens as a number. auto: the most that `slots` requests can hold at once (the longest prompts'
+    blocks with max_new_tokens each; without prompt_lengths, slots × slot_length), within each of `engines`
+    engines' share of the free memory (half of it with engine.batch_size=auto, else 90%: the rest for the
+    forwards).
     Raises UserError where the KV caches do not fit or cannot hold the longest request."""
     token_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, 1)
     free = free_memory(loaded.device)
@@ -602,6 +606,8 @@ def kv_capacity(loaded: LoadedModel, cfg: EngineConfig, slots: int, slot_length:
         raise UserError(f"engine.kv_tokens={cfg.kv_tokens}: {whose} {gigabytes(engines * cfg.kv_tokens * token_bytes)}, "
                         f"{gigabytes(free)} free; at most engine.kv_tokens={fit} fits")
     tokens = kv_tokens(replace(cfg, batch_size=slots), slot_length)
+    if prompt_lengths and cfg.kv_tokens == "auto":
+        tokens = sum(FreeBlocks.needed(p + cfg.max_new_tokens) for p in prompt_lengths[:slots]) * BLOCK_TOKENS
     tokens = tokens if fit is None or cfg.kv_tokens != "auto" else min(tokens, fit)
     if tokens >= slot_length:
         return tokens
@@ -620,17 +626,18 @@ def auto_batch_size(loaded: LoadedModel, cfg: EngineConfig, requests: int) -> in
         return 16
     if cfg.kind == "generate":
         return 256
-    slots = 2048  # the most worth having: more add latency, not throughput (bench/RESULTS.md)
+    slots = MAX_SLOTS  # the most worth having: more add latency, not throughput (bench/RESULTS.md)
     while slots > 8 and slots // 2 >= requests:
         slots //= 2
     return slots
 
 
-def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, choice: Choice = Choice()):
+def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, choice: Choice = Choice(),
+                prompt_lengths: tuple[int, ...] = ()):
     """The configured engine, with engine.batch_size and kv_tokens resolved (engine.cfg has the numbers). On a GPU,
     a continuous engine with batch_size=auto is warmed up and probed: engine.probe_tokens_per_s holds the
     decode tokens/s of each batch bucket, and the engine runs the best (use_best_batch_size)."""
-    resolved = resolve_engine(loaded, cfg, slot_length, requests)
+    resolved = resolve_engine(loaded, cfg, slot_length, requests, prompt_lengths=prompt_lengths)
     if cfg.kind == "generate":
         return GenerateEngine(loaded, resolved)
     try:

@@ -193,7 +193,7 @@ class Run:
         return Work(cfg=cfg, slot_length=plan.slot_length, choice=Choice(self.job.sampling, self.job.sampled),
                     requests=len(requests), threads=torch.get_num_threads(),
                     shards=shards, unit_count=write_shards(requests, shards, plan.unit_rows), out=self.out,
-                    run_index=self.index, job_start_ns=self.stages.start_ns)
+                    run_index=self.index, job_start_ns=self.stages.start_ns, prompt_lengths=plan.prompt_lengths)
 
     def warm_up(self, plan: Plan, requests: int):
         """mode=single's engine, warmed up before the progress bar starts (so that its tokens/s is the generation's);
@@ -202,7 +202,7 @@ class Run:
             return None, plan
         start = time.perf_counter()
         engine = make_engine(self.models[0], self.job.engine, plan.slot_length, requests,
-                             Choice(self.job.sampling, self.job.sampled))
+                             Choice(self.job.sampling, self.job.sampled), plan.prompt_lengths)
         if requests:
             engine.warm_up()
         self.probe = getattr(engine, "probe_tokens_per_s", None)

@@ -7,6 +7,7 @@ manifest records it.
     plan = plan.with_procs(*choose_procs(engine, ...))        # procs=auto: after a warmed-up engine's probe
 """
 
+import heapq
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ COLOCATED_GAIN = 1.16
 JOB_SHARE_OF_PROBE = 0.55
 # Work units per worker: a worker that finishes early takes more.
 UNITS_PER_WORKER = 4
+MAX_SLOTS = 2048  # the most slots engine.batch_size=auto gives an engine
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class Plan:
     unit_rows: int = 0  # requests per work unit
     max_prompt_tokens: int = 0
     slot_length: int = 0  # positions per KV slot
+    # The longest prompts' token counts, longest first, as many as an engine may have slots: its KV cache never
+    # needs more than their requests hold at once (engine.kv_capacity).
+    prompt_lengths: tuple[int, ...] = ()
 
     @property
     def wants_mps(self) -> bool:
@@ -48,8 +53,10 @@ class Plan:
         workers = most_procs * len(self.devices)
         unit_rows = min(cfg.shard_rows, max(1, -(-len(requests) // (UNITS_PER_WORKER * workers))))
         max_prompt_tokens = max(requests["prompt_tokens"], default=1)
+        most_slots = MAX_SLOTS if cfg.batch_size == "auto" else cfg.batch_size
         return replace(self, unit_rows=unit_rows, max_prompt_tokens=max_prompt_tokens,
-                       slot_length=slot_length(max_prompt_tokens, cfg.max_new_tokens))
+                       slot_length=slot_length(max_prompt_tokens, cfg.max_new_tokens),
+                       prompt_lengths=tuple(heapq.nlargest(most_slots, requests["prompt_tokens"])))
 
     def with_procs(self, procs: int, reasons: dict) -> "Plan":
         """procs=auto, decided: more than one process on a device, or several devices, run colocated workers."""
@@ -67,7 +74,7 @@ class Plan:
     def record(self) -> dict:
         """The plan as the manifest's run record has it."""
         record = asdict(self) | {"devices": [str(device) for device in self.devices]}
-        return {key: value for key, value in record.items() if value is not None}
+        return {key: value for key, value in record.items() if value is not None and key != "prompt_lengths"}
 
 
 def plan_run(job: JobConfig, devices: list[torch.device]) -> Plan:

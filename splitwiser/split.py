@@ -152,11 +152,13 @@ def pools_sent(plan: Plan, procs: int) -> int:
     return (procs - token_procs + 1) * token_procs
 
 
-def fixed_slots(work: Work, slot_length: int) -> Work:
-    """Each slot of a shared pool owns its blocks (prompt workers fill the slots a token worker offers): the slots
-    are as many as engine.kv_tokens holds of the longest request."""
-    slots = min(work.cfg.batch_size, work.cfg.kv_tokens // slot_length)
-    return replace(work, cfg=replace(work.cfg, batch_size=slots))
+def split_work(work: Work, loaded: LoadedModel, devices: int, plan: Plan) -> Work:
+    """The Work of a device's split workers. Each slot of a shared pool owns its blocks (prompt workers fill the
+    slots a token worker offers): the KV caches are sized for slots of the longest request, and the slots are as
+    many as engine.kv_tokens holds of it."""
+    device_work = replace(work, prompt_lengths=()).for_device(loaded, devices, plan.token_procs, plan.procs)
+    slots = min(device_work.cfg.batch_size, device_work.cfg.kv_tokens // plan.slot_length)
+    return replace(device_work, cfg=replace(device_work.cfg, batch_size=slots))
 
 
 def run_split(models: list[LoadedModel], plan: Plan, work: Work, progress) -> Totals:
@@ -172,8 +174,7 @@ def run_split(models: list[LoadedModel], plan: Plan, work: Work, progress) -> To
     units, events = context.Queue(), context.Queue()
     specs, pools_of_devices = [], []
     for loaded in models:
-        device_work = fixed_slots(work.for_device(loaded, len(models), engines=plan.token_procs, processes=plan.procs),
-                                  plan.slot_length)
+        device_work = split_work(work, loaded, len(models), plan)
         pools = [allocate_kv(loaded.model, device_work.cfg.batch_size, plan.slot_length) for _ in range(plan.token_procs)]
         share_on_cpu(loaded, pools)
         pools_of_devices.append(pools)

@@ -62,13 +62,14 @@ class Work:
     out: OutputDir  # its job_id set: the parts it writes carry it
     run_index: int
     job_start_ns: int
+    prompt_lengths: tuple[int, ...] = ()  # the longest prompts' token counts (Plan.prompt_lengths)
 
     def for_device(self, loaded: LoadedModel, devices: int, engines: int, processes: int) -> "Work":
         """The Work of the workers on the device of `loaded`, one of `devices`, where `engines` workers decode (each
         with its own KV cache) out of `processes`: engine.batch_size resolved once for all of them (engines each
         sizing for "half the free memory" would take that many halves)."""
         requests = max(1, -(-self.requests // (devices * engines)))
-        cfg = resolve_engine(loaded, self.cfg, self.slot_length, requests, share=engines)
+        cfg = resolve_engine(loaded, self.cfg, self.slot_length, requests, engines, self.prompt_lengths)
         return replace(self, cfg=cfg, requests=requests,
                        threads=max(1, self.threads // (devices * processes)))  # CPU: share the cores
 

@@ -30,11 +30,17 @@ def most_at_once(timing) -> int:
 
 
 def test_short_rows_run_together_beside_a_long_one_in_less_kv_than_two_long_slots(tmp_path, default_model):
+    """The KV cache auto-sized to what the longest requests need; then smaller than two of the longest requests:
+    short rows still run together beside the long one, each row's tokens those of generate(), in split mode too."""
     data = long_tail_csv(tmp_path / "tail.csv")
     common = (f"data.path={data}", "data.reference_column=null", "engine.max_new_tokens=12", "engine.batch_size=8",
               "engine.prefill_tokens=256", "output.progress=false")
-    run(job_config(*common, f"output.dir={tmp_path / 'probe'}"))
-    slot_length = json.loads((tmp_path / "probe" / "manifest.json").read_text())["runs"][0]["slot_length"]
+    run(job_config(*common, f"output.dir={tmp_path / 'auto'}"))
+    auto = json.loads((tmp_path / "auto" / "manifest.json").read_text())["runs"][0]
+    slot_length = auto["slot_length"]
+    # kv_tokens=auto: what the 8 longest requests hold at once, in blocks of 16; far less than 8 slots' worth
+    longest = sorted(pq.read_table(tmp_path / "auto" / "generations.parquet")["prompt_tokens"].to_pylist())[-8:]
+    assert auto["engine"]["kv_tokens"] == sum(-(-(p + 12) // 16) * 16 for p in longest) < 8 * slot_length / 2
     kv_tokens = slot_length + 4 * 128  # the long row and about four short ones; as slots: one request at a time
     out = tmp_path / "paged"
     run(job_config(*common, f"engine.kv_tokens={kv_tokens}", f"output.dir={out}"))
