@@ -53,7 +53,7 @@ def test_overwrite_happens_only_after_every_check_passed(tmp_path):
 
 def test_a_refused_run_writes_nothing(tmp_path):
     for overrides in (["data.path=nope.csv"], ["data.text_column=nope"], ["model=opt125m"],
-                      ["engine.max_new_tokens=100000000"], ["engine.batch_size=100000000", "engine.max_new_tokens=8000"]):
+                      ["engine.max_new_tokens=100000000"], ["engine.kv_tokens=100000000000"]):
         result = run_cli(*overrides, f"output.dir={tmp_path}/o")
         one_line_error(result)
         assert not (tmp_path / "o").exists(), overrides
