@@ -70,17 +70,18 @@ def main(cfg: DictConfig) -> None:
                              f"model.dtype={cfg.dtype}", f"prompt.style={style}"]
             if model_cfg.tokenizer:
                 job_overrides.append(f"model.tokenizer={model_cfg.tokenizer}")
+        measured = with_long_rows(requests, long[:system.long_rows])
         try:
             if system.mode:
                 out = work / f"{model_name}-{max_new_tokens}-{system.name}-{system.mode}-p{system.procs}-mps{system.mps}"
                 result = measure_job(system, job_overrides, data, max_new_tokens, out, loaded.device)
             else:
-                result = measure(system, loaded, with_long_rows(requests, long[:system.long_rows]), max_new_tokens)
+                result = measure(system, loaded, measured, max_new_tokens)
         except Exception as e:  # a baseline that fails here is a result too; say why
             log.warning("%s failed: %s", system, e)
             result = {**system_columns(system, max_new_tokens), "error": f"{type(e).__name__}: {e}"[:300]}
         result.update(model=model_name, preset=preset.name, date=stamp.date().isoformat(), command=command,
-                      prompt_tokens_mean=round(sum(r.prompt_tokens for r in requests) / len(requests), 1), **env)
+                      prompt_tokens_mean=round(sum(r.prompt_tokens for r in measured) / len(measured), 1), **env)
         log.info("%s", {k: result.get(k) for k in ("model", "system", "mode", "procs", "mps", "batch_size",
                                                   "max_new_tokens", "tokens_per_s", "warmup_s", "run_s", "error")})
         rows.append(result)

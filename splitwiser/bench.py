@@ -151,7 +151,8 @@ def system_columns(system: System, max_new_tokens: int) -> dict:
     """What a result row says of the system it measured (a failed one's row too)."""
     return {"system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": str(system.batch_size),
             "cuda_graphs": system.cuda_graphs, "attention": system.attention, "max_new_tokens": max_new_tokens,
-            "temperature": system.temperature, "top_p": system.top_p, "top_k": system.top_k}
+            "temperature": system.temperature, "top_p": system.top_p, "top_k": system.top_k,
+            "long_rows": system.long_rows}
 
 
 def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: float, latency_ms: list[float],
