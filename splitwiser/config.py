@@ -146,6 +146,9 @@ class EngineConfig:
     # prompt's and max_new_tokens' worth). auto: all that the slots could use with the job's longest request,
     # within the free memory (half of it with batch_size=auto, else 90%); the manifest has the number.
     kv_tokens: Any = "auto"
+    # continuous: the tokens every prompt starts with (a system instruction, a template's head) prefilled once, their
+    # KV blocks read by every request (not in mode=split)
+    share_prefix: bool = True
     cuda_graphs: bool = True  # continuous on CUDA: replay the decode step as a CUDA graph
     # continuous decode attention: live (Triton kernel reading each slot's live keys only; CUDA),
     # sdpa (PyTorch's, over whole slots), auto (live where Triton runs, else sdpa)

@@ -185,37 +185,39 @@ class Choice:
 
 
 def prefill_group(runner: SlotRunner, requests: list[Request], slots: list[int], memory_cap_mb: int | None,
-                  choice: Choice) -> tuple[list[FirstToken | OutOfMemory], int]:
-    """Prefills the requests' prompts into `slots` of the runner's KV pool → (the first token of each, or the
-    error of a prompt that ran out of memory even alone; how many times the group was split)."""
-    return split_on_oom(lambda items: _prefill_slots(runner, *zip(*items), memory_cap_mb, choice),
+                  choice: Choice, start: int = 0) -> tuple[list[FirstToken | OutOfMemory], int]:
+    """Prefills the requests' prompts into `slots` of the runner's KV pool (from token `start`: the ones before are
+    a shared prefix already in the slots' blocks) → (the first token of each, or the error of a prompt that ran
+    out of memory even alone; how many times the group was split)."""
+    return split_on_oom(lambda items: _prefill_slots(runner, *zip(*items), memory_cap_mb, choice, start),
                         list(zip(requests, slots)))
 
 
 def _prefill_slots(runner: SlotRunner, requests: tuple[Request], slots: tuple[int], memory_cap_mb,
-                   choice: Choice) -> list[FirstToken]:
-    lengths = [request.prompt_tokens for request in requests]
-    check_memory_cap(memory_cap_mb, runner.arch.model, len(requests), max(lengths))
+                   choice: Choice, start: int) -> list[FirstToken]:
+    lengths = [request.prompt_tokens - start for request in requests]
+    check_memory_cap(memory_cap_mb, runner.arch.model, len(requests), max(lengths), start)
     padded = torch.zeros(len(requests), max(lengths), dtype=torch.long)
     for row, request in enumerate(requests):
-        padded[row, :request.prompt_tokens] = torch.tensor(request.input_ids)
+        padded[row, :lengths[row]] = torch.tensor(request.input_ids[start:])
     device = runner.device
-    logits = runner.prefill(padded.to(device), torch.tensor(lengths, device=device), torch.tensor(slots, device=device))
+    logits = runner.prefill(padded.to(device), torch.tensor(lengths, device=device), torch.tensor(slots, device=device),
+                            start)
     keys = torch.tensor([choice.key(r) for r in requests], device=device)
     temperature = torch.tensor([choice.temperature(r) for r in requests], device=device) if choice.sampled else None
-    seen = prompt_tokens_seen(padded, lengths, logits.shape[-1]).to(device) \
-        if choice.sampling.repetition_penalty != 1 else None
+    seen = prompt_tokens_seen(requests, logits.shape[-1]).to(device) if choice.sampling.repetition_penalty != 1 else None
     tokens = sampler.next_tokens(logits, choice.sampling, keys, torch.zeros_like(keys), temperature, seen)
     logprobs = sampler.token_logprobs(logits, tokens).tolist() if choice.sampling.logprobs else [None] * len(requests)
     # .tolist() waits for the prefill: in mode=split the keys are in the slots before a token worker hears of them
     return [FirstToken(token, logprob) for token, logprob in zip(tokens.tolist(), logprobs)]
 
 
-def prompt_tokens_seen(padded: torch.Tensor, lengths: list[int], vocab: int) -> torch.Tensor:
+def prompt_tokens_seen(requests: tuple[Request], vocab: int) -> torch.Tensor:
     """[G, vocab] whether each token is in each prompt (the repetition penalty's tokens seen so far)."""
-    seen = torch.zeros(len(lengths), vocab, dtype=torch.bool)
-    live = torch.arange(padded.shape[1])[None, :] < torch.tensor(lengths)[:, None]
-    return seen.scatter_(1, torch.where(live, padded, padded[:, :1]), True)
+    seen = torch.zeros(len(requests), vocab, dtype=torch.bool)
+    for row, request in enumerate(requests):
+        seen[row, torch.tensor(request.input_ids)] = True
+    return seen
 
 
 @dataclass
@@ -241,22 +243,50 @@ class FreeBlocks:
     def needed(tokens: int) -> int:
         return -(-tokens // BLOCK_TOKENS)
 
-    def give(self, slots: list[int], tokens: list[int]) -> None:
-        """Blocks for `tokens` positions to each of `slots`, written into their rows of the table."""
-        counts = [self.needed(count) for count in tokens]
-        cut = len(self.free) - sum(counts)
+    def take(self, count: int) -> list[int]:
+        cut = len(self.free) - count
         taken, self.free[cut:] = self.free[cut:], []
+        self.peak = max(self.peak, self.kv.spare - len(self.free))
+        return taken
+
+    def give(self, slots: list[int], tokens: list[int], shared: list[int] = ()) -> None:
+        """Blocks for `tokens` positions to each of `slots`, written into their rows of the table; the first
+        positions' blocks are `shared` ones (a prefix every slot reads), held by none of them."""
+        counts = [self.needed(count) - len(shared) for count in tokens]
+        taken = self.take(sum(counts))
         rows = torch.full((len(slots), self.kv.table.shape[1]), self.kv.spare)
-        rows[torch.arange(rows.shape[1]) < torch.tensor(counts)[:, None]] = torch.tensor(taken)  # row by row
+        rows[:, :len(shared)] = torch.tensor(shared, dtype=torch.long)
+        own = torch.arange(rows.shape[1]) - len(shared)
+        rows[(own >= 0) & (own < torch.tensor(counts)[:, None])] = torch.tensor(taken)  # row by row
         for slot, count, end in zip(slots, counts, accumulate(counts)):
             self.held[slot] = taken[end - count:end]
         self.kv.table[torch.tensor(slots, device=self.kv.table.device)] = rows.to(self.kv.table.device)
-        self.peak = max(self.peak, self.kv.spare - len(self.free))
 
     def take_back(self, slots: list[int]) -> None:
         for slot in slots:
             self.free += self.held.pop(slot)
         self.kv.table[torch.tensor(slots, device=self.kv.table.device)] = self.kv.spare
+
+
+@dataclass
+class SharedPrefix:
+    """The tokens the run's prompts start with (engine.share_prefix: a system instruction, a template's head),
+    prefilled once into blocks that every request starting with them reads."""
+    tokens: list[int]
+    blocks: list[int]
+
+    def serves(self, request: Request) -> bool:
+        return request.prompt_tokens > len(self.tokens) and list(request.input_ids[:len(self.tokens)]) == self.tokens
+
+
+def common_prefix(requests: list[Request]) -> list[int]:
+    """The tokens all `requests` start with, in whole KV blocks, leaving each at least one token of its own."""
+    first = list(requests[0].input_ids)
+    length = min(r.prompt_tokens for r in requests) - 1
+    for request in requests[1:]:
+        ids = request.input_ids
+        length = next((i for i in range(length) if ids[i] != first[i]), length)
+    return first[:length // BLOCK_TOKENS * BLOCK_TOKENS]
 
 
 def kv_tokens(cfg: EngineConfig, slot_length: int) -> int:
@@ -283,6 +313,8 @@ class ContinuousEngine:
                                  kv=kv)
         self.blocks = FreeBlocks(kv) if paged else None
         self.kv_tokens = kv.spare * BLOCK_TOKENS  # the KV cache's size
+        self.prefix: SharedPrefix | None = None  # engine.share_prefix: made at the first admission of several
+        self.prefix_tried = not (paged and cfg.share_prefix)
         # Per-slot state lives on the device, so that a decode step (bookkeeping included) is one
         # CUDA graph and the host reads back only which slots finished.
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # last token: the next input
@@ -327,8 +359,9 @@ class ContinuousEngine:
                 waiting.append(Generation(request, enqueue_ns=time.perf_counter_ns()))
             if waiting and (len(free) >= admit_at and self._blocks_free() >= self.ADMIT_FRACTION or not running):
                 admitted = self._admit(waiting, len(free))
-                for group in self._prefill_groups(admitted):
-                    yield from self._prefill(group, free, running)
+                self._share_prefix(admitted, free)
+                for group, start in self._prefill_groups(admitted):
+                    yield from self._prefill(group, start, free, running)
                     yield from self._collect(running, release=lambda slot: heapq.heappush(free, slot))
             if not running:
                 if waiting:
@@ -375,32 +408,62 @@ class ContinuousEngine:
         admitted, blocks = [], len(self.blocks.free) if self.blocks is not None else None
         while waiting and len(admitted) < free_slots:
             if blocks is not None:
-                blocks -= FreeBlocks.needed(self._tokens(waiting[0].request))
+                blocks -= self._blocks_needed(waiting[0].request)
                 if blocks < 0:
                     break
             admitted.append(waiting.popleft())
-        if not admitted and len(self.blocks.free) == self.blocks.kv.spare:  # it would wait for ever
+        if not admitted and not self.blocks.held:  # no request holds blocks: it would wait for ever
             raise UserError(f"engine.kv_tokens={self.kv_tokens}: less than request {waiting[0].request.id} needs, "
                             f"{self._tokens(waiting[0].request)} positions")
         return admitted
 
-    def _prefill_groups(self, admitted: list[Generation]) -> Iterator[list[Generation]]:
-        """Splits the admitted requests (shortest first) into groups of at most engine.prefill_tokens padded tokens."""
-        admitted.sort(key=lambda generation: generation.request.prompt_tokens)
-        lengths = [generation.request.prompt_tokens for generation in admitted]
-        while admitted:
-            size = prefill_group_size(lengths, self.cfg.prefill_tokens)
-            yield admitted[:size]
-            admitted, lengths = admitted[size:], lengths[size:]
+    def _blocks_needed(self, request: Request) -> int:
+        """The KV blocks a request takes of its own: its positions' but the shared prefix's."""
+        shared = len(self.prefix.blocks) if self.prefix is not None and self.prefix.serves(request) else 0
+        return FreeBlocks.needed(self._tokens(request)) - shared
 
-    def _prefill(self, group: list[Generation], free: list[int], running: dict) -> Iterator[Generation]:
-        """Prefills the group into free slots and makes them running; yields the requests that did not fit in memory."""
+    def _share_prefix(self, admitted: list[Generation], free: list[int]) -> None:
+        """engine.share_prefix, at the first admission of several requests: the tokens they all start with,
+        prefilled once into blocks of their own (through a free slot's row of the table, for the time of it)."""
+        if self.prefix_tried or len(admitted) < 2:
+            return
+        self.prefix_tried = True
+        tokens = common_prefix([generation.request for generation in admitted])
+        if not tokens:
+            return
+        blocks, slot = self.blocks.take(len(tokens) // BLOCK_TOKENS), free[0]
+        self.runner.table[slot, :len(blocks)] = torch.tensor(blocks, device=self.device)
+        on_device = partial(torch.tensor, device=self.device)
+        self.runner.prefill(on_device([tokens]), on_device([len(tokens)]), on_device([slot]))
+        self.runner.table[slot] = self.runner.kv.spare
+        self.prefix = SharedPrefix(tokens, blocks)
+        log.info("shared prefix: the first %d tokens of the prompts that start with them are prefilled once",
+                 len(tokens))
+
+    def _prefill_groups(self, admitted: list[Generation]) -> Iterator[tuple[list[Generation], int]]:
+        """Splits the admitted requests (shortest first) into groups of at most engine.prefill_tokens padded tokens,
+        those that start with the shared prefix apart: (a group, the position its prefill starts at)."""
+        prefix = len(self.prefix.tokens) if self.prefix is not None else 0
+        served = [g for g in admitted if prefix and self.prefix.serves(g.request)]
+        others = [g for g in admitted if not (prefix and self.prefix.serves(g.request))]
+        for part, start in ((served, prefix), (others, 0)):
+            part.sort(key=lambda generation: generation.request.prompt_tokens)
+            lengths = [generation.request.prompt_tokens - start for generation in part]
+            while part:
+                size = prefill_group_size(lengths, self.cfg.prefill_tokens)
+                yield part[:size], start
+                part, lengths = part[size:], lengths[size:]
+
+    def _prefill(self, group: list[Generation], start_at: int, free: list[int], running: dict) -> Iterator[Generation]:
+        """Prefills the group into free slots (from position start_at: the shared prefix's blocks hold those before)
+        and makes them running; yields the requests that did not fit in memory."""
         start = time.perf_counter_ns()
         slots = [heapq.heappop(free) for _ in group]
         if self.blocks is not None:
-            self.blocks.give(slots, [self._tokens(g.request) for g in group])
+            shared = self.prefix.blocks if start_at else []
+            self.blocks.give(slots, [self._tokens(g.request) for g in group], shared)
         firsts, splits = prefill_group(self.runner, [g.request for g in group], slots, self.cfg.memory_cap_mb,
-                                       self.choice)
+                                       self.choice, start_at)
         self.oom_splits += splits
         now = time.perf_counter_ns()
         started = []

@@ -112,13 +112,17 @@ class SlotRunner:
         self.softcap = self.arch.attention_softcap
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """tokens [G, T] right-padded prompts of `lengths`, for `slots` → the first token's logits [G, vocab]."""
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """tokens [G, T] right-padded prompts of `lengths`, for `slots` → the first token's logits [G, vocab]. start:
+        the tokens are at positions start.., after a prefix already in the slots' (shared) blocks."""
         arch = self.arch
-        positions = torch.arange(tokens.shape[1], device=self.device)
-        # Masks [T, T] where SDPA's is_causal cannot serve: windowed layers, and every layer when scores are capped.
-        masks = {window: visible(positions, positions, window) for window in set(self.windows)
-                 if window is not None or self.softcap is not None}
+        positions = torch.arange(start, start + tokens.shape[1], device=self.device)
+        # Masks [T, start + T] where SDPA's is_causal cannot serve: after a prefix, windowed layers, and every layer
+        # when scores are capped.
+        keys_at = torch.arange(start + tokens.shape[1], device=self.device)
+        masks = {window: visible(positions, keys_at, window) for window in set(self.windows)
+                 if start or window is not None or self.softcap is not None}
+        prefix = self.table[slots[:1], :start // BLOCK_TOKENS]  # the prefix's blocks: every slot's first ones
         blocks, offsets = self.table[slots][:, positions // BLOCK_TOKENS], positions % BLOCK_TOKENS  # [G, T], [T]
         positions = positions.expand_as(tokens)
         x = arch.embed(tokens, positions)
@@ -126,6 +130,9 @@ class SlotRunner:
             q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions)
             keys[blocks, :, offsets] = k.transpose(1, 2)  # [G, T, Hkv, D] into each position's block
             values[blocks, :, offsets] = v.transpose(1, 2)
+            if start:  # the prefix's keys and values first, read back from its blocks
+                k, v = (torch.cat([self.slot_view(cache, prefix).expand(len(slots), -1, -1, -1), own], dim=2)
+                        for cache, own in ((keys, k), (values, v)))
             attn = self._prefill_attention(q, k, v, masks.get(window))
             x = x + arch.attention_output(layer, attn.transpose(1, 2).flatten(2))
             x = x + arch.mlp(layer, x)
@@ -133,8 +140,8 @@ class SlotRunner:
         return arch.logits(last)
 
     def _prefill_attention(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-        """q [G, H, T, D] over k, v [G, Hkv, T, D] → [G, H, T, D]; mask [T, T] (None: causal). Right padding: a
-        real query only sees real keys before it, so causal (within the window) is enough."""
+        """q [G, H, T, D] over k, v [G, Hkv, K, D] → [G, H, T, D]; mask [T, K] (None: causal, K = T). Right padding:
+        a real query only sees real keys before it, so causal (within the window) is enough."""
         if self.softcap is not None:  # the query heads grouped by their kv head, which they broadcast over
             grouped = q.unflatten(1, (self.arch.num_kv_heads, self.group))
             attn = capped_attention(grouped, k[:, :, None], v[:, :, None], mask, self.arch.scaling, self.softcap)
@@ -172,12 +179,13 @@ class SlotRunner:
         if self.live_attention:  # reads only each slot's live keys
             return kernels.decode_attention(q.contiguous(), keys, values, self.table[:batch], positions,
                                             self.arch.scaling, window, self.softcap)
-        keys, values = self.slot_view(keys, batch), self.slot_view(values, batch)
+        keys, values = self.slot_view(keys, self.table[:batch]), self.slot_view(values, self.table[:batch])
         if self.softcap is not None:
             return capped_attention(q, keys, values, mask, self.arch.scaling, self.softcap)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.arch.scaling)
 
-    def slot_view(self, cache: torch.Tensor, batch: int) -> torch.Tensor:
-        """A layer's keys or values of slots 0..B-1 in position order, [B, Hkv, max_len, D] (a copy, through the
-        table: SDPA's path)."""
-        return cache[self.table[:batch]].transpose(1, 2).flatten(2, 3)
+    @staticmethod
+    def slot_view(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A layer's keys or values through table rows [B, N] (blocks), in position order: [B, Hkv, N * BLOCK_TOKENS,
+        D], a copy (SDPA's decode path, a shared prefix's prefill)."""
+        return cache[rows].transpose(1, 2).flatten(2, 3)

@@ -46,7 +46,8 @@ def outputs_of(engine, token_ids: list[list[int]]) -> list[list[int]]:
 def check_family(tmp_path, default_model, config, device: str = "cpu") -> None:
     """The fast engine on a random model of `config` gives generate's tokens on each prompt alone (fp32, greedy),
     over several slots and prefill groups; a job on it runs the fast engine. On a GPU (device="cuda"): with CUDA
-    graphs and the live decode kernel. default_model: anything with the tokenizer."""
+    graphs and the live decode kernel. Then prompts that share their first 32 tokens: those are prefilled once
+    (engine.share_prefix). default_model: anything with the tokenizer."""
     torch.manual_seed(0)
     # eager: transformers' reference attention (its SDPA path leaves out Gemma 2's soft-cap on some versions)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").to(device).eval()
@@ -57,8 +58,12 @@ def check_family(tmp_path, default_model, config, device: str = "cpu") -> None:
     engine = make_engine(loaded, cfg, slot_length(max(map(len, token_ids)), NEW_TOKENS), len(token_ids))
     assert isinstance(engine, ContinuousEngine), f"{config.model_type} fell back to generate"
     assert engine.runner.live_attention == (device == "cuda")
-    reference = outputs_of(GenerateEngine(loaded, EngineConfig(batch_size=1, max_new_tokens=NEW_TOKENS)), token_ids)
-    assert outputs_of(engine, token_ids) == reference
+    generate = GenerateEngine(loaded, EngineConfig(batch_size=1, max_new_tokens=NEW_TOKENS))
+    assert outputs_of(engine, token_ids) == outputs_of(generate, token_ids)
+    shared = prompts(default_model.tokenizer, lengths=(40, 70, 130, 300))  # one text's starts: 32 tokens in common
+    engine = make_engine(loaded, cfg, slot_length(300, NEW_TOKENS), len(shared))
+    assert outputs_of(engine, shared) == outputs_of(generate, shared)
+    assert len(engine.prefix.tokens) == 32  # prefilled once, read by all four
     model.save_pretrained(tmp_path / "model")
     default_model.tokenizer.save_pretrained(tmp_path / "model")
     manifest = run(job_config(f"model.path={tmp_path / 'model'}", f"data.path={SAMPLE}", "data.limit=3",
