@@ -56,6 +56,7 @@ class System:
     top_p: float = 1.0
     top_k: int = 0
     long_rows: int = 0  # in the bench's process: this many rows of ~3,000 tokens among the requests (a long tail)
+    share_prefix: bool = True  # continuous: engine.share_prefix
 
     def __post_init__(self) -> None:
         if self.mode is not None and (self.mode not in ("single", "colocated", "split")
@@ -92,7 +93,7 @@ class GenerateBatchEngine:
 def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, requests: list[Request]):
     cfg = EngineConfig(kind="generate" if system.name != "continuous" else "continuous", batch_size=system.batch_size,
                        max_new_tokens=max_new_tokens, ignore_eos=True, cuda_graphs=system.cuda_graphs,
-                       attention=system.attention)
+                       attention=system.attention, share_prefix=system.share_prefix)
     if system.name == "generate":
         return GenerateEngine(loaded, cfg)
     if system.name == "generate_static":
@@ -152,7 +153,7 @@ def system_columns(system: System, max_new_tokens: int) -> dict:
     return {"system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": str(system.batch_size),
             "cuda_graphs": system.cuda_graphs, "attention": system.attention, "max_new_tokens": max_new_tokens,
             "temperature": system.temperature, "top_p": system.top_p, "top_k": system.top_k,
-            "long_rows": system.long_rows}
+            "long_rows": system.long_rows, "share_prefix": system.share_prefix}
 
 
 def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: float, latency_ms: list[float],
@@ -237,6 +238,7 @@ def measure_job(system: System, job_overrides: list[str], data: Path, max_new_to
     command = [sys.executable, "-m", "jobs.run", *job_overrides, f"data.path={data}", f"engine.kind={system.name}",
                f"engine.batch_size={system.batch_size}", f"engine.max_new_tokens={max_new_tokens}",
                "engine.ignore_eos=true", f"engine.cuda_graphs={system.cuda_graphs}", f"engine.attention={system.attention}",
+               f"engine.share_prefix={system.share_prefix}",
                f"mode={system.mode}", f"procs={system.procs}", f"mps={system.mps}", f"output.dir={out}",
                "output.overwrite=true", "output.progress=false",
                "data.reference_column=null"]  # random weights: ROUGE would score noise, and its time is no inference's

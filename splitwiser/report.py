@@ -30,6 +30,7 @@ def label(row: dict) -> str:
             name += f" sampled T={row['temperature']}" + (f" top_p={row['top_p']}" if row.get("top_p", 1) < 1 else "")
             name += f" top_k={row['top_k']}" if row.get("top_k") else ""
         name += f" +{row['long_rows']} long rows" if row.get("long_rows") else ""
+        name += " no shared prefix" if row.get("share_prefix") is False else ""
     if row.get("mode"):
         name += f" {row['mode']} x{row['procs']}" + (" MPS" if mps_state(row) == "on" else "")
     return name
