@@ -23,11 +23,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
-from itertools import accumulate, count, islice
+from itertools import count, islice
 
 import torch
 
 from splitwiser import sampler
+from splitwiser.blocks import FreeBlocks, SharedPrefix, common_prefix
 from splitwiser.config import EngineConfig, SamplingConfig
 from splitwiser.errors import UnsupportedModel, UserError
 from splitwiser.memory import forward_bytes, free_memory, gigabytes, kv_slot_bytes
@@ -226,67 +227,6 @@ class Handoff:
     slots: list[int]
     first_tokens: list[FirstToken]
     generations: list[Generation]  # their requests (without input_ids: a token worker needs none), timing so far
-
-
-class FreeBlocks:
-    """The KV blocks of a pool that no request holds. A request takes the blocks its prompt and max_new_tokens need
-    as its prefill starts (so it never runs out half-way) and gives them back as it ends; its slot's row of the
-    block table points at them, and otherwise at the spare block."""
-
-    def __init__(self, kv: KVPool):
-        self.kv = kv
-        self.free = list(range(kv.spare))
-        self.held: dict[int, list[int]] = {}  # slot → its blocks
-        self.peak = 0  # the most blocks held at once
-
-    @staticmethod
-    def needed(tokens: int) -> int:
-        return -(-tokens // BLOCK_TOKENS)
-
-    def take(self, count: int) -> list[int]:
-        cut = len(self.free) - count
-        taken, self.free[cut:] = self.free[cut:], []
-        self.peak = max(self.peak, self.kv.spare - len(self.free))
-        return taken
-
-    def give(self, slots: list[int], tokens: list[int], shared: list[int] = ()) -> None:
-        """Blocks for `tokens` positions to each of `slots`, written into their rows of the table; the first
-        positions' blocks are `shared` ones (a prefix every slot reads), held by none of them."""
-        counts = [self.needed(count) - len(shared) for count in tokens]
-        taken = self.take(sum(counts))
-        rows = torch.full((len(slots), self.kv.table.shape[1]), self.kv.spare)
-        rows[:, :len(shared)] = torch.tensor(shared, dtype=torch.long)
-        own = torch.arange(rows.shape[1]) - len(shared)
-        rows[(own >= 0) & (own < torch.tensor(counts)[:, None])] = torch.tensor(taken)  # row by row
-        for slot, count, end in zip(slots, counts, accumulate(counts)):
-            self.held[slot] = taken[end - count:end]
-        self.kv.table[torch.tensor(slots, device=self.kv.table.device)] = rows.to(self.kv.table.device)
-
-    def take_back(self, slots: list[int]) -> None:
-        for slot in slots:
-            self.free += self.held.pop(slot)
-        self.kv.table[torch.tensor(slots, device=self.kv.table.device)] = self.kv.spare
-
-
-@dataclass
-class SharedPrefix:
-    """The tokens the run's prompts start with (engine.share_prefix: a system instruction, a template's head),
-    prefilled once into blocks that every request starting with them reads."""
-    tokens: list[int]
-    blocks: list[int]
-
-    def serves(self, request: Request) -> bool:
-        return request.prompt_tokens > len(self.tokens) and list(request.input_ids[:len(self.tokens)]) == self.tokens
-
-
-def common_prefix(requests: list[Request]) -> list[int]:
-    """The tokens all `requests` start with, in whole KV blocks, leaving each at least one token of its own."""
-    first = list(requests[0].input_ids)
-    length = min(r.prompt_tokens for r in requests) - 1
-    for request in requests[1:]:
-        ids = request.input_ids
-        length = next((i for i in range(length) if ids[i] != first[i]), length)
-    return first[:length // BLOCK_TOKENS * BLOCK_TOKENS]
 
 
 def kv_tokens(cfg: EngineConfig, slot_length: int) -> int:
