@@ -32,7 +32,7 @@ from splitwiser.errors import UserError
 from splitwiser.data import read_dataset
 from splitwiser.engine import Choice, ContinuousEngine, GenerateEngine, resolve_engine
 from splitwiser.models import LoadedModel
-from splitwiser.plan import slot_length
+from splitwiser.plan import longest_prompts, slot_length
 from splitwiser.prepare import prepare_requests
 from splitwiser.request import Generation, Request
 
@@ -103,7 +103,7 @@ def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, reques
     if system.name == "continuous":
         sampling = SamplingConfig(temperature=system.temperature, top_p=system.top_p, top_k=system.top_k)
         length = slot_length(max(r.prompt_tokens for r in requests), max_new_tokens)
-        longest = tuple(sorted((r.prompt_tokens for r in requests), reverse=True))
+        longest = longest_prompts([r.prompt_tokens for r in requests], cfg)
         return ContinuousEngine(loaded, resolve_engine(loaded, cfg, length, len(requests), prompt_lengths=longest),
                                 length, choice=Choice(sampling, not sampling.greedy))
     raise ValueError(f"unknown system {system.name}")

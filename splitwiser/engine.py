@@ -357,10 +357,13 @@ class ContinuousEngine:
                             f"{self._tokens(waiting[0].request)} positions")
         return admitted
 
+    def _start_of(self, request: Request) -> int:
+        """The position a request's prefill starts at: after the shared prefix, where it starts with it."""
+        return len(self.prefix.tokens) if self.prefix is not None and self.prefix.serves(request) else 0
+
     def _blocks_needed(self, request: Request) -> int:
         """The KV blocks a request takes of its own: its positions' but the shared prefix's."""
-        shared = len(self.prefix.blocks) if self.prefix is not None and self.prefix.serves(request) else 0
-        return FreeBlocks.needed(self._tokens(request)) - shared
+        return FreeBlocks.needed(self._tokens(request)) - self._start_of(request) // BLOCK_TOKENS
 
     def _share_prefix(self, admitted: list[Generation], free: list[int]) -> None:
         """engine.share_prefix, at the first admission of several requests: the tokens they all start with,
@@ -383,10 +386,10 @@ class ContinuousEngine:
     def _prefill_groups(self, admitted: list[Generation]) -> Iterator[tuple[list[Generation], int]]:
         """Splits the admitted requests (shortest first) into groups of at most engine.prefill_tokens padded tokens,
         those that start with the shared prefix apart: (a group, the position its prefill starts at)."""
-        prefix = len(self.prefix.tokens) if self.prefix is not None else 0
-        served = [g for g in admitted if prefix and self.prefix.serves(g.request)]
-        others = [g for g in admitted if not (prefix and self.prefix.serves(g.request))]
-        for part, start in ((served, prefix), (others, 0)):
+        parts: dict[int, list[Generation]] = {}  # where their prefills start → the requests
+        for generation in admitted:
+            parts.setdefault(self._start_of(generation.request), []).append(generation)
+        for start, part in parts.items():
             part.sort(key=lambda generation: generation.request.prompt_tokens)
             lengths = [generation.request.prompt_tokens - start for generation in part]
             while part:
@@ -608,10 +611,12 @@ def kv_capacity(loaded: LoadedModel, cfg: EngineConfig, slots: int, slot_length:
     if cfg.kv_tokens != "auto" and fit is not None and cfg.kv_tokens > fit:
         raise UserError(f"engine.kv_tokens={cfg.kv_tokens}: {whose} {gigabytes(engines * cfg.kv_tokens * token_bytes)}, "
                         f"{gigabytes(free)} free; at most engine.kv_tokens={fit} fits")
-    tokens = kv_tokens(replace(cfg, batch_size=slots), slot_length)
-    if prompt_lengths and cfg.kv_tokens == "auto":
-        tokens = sum(FreeBlocks.needed(p + cfg.max_new_tokens) for p in prompt_lengths[:slots]) * BLOCK_TOKENS
-    tokens = tokens if fit is None or cfg.kv_tokens != "auto" else min(tokens, fit)
+    if cfg.kv_tokens != "auto":
+        tokens = cfg.kv_tokens
+    else:  # what the slots hold at once: the longest requests, or (not knowing them) each the longest
+        need = [FreeBlocks.needed(p + cfg.max_new_tokens) * BLOCK_TOKENS for p in prompt_lengths[:slots]]
+        tokens = sum(need) if need else slots * slot_length
+        tokens = tokens if fit is None else min(tokens, fit)
     if tokens >= slot_length:
         return tokens
     if cfg.kv_tokens != "auto" and (fit is None or fit >= slot_length):

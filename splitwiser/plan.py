@@ -53,10 +53,9 @@ class Plan:
         workers = most_procs * len(self.devices)
         unit_rows = min(cfg.shard_rows, max(1, -(-len(requests) // (UNITS_PER_WORKER * workers))))
         max_prompt_tokens = max(requests["prompt_tokens"], default=1)
-        most_slots = MAX_SLOTS if cfg.batch_size == "auto" else cfg.batch_size
         return replace(self, unit_rows=unit_rows, max_prompt_tokens=max_prompt_tokens,
                        slot_length=slot_length(max_prompt_tokens, cfg.max_new_tokens),
-                       prompt_lengths=tuple(heapq.nlargest(most_slots, requests["prompt_tokens"])))
+                       prompt_lengths=longest_prompts(requests["prompt_tokens"], cfg))
 
     def with_procs(self, procs: int, reasons: dict) -> "Plan":
         """procs=auto, decided: more than one process on a device, or several devices, run colocated workers."""
@@ -87,6 +86,11 @@ def plan_run(job: JobConfig, devices: list[torch.device]) -> Plan:
     if job.procs == "auto":
         return Plan(devices, mode, 1, procs_auto={})
     return Plan(devices, mode, job.procs)
+
+
+def longest_prompts(prompt_tokens, cfg: EngineConfig) -> tuple[int, ...]:
+    """The longest prompts' token counts, longest first, as many as an engine may have slots (Plan.prompt_lengths)."""
+    return tuple(heapq.nlargest(MAX_SLOTS if cfg.batch_size == "auto" else cfg.batch_size, prompt_tokens))
 
 
 def slot_length(max_prompt_tokens: int, max_new_tokens: int) -> int:

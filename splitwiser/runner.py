@@ -122,16 +122,17 @@ class SlotRunner:
         keys_at = torch.arange(start + tokens.shape[1], device=self.device)
         masks = {window: visible(positions, keys_at, window) for window in set(self.windows)
                  if start or window is not None or self.softcap is not None}
-        prefix = self.table[slots[:1], :start // BLOCK_TOKENS]  # the prefix's blocks: every slot's first ones
-        blocks, offsets = self.table[slots][:, positions // BLOCK_TOKENS], positions % BLOCK_TOKENS  # [G, T], [T]
+        rows = self.table[slots]
+        blocks, offsets = rows[:, positions // BLOCK_TOKENS], positions % BLOCK_TOKENS  # [G, T], [T]
+        prefix_rows = rows[:1, :start // BLOCK_TOKENS]
         positions = positions.expand_as(tokens)
         x = arch.embed(tokens, positions)
         for layer, window, keys, values in zip(arch.layers, self.windows, self.keys, self.values):
             q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions)
             keys[blocks, :, offsets] = k.transpose(1, 2)  # [G, T, Hkv, D] into each position's block
             values[blocks, :, offsets] = v.transpose(1, 2)
-            if start:  # the prefix's keys and values first, read back from its blocks
-                k, v = (torch.cat([self.slot_view(cache, prefix).expand(len(slots), -1, -1, -1), own], dim=2)
+            if start:  # the prefix's keys and values first, read back from its blocks (every slot's first ones)
+                k, v = (torch.cat([self.slot_view(cache, prefix_rows).expand(len(slots), -1, -1, -1), own], dim=2)
                         for cache, own in ((keys, k), (values, v)))
             attn = self._prefill_attention(q, k, v, masks.get(window))
             x = x + arch.attention_output(layer, attn.transpose(1, 2).flatten(2))
