@@ -73,6 +73,8 @@ def test_output_dir_under_a_file(tmp_path):
     (("procs=auto", "mode=split"), "procs=auto chooses between one process and colocated workers; mode=split needs"),
     ("engine.batch_size=-1", "engine.batch_size=-1: must be auto or at least 1"),
     ("engine.batch_size=many", "engine.batch_size=many: must be auto or at least 1"),
+    ("engine.kv_tokens=0", "engine.kv_tokens=0: must be auto or at least 1"),
+    ("engine.share_prefix=maybe", "engine.share_prefix: Value 'maybe' is not a valid bool"),
     ("model.dtype=float8", "model.dtype=float8 is not one of"),
     ("prompt.template='{text} {date}'", "prompt: the placeholder {date} names no column of the dataset; the columns"),
     ("prompt.template='no fields'", "prompt.template has no placeholder: name a column"),

@@ -7,7 +7,11 @@ import json
 import pyarrow.parquet as pq
 
 from conftest import job_config, sample_rows, write_csv
+from splitwiser.config import EngineConfig
+from splitwiser.engine import make_engine
 from splitwiser.job import run
+from splitwiser.plan import slot_length
+from test_families import outputs_of, prompts
 from test_job import reference_generation
 
 
@@ -59,3 +63,16 @@ def test_short_rows_run_together_beside_a_long_one_in_less_kv_than_two_long_slot
     run(job_config(*common, f"engine.kv_tokens={kv_tokens}", "mode=split", "procs=2", f"output.dir={split}"))
     tokens = {r["id"]: r["output_token_ids"] for r in pq.read_table(out / "generations.parquet").to_pylist()}
     assert {r["id"]: r["output_token_ids"] for r in pq.read_table(split / "generations.parquet").to_pylist()} == tokens
+
+
+def test_share_prefix_off_computes_every_prompt_whole_and_gives_the_same_tokens(default_model):
+    """Four prompts sharing their first 32 tokens: with engine.share_prefix the engine prefills those once, without
+    it none; the tokens are the same (fp32)."""
+    shared = prompts(default_model.tokenizer, lengths=(40, 70, 130, 300))
+    outputs = {}
+    for share in (True, False):
+        cfg = EngineConfig(batch_size=4, max_new_tokens=8, share_prefix=share)
+        engine = make_engine(default_model, cfg, slot_length(300, 8), len(shared))
+        outputs[share] = outputs_of(engine, shared)
+        assert (engine.prefix is not None) == share
+    assert outputs[True] == outputs[False]
