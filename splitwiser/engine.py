@@ -372,7 +372,8 @@ class ContinuousEngine:
             return
         self.prefix_tried = True
         tokens = common_prefix([generation.request for generation in admitted])
-        if not tokens:
+        # its blocks are held for good: the rest must still hold the longest request, which may not start with it
+        if not tokens or self.blocks.kv.spare - len(tokens) // BLOCK_TOKENS < self.runner.max_len // BLOCK_TOKENS:
             return
         blocks, slot = self.blocks.take(len(tokens) // BLOCK_TOKENS), free[0]
         self.runner.table[slot, :len(blocks)] = torch.tensor(blocks, device=self.device)

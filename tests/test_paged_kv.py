@@ -76,3 +76,15 @@ def test_share_prefix_off_computes_every_prompt_whole_and_gives_the_same_tokens(
         outputs[share] = outputs_of(engine, shared)
         assert (engine.prefix is not None) == share
     assert outputs[True] == outputs[False]
+
+
+def test_no_prefix_is_shared_where_its_blocks_would_leave_too_few_for_the_longest_request(default_model):
+    """A KV cache that holds exactly one longest request: a prefix held for good would leave a long prompt that does
+    not start with it without room, ever. None is shared, and every request runs."""
+    shared = prompts(default_model.tokenizer, lengths=(40, 70, 130, 300))
+    other = prompts(default_model.tokenizer, lengths=(340,))[0][40:]  # 300 tokens from elsewhere in the text
+    length = slot_length(300, 8)
+    cfg = EngineConfig(batch_size=4, max_new_tokens=8, kv_tokens=length)
+    engine = make_engine(default_model, cfg, length, 5)
+    outputs = outputs_of(engine, [*shared, other])
+    assert engine.prefix is None and len(outputs) == 5 and all(len(tokens) for tokens in outputs)
