@@ -78,8 +78,15 @@ def set_up_job_process(job: JobConfig) -> None:
         forkserver.ensure_running()
 
 
+def last_line(message: str) -> None:
+    """Prints the command's last line. Log records that libraries emit at exit (torch's FakeTensor cache stats, from
+    an atexit hook, where a signal cut its import short) would follow it: from here on, none is shown."""
+    logging.disable(logging.CRITICAL)
+    print(message, file=sys.stderr)
+
+
 def fail(message: str, status: int) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    last_line(f"error: {message}")
     sys.exit(status)
 
 
@@ -116,8 +123,7 @@ def run_job(main, cfg: DictConfig) -> None:
         how, status = "interrupted", 128 + signal.SIGINT
     except Terminated as e:
         how, status = "terminated", e.code
-    print(f"{how}: the finished rows are kept in {job.output.dir}; run the same command again to resume",
-          file=sys.stderr)
+    last_line(f"{how}: the finished rows are kept in {job.output.dir}; run the same command again to resume")
     sys.exit(status)
 
 

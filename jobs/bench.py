@@ -1,8 +1,9 @@
 """The benchmark: python -m jobs.bench [preset=quick|full|workers|paper] (conf/bench.yaml, conf/preset/,
 splitwiser/bench.py).
 
-Writes bench/results/<date>-<device>.parquet (one row per model x length x system, with the
-command, commit, device and versions), bench/RESULTS.md and plots beside it.
+Writes <results_dir>/<date>-<device>-<preset>.parquet (one row per model x length x system, with the
+command, commit, device and versions), the report and plots beside it: in outputs/bench/ unless
+results_dir=bench/results report=bench/RESULTS.md are given.
 """
 
 import logging
@@ -49,9 +50,11 @@ def model_config(cfg: DictConfig, name: str) -> DictConfig:
 def main(cfg: DictConfig) -> None:
     preset = cfg.preset
     systems = [System(**s) for s in OmegaConf.to_container(preset.systems)]
-    grid = [(m, n, s) for m in cfg.models for n in preset.max_new_tokens for s in systems]
+    grid = [(m, n, s) for m in cfg.models or preset.models for n in preset.max_new_tokens for s in systems]
     command = " ".join(["python -m jobs.bench", *sys.argv[1:]])
     stamp = datetime.now(timezone.utc)
+    scratch = ROOT / "outputs" / "bench" / f"{stamp:%Y%m%d-%H%M%S}-{preset.name}"
+    results_dir, report = Path(cfg.results_dir or scratch), Path(cfg.report or scratch / "RESULTS.md")
     work = Path(tempfile.mkdtemp(prefix="splitwiser-bench-"))  # the workload file and the jobs' outputs
     data = write_workload(Path(cfg.data), preset.requests, work / "workload.csv")
     long_rows = max(s.long_rows for s in systems)
@@ -86,13 +89,13 @@ def main(cfg: DictConfig) -> None:
                                                   "max_new_tokens", "tokens_per_s", "warmup_s", "run_s", "error")})
         rows.append(result)
         # Written after every run, so that a grid cut short still leaves what it measured.
-        results = Path(cfg.results_dir) / f"{stamp:%Y-%m-%d}-{env['device_name'].replace(' ', '-')}-{preset.name}.parquet"
+        results = results_dir / f"{stamp:%Y-%m-%d}-{env['device_name'].replace(' ', '-')}-{preset.name}.parquet"
         results.parent.mkdir(parents=True, exist_ok=True)
         columns = list(dict.fromkeys(key for row in rows for key in row))  # from_pylist reads the first row's only
         pq.write_table(pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows]), results)
-        write_report(rows, Path(cfg.report), results)
+        write_report(rows, report, results)
     shutil.rmtree(work)
-    log.info("wrote %s and %s", results, cfg.report)
+    log.info("wrote %s and %s", results, report)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,9 @@ def atomic_write(path: Path, write) -> None:
     except OSError as e:
         raise UserError(unwritable(path, e)) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        # On a file system gone read-only the clean-up fails too: the write's error is the one to tell.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def unwritable(path: Path, error: OSError) -> str:

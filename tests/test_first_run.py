@@ -25,11 +25,18 @@ from splitwiser.models import locate
 TINY = ("data.limit=2", "engine.max_new_tokens=2")
 
 
-def job(*args: str, env: dict | None = None, prefix: tuple = ()) -> subprocess.Popen:
+# jobs.run with a log record at exit, as torch writes one (its FakeTensor cache stats) from an atexit hook
+LATE_RECORD = ("import atexit, logging, runpy, sys; "
+               "atexit.register(lambda: logging.getLogger('a_library').info('cache stats')); "
+               "sys.argv[0] = 'jobs.run'; runpy.run_module('jobs.run', run_name='__main__')")
+
+
+def job(*args: str, env: dict | None = None, prefix: tuple = (), late_record: bool = False) -> subprocess.Popen:
     """A real `[PREFIX] python -m jobs.run ARGS` in the background, its stderr piped; the environment without
-    OMP_NUM_THREADS (the job decides), with ENV."""
+    OMP_NUM_THREADS (the job decides), with ENV. late_record: a library logs a record as the process exits."""
     environment = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
-    return subprocess.Popen([*prefix, sys.executable, "-m", "jobs.run", *args], cwd=ROOT, text=True,
+    python = [sys.executable, "-c", LATE_RECORD] if late_record else [sys.executable, "-m", "jobs.run"]
+    return subprocess.Popen([*prefix, *python, *args], cwd=ROOT, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**environment, **(env or {})},
                             preexec_fn=interruptible)
 
@@ -135,6 +142,12 @@ def test_every_command_says_config_mistakes_in_one_line(module, overrides, messa
     assert_one_line_error(run_cli(*overrides, module=module), message)
 
 
+def test_a_library_logging_at_exit_comes_before_the_error_line():
+    run = job("data.path=/nonexistent.csv", late_record=True)
+    stderr = run.communicate(timeout=120)[1]
+    assert run.returncode == 2 and stderr.strip().splitlines()[-1].startswith("error: data.path="), stderr
+
+
 def test_multirun_and_help_still_work(tmp_path):
     result = run_cli("--multirun", "data.limit=2", "engine.max_new_tokens=1,2", f"hydra.sweep.dir={tmp_path}/sweep",
                      f"output.dir={tmp_path}/o${{engine.max_new_tokens}}")
@@ -165,7 +178,7 @@ def test_ctrl_c_says_so_in_one_line_and_the_rerun_resumes(tmp_path):
 
 
 def test_sigterm_says_so_in_one_line(tmp_path):
-    run = job(*TINY, f"output.dir={tmp_path}/o")
+    run = job(*TINY, f"output.dir={tmp_path}/o", late_record=True)
     stderr = next(line for line in run.stderr if "cpu threads:" in line)  # the job has begun
     time.sleep(2)
     run.send_signal(signal.SIGTERM)

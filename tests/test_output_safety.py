@@ -1,15 +1,19 @@
 """The output directory: nothing but the job's own files is ever deleted, one job at a time, and what a
 resume takes in is this job's, for the input as it is now (issue 14: overwrite, identity, lock, parts)."""
 
+import errno
 import fcntl
 import json
 import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import job_config, kill_when_parts_written, run_cli, sample_rows, write_csv
+from splitwiser.errors import UserError
 from splitwiser.job import run
+from splitwiser.output import atomic_write
 
 FAST = "engine.max_new_tokens=4"
 
@@ -148,3 +152,18 @@ def test_unreadable_parts_foreign_parts_and_stale_temp_files(tmp_path):
     assert ids(out) == sorted(r["id"] for r in sample_rows(12))
     assert json.loads((out / "job.json").read_text())["runs"][-1]["finished"] is True
     assert sorted(os.listdir(out / "parts")) == ["corrupt", "errors"]
+
+
+def test_a_write_whose_clean_up_fails_too_says_the_write_error(tmp_path):
+    """A file system gone read-only mid-job: the temporary file cannot be removed either (here: it is a directory,
+    which unlink refuses). The job's one line is the write's error, naming the path; the old file is intact."""
+    target = tmp_path / "part.parquet"
+    target.write_text("kept")
+
+    def write(tmp):
+        tmp.mkdir()
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    with pytest.raises(UserError, match=f"cannot write {target}: Read-only file system"):
+        atomic_write(target, write)
+    assert target.read_text() == "kept"
