@@ -48,6 +48,14 @@ class FreeBlocks:
             self.held[slot] = taken[end - count:end]
         self.kv.table[torch.tensor(slots, device=self.kv.table.device)] = rows.to(self.kv.table.device)
 
+    def move(self, moves: list[tuple[int, int]]) -> None:
+        """Requests moved from slot to slot (Slots.compaction): their blocks and table rows go with them."""
+        sources, destinations = (torch.tensor(slots, device=self.kv.table.device) for slots in zip(*moves))
+        self.kv.table[destinations] = self.kv.table[sources]
+        self.kv.table[sources] = self.kv.spare
+        for source, destination in moves:
+            self.held[destination] = self.held.pop(source)
+
     def take_back(self, slots: list[int]) -> None:
         for slot in slots:
             self.free += self.held.pop(slot)

@@ -150,6 +150,9 @@ class EngineConfig:
     # KV blocks read by every request (not in mode=split)
     share_prefix: bool = True
     cuda_graphs: bool = True  # continuous on CUDA: replay the decode step as a CUDA graph
+    # continuous: move running requests down to the lowest slots as others finish, so that a decode step is as wide
+    # as the bucket of how many run (false: as wide as the highest busy slot; for comparison)
+    compact: bool = True
     # continuous decode attention: live (Triton kernel reading each slot's live keys only; CUDA),
     # sdpa (PyTorch's, over whole slots), auto (live where Triton runs, else sdpa)
     attention: str = "auto"

@@ -8,7 +8,8 @@
 - `ContinuousEngine` (engine.kind=continuous, the default): a KV cache allocated once in blocks, each
   request holding the blocks its prompt and max_new_tokens need (FreeBlocks), continuous batching (new
   prompts are prefilled into free slots between decode steps, so prefill and decode overlap in one
-  process), and on CUDA the decode step replayed as a CUDA graph.
+  process), the running requests kept in the lowest slots (scheduler.Slots) so that each decode step is as
+  wide as the bucket of how many run, and on CUDA the decode step replayed as a CUDA graph.
 - `GenerateEngine` (engine.kind=generate): transformers' `generate`, batch by batch. The
   reference for correctness and the paper's baseline.
 Both give the tokens `model.generate(do_sample=False)` gives each prompt alone. A batch (prefill group,
@@ -16,7 +17,6 @@ generate batch) that runs out of memory is run as halves (split_on_oom); a promp
 even alone comes out as a Generation with an `error`.
 """
 
-import heapq
 import logging
 import time
 from collections import deque
@@ -36,6 +36,7 @@ from splitwiser.plan import MAX_SLOTS
 from splitwiser.models import LoadedModel
 from splitwiser.request import Generation, Request
 from splitwiser.sampler import request_key
+from splitwiser.scheduler import Slots, decode_bucket, decode_width
 from splitwiser.stop import stop_table, stopped
 from splitwiser.runner import BLOCK_TOKENS, KVPool, SlotRunner, allocate_kv
 
@@ -275,6 +276,7 @@ class ContinuousEngine:
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.prefill_groups = 0
         self.oom_splits = 0  # prefill groups split because they ran out of memory
+        self.moved = 0  # requests moved to a lower slot (engine.compact)
         self.probe_tokens_per_s: dict[int, float] | None = None  # make_engine's probe (batch_size=auto)
 
     def _sampling_state(self, loaded: LoadedModel, slots: int) -> None:
@@ -291,24 +293,26 @@ class ContinuousEngine:
     def run(self, requests: Iterable[Request]) -> Iterator[Generation]:
         source = iter(requests)
         waiting: deque[Generation] = deque()  # admitted to the engine, not yet prefilled
-        free = list(range(self.cfg.batch_size))  # a heap: the lowest free slot first keeps decode batches small
-        running: dict[int, Generation] = {}  # slot → its request's generation so far
+        slots = Slots(self.cfg.batch_size)
         admit_at = max(1, int(self.cfg.batch_size * self.ADMIT_FRACTION))
         while True:
-            for request in islice(source, max(0, len(free) - len(waiting))):
+            for request in islice(source, max(0, len(slots.free) - len(waiting))):
                 waiting.append(Generation(request, enqueue_ns=time.perf_counter_ns()))
-            if waiting and (len(free) >= admit_at and self._blocks_free() >= self.ADMIT_FRACTION or not running):
-                admitted = self._admit(waiting, len(free))
-                self._share_prefix(admitted, free)
+            if waiting and (len(slots.free) >= admit_at and self._blocks_free() >= self.ADMIT_FRACTION
+                            or not slots.running):
+                admitted = self._admit(waiting, len(slots.free))
+                self._share_prefix(admitted, slots.free[0])
                 for group, start in self._prefill_groups(admitted):
-                    yield from self._prefill(group, start, free, running)
-                    yield from self._collect(running, release=lambda slot: heapq.heappush(free, slot))
-            if not running:
+                    yield from self._prefill(group, start, slots)
+                    yield from self._collect(slots.running, slots.release)
+            if not slots.running:
                 if waiting:
                     continue
                 return
-            self._decode(self._bucket(max(running) + 1))
-            yield from self._collect(running, release=lambda slot: heapq.heappush(free, slot))
+            if self.cfg.compact:
+                self._move(slots.compaction())
+            self._decode(slots.width())
+            yield from self._collect(slots.running, slots.release)
 
     def run_handed_over(self, receive: Callable[[bool], list[Handoff] | None],
                         release: Callable[[int], None]) -> Iterator[Generation]:
@@ -326,7 +330,7 @@ class ContinuousEngine:
                 running.update(zip(handoff.slots, handoff.generations))
             yield from self._collect(running, release)  # a first token may already end a request
             if running:
-                self._decode(self._bucket(max(running) + 1))
+                self._decode(decode_width(running, self.cfg.batch_size))
                 yield from self._collect(running, release)
 
     @property
@@ -365,7 +369,7 @@ class ContinuousEngine:
         """The KV blocks a request takes of its own: its positions' but the shared prefix's."""
         return FreeBlocks.needed(self._tokens(request)) - self._start_of(request) // BLOCK_TOKENS
 
-    def _share_prefix(self, admitted: list[Generation], free: list[int]) -> None:
+    def _share_prefix(self, admitted: list[Generation], free_slot: int) -> None:
         """engine.share_prefix, at the first admission of several requests: the tokens they all start with,
         prefilled once into blocks of their own (through a free slot's row of the table, for the time of it)."""
         if self.prefix_tried or len(admitted) < 2:
@@ -375,7 +379,7 @@ class ContinuousEngine:
         # its blocks are held for good: the rest must still hold the longest request, which may not start with it
         if not tokens or self.blocks.kv.spare - len(tokens) // BLOCK_TOKENS < self.runner.max_len // BLOCK_TOKENS:
             return
-        blocks, slot = self.blocks.take(len(tokens) // BLOCK_TOKENS), free[0]
+        blocks, slot = self.blocks.take(len(tokens) // BLOCK_TOKENS), free_slot
         self.runner.table[slot, :len(blocks)] = torch.tensor(blocks, device=self.device)
         on_device = partial(torch.tensor, device=self.device)
         self.runner.prefill(on_device([tokens]), on_device([len(tokens)]), on_device([slot]))
@@ -398,11 +402,11 @@ class ContinuousEngine:
                 yield part[:size], start
                 part, lengths = part[size:], lengths[size:]
 
-    def _prefill(self, group: list[Generation], start_at: int, free: list[int], running: dict) -> Iterator[Generation]:
+    def _prefill(self, group: list[Generation], start_at: int, free: Slots) -> Iterator[Generation]:
         """Prefills the group into free slots (from position start_at: the shared prefix's blocks hold those before)
         and makes them running; yields the requests that did not fit in memory."""
         start = time.perf_counter_ns()
-        slots = [heapq.heappop(free) for _ in group]
+        slots = [free.take() for _ in group]
         if self.blocks is not None:
             shared = self.prefix.blocks if start_at else []
             self.blocks.give(slots, [self._tokens(g.request) for g in group], shared)
@@ -415,11 +419,11 @@ class ContinuousEngine:
             generation.batch, generation.batch_size, generation.prefill_start_ns = self.prefill_groups, len(group), start
             generation.first_token_ns = generation.finish_ns = now
             if isinstance(first, OutOfMemory):
-                self._release([slot], lambda slot: heapq.heappush(free, slot))
+                self._release([slot], free.release)
                 generation.error = first.error(generation.request.prompt_tokens)
                 yield generation
             else:
-                running[slot] = generation
+                free.running[slot] = generation
                 started.append((slot, first, generation.request))
         if started:
             self._start(*map(list, zip(*started)))
@@ -503,6 +507,25 @@ class ContinuousEngine:
         for slot in slots:
             release(slot)
 
+    def _move(self, moves: list[tuple[int, int]]) -> None:
+        """Moves running requests to other slots (Slots.compaction): their per-slot state and block-table rows; their
+        KV stays in its blocks. A source is left as a freed slot is (_collect)."""
+        if not moves:
+            return
+        sources, destinations = (torch.tensor(slots, device=self.device) for slots in zip(*moves))
+        for state in self._per_slot_state():
+            state[destinations] = state[sources]
+        self.active[sources] = False
+        self.positions[sources] = self.runner.max_len - 1
+        self.blocks.move(moves)
+        self.moved += len(moves)
+
+    def _per_slot_state(self) -> list[torch.Tensor]:
+        """Every tensor with a row per slot that a decode step reads or writes (but the block table)."""
+        state = [self.tokens, self.positions, self.generated, self.keys, self.active, self.finished, self.output,
+                 self.limit, self.temperature, self.logprobs, self.seen]
+        return [tensor for tensor in state if tensor is not None]
+
     def warm_up(self) -> None:
         """Captures the decode graph of every batch bucket (and compiles kernels) before any request:
         a few hundred ms once, instead of stalls inside the run. Slots are all free, so the steps
@@ -525,7 +548,7 @@ class ContinuousEngine:
         half the new tokens, or its share of the KV blocks if less): how much a wider running batch pays on this
         device. Run before any request (it writes keys into the blocks); leaves the state as it was."""
         table = self.runner.table
-        state = (self.tokens, self.positions, self.generated, self.active, self.finished, self.output, table)
+        state = [*self._per_slot_state(), table]
         saved = [tensor.clone() for tensor in state]
         pool_tokens = self.runner.kv.spare * BLOCK_TOKENS
         table.copy_(torch.arange(table.numel(), device=table.device).view_as(table) % self.runner.kv.spare)
@@ -552,10 +575,6 @@ class ContinuousEngine:
         best = max(probe.values())
         self.cfg = replace(self.cfg, batch_size=min(b for b, tokens_per_s in probe.items() if tokens_per_s >= 0.95 * best))
 
-    def _bucket(self, needed: int) -> int:
-        """The decode batch for the `needed` first slots, capped at the slot count."""
-        return min(self.cfg.batch_size, decode_bucket(needed))
-
     def _decode(self, batch: int) -> None:
         if not self.use_graphs:
             return self._step(batch)
@@ -575,11 +594,6 @@ class ContinuousEngine:
         with torch.cuda.graph(graph, pool=self.graph_pool):
             self._step(batch)
         return graph
-
-
-def decode_bucket(needed: int) -> int:
-    """Decode batch sizes come in powers of two from 8 (one CUDA graph each)."""
-    return max(8, 1 << (needed - 1).bit_length())
 
 
 def resolve_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, share: int = 1,
