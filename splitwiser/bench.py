@@ -14,12 +14,14 @@ sharing one model, MPS off or on): the paper's N x generate, and Splitwiser's co
 
 import json
 import logging
+import math
+import random
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -30,7 +32,7 @@ from transformers import GenerationConfig
 from splitwiser.config import DataConfig, EngineConfig, PromptConfig, SamplingConfig
 from splitwiser.errors import UserError
 from splitwiser.data import read_dataset
-from splitwiser.engine import Choice, ContinuousEngine, GenerateEngine, resolve_engine
+from splitwiser.engine import Choice, ContinuousEngine, GenerateEngine, make_engine
 from splitwiser.models import LoadedModel
 from splitwiser.plan import longest_prompts, slot_length
 from splitwiser.prepare import prepare_requests
@@ -57,14 +59,37 @@ class System:
     top_k: int = 0
     long_rows: int = 0  # in the bench's process: this many rows of ~3,000 tokens among the requests (a long tail)
     share_prefix: bool = True  # continuous: engine.share_prefix
+    compact: bool = True  # continuous: engine.compact
+    # continuous, in the bench's process: > 0, each answer ends at a length drawn from a lognormal of this median and
+    # answer_spread (its sigma; 0: every answer this long), at most max_new_tokens, as a model's EOS ends it: the
+    # engine is not told (EosAtDrawnLength). 0: every answer is max_new_tokens long.
+    answer_median: int = 0
+    answer_spread: float = 0.75
 
     def __post_init__(self) -> None:
         if self.mode is not None and (self.mode not in ("single", "colocated", "split")
                                       or self.name not in ("generate", "continuous")):
             raise UserError(f"system {self.name} mode={self.mode}: a job runs generate or continuous, in mode "
                             "single, colocated or split")
-        if self.mode is None and not isinstance(self.batch_size, int):
-            raise UserError(f"system {self.name}: batch_size={self.batch_size} is for jobs; give a number")
+        if self.mode is None and self.name != "continuous" and not isinstance(self.batch_size, int):
+            raise UserError(f"system {self.name}: batch_size={self.batch_size} is for jobs and continuous; give a number")
+        if self.answer_median and (self.mode is not None or self.name != "continuous"):
+            raise UserError(f"system {self.name}: answer_median is for continuous in the bench's process")
+
+
+class EosAtDrawnLength(ContinuousEngine):
+    """The engine as a model's EOS meets it: a request ends at its drawn answer length (its max_new_tokens here), but
+    its KV blocks are taken for engine.max_new_tokens, as for any request whose end is not known in advance."""
+
+    def _tokens(self, request: Request) -> int:
+        return request.prompt_tokens + self.cfg.max_new_tokens
+
+
+def with_answer_lengths(requests: list[Request], median: int, spread: float, max_new_tokens: int) -> list[Request]:
+    """The requests, each with its answer length drawn (seeded) from a lognormal: System.answer_median."""
+    draw = random.Random(0)
+    lengths = (round(draw.lognormvariate(math.log(median), spread)) for _ in requests)
+    return [replace(r, max_new_tokens=min(max_new_tokens, max(1, n))) for r, n in zip(requests, lengths)]
 
 
 class GenerateBatchEngine:
@@ -93,7 +118,7 @@ class GenerateBatchEngine:
 def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, requests: list[Request]):
     cfg = EngineConfig(kind="generate" if system.name != "continuous" else "continuous", batch_size=system.batch_size,
                        max_new_tokens=max_new_tokens, ignore_eos=True, cuda_graphs=system.cuda_graphs,
-                       attention=system.attention, share_prefix=system.share_prefix)
+                       attention=system.attention, share_prefix=system.share_prefix, compact=system.compact)
     if system.name == "generate":
         return GenerateEngine(loaded, cfg)
     if system.name == "generate_static":
@@ -104,8 +129,8 @@ def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, reques
         sampling = SamplingConfig(temperature=system.temperature, top_p=system.top_p, top_k=system.top_k)
         length = slot_length(max(r.prompt_tokens for r in requests), max_new_tokens)
         longest = longest_prompts([r.prompt_tokens for r in requests], cfg)
-        return ContinuousEngine(loaded, resolve_engine(loaded, cfg, length, len(requests), prompt_lengths=longest),
-                                length, choice=Choice(sampling, not sampling.greedy))
+        return make_engine(loaded, cfg, length, len(requests), Choice(sampling, not sampling.greedy), longest,
+                           engine_type=EosAtDrawnLength)
     raise ValueError(f"unknown system {system.name}")
 
 
@@ -153,7 +178,8 @@ def system_columns(system: System, max_new_tokens: int) -> dict:
     return {"system": system.name, "mode": system.mode, "procs": system.procs, "batch_size": str(system.batch_size),
             "cuda_graphs": system.cuda_graphs, "attention": system.attention, "max_new_tokens": max_new_tokens,
             "temperature": system.temperature, "top_p": system.top_p, "top_k": system.top_k,
-            "long_rows": system.long_rows, "share_prefix": system.share_prefix}
+            "long_rows": system.long_rows, "share_prefix": system.share_prefix, "compact": system.compact,
+            "answer_median": system.answer_median, "answer_spread": system.answer_spread}
 
 
 def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: float, latency_ms: list[float],
@@ -165,6 +191,8 @@ def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: floa
         "all_lengths_full": all(n == max_new_tokens for n in lengths),
         "warmup_s": round(warmup_s, 3), "run_s": round(run_s, 3), "tokens_per_s": round(sum(lengths) / run_s, 1),
         "latency_p50_ms": round(percentile(latency_ms, 50), 1), "latency_p99_ms": round(percentile(latency_ms, 99), 1),
+        # the share of the run that its last 10% of requests to finish took (the tail: a few long answers left)
+        "last_tenth_share": round(1 - percentile(latency_ms, 90) / max(latency_ms), 3),
         "ttft_p50_ms": round(percentile(ttft_ms, 50), 1), "ttft_p99_ms": round(percentile(ttft_ms, 99), 1),
         "peak_memory_gb": peak_memory_gb,
         "latency_ms": sorted(round(ms, 2) for ms in latency_ms),  # every request's, for the CDF plot
@@ -174,6 +202,8 @@ def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: floa
 def measure(system: System, loaded: LoadedModel, requests: list[Request], max_new_tokens: int) -> dict:
     """The system in the bench's process: warmed up on one batch, then timed on every request."""
     requests = requests[:system.requests] if system.requests else requests
+    if system.answer_median:
+        requests = with_answer_lengths(requests, system.answer_median, system.answer_spread, max_new_tokens)
     cuda = loaded.device.type == "cuda"
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
@@ -182,7 +212,7 @@ def measure(system: System, loaded: LoadedModel, requests: list[Request], max_ne
     start = time.perf_counter()
     engine = make_system(system, loaded, max_new_tokens, requests)
     engine.warm_up()  # every CUDA graph captured, kernels compiled
-    list(engine.run(requests[:system.batch_size]))  # warm-up: compilation, allocator
+    list(engine.run(requests[:engine.cfg.batch_size]))  # warm-up: compilation, allocator
     synchronize()
     warmup_s = time.perf_counter() - start
     runs = []
@@ -192,7 +222,8 @@ def measure(system: System, loaded: LoadedModel, requests: list[Request], max_ne
         synchronize()
         runs.append(((time.perf_counter_ns() - run_start) / 1e9, run_start, results))
     run_s, run_start, results = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
-    kv = {"kv_tokens": engine.kv_tokens, "kv_peak_tokens": engine.kv_peak_tokens} if hasattr(engine, "kv_tokens") else {}
+    kv = {"kv_tokens": engine.kv_tokens, "kv_peak_tokens": engine.kv_peak_tokens, "batch_size_run": engine.cfg.batch_size,
+          "moved": engine.moved} if hasattr(engine, "kv_tokens") else {}
     del engine
     row = summary(system, max_new_tokens, [len(g.token_ids) for g in results], run_s,
                   [(g.finish_ns - run_start) / 1e6 for g in results], [(g.first_token_ns - run_start) / 1e6 for g in results],

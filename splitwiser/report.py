@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLUMNS = ["system", "mode", "procs", "mps", "batch_size", "cuda_graphs", "attention", "temperature", "top_p", "top_k",
-           "requests", "tokens_per_s", "vs_paper", "warmup_s", "run_s", "job_s", "latency_p50_ms", "latency_p99_ms",
-           "ttft_p50_ms", "peak_memory_gb"]
+           "requests", "generated_tokens", "tokens_per_s", "vs_paper", "warmup_s", "run_s", "job_s", "latency_p50_ms",
+           "latency_p99_ms", "last_tenth_share", "ttft_p50_ms", "peak_memory_gb"]
 
 
 def mps_state(row: dict) -> str:
@@ -32,6 +32,9 @@ def label(row: dict) -> str:
             name += f" top_k={row['top_k']}" if row.get("top_k") else ""
         name += f" +{row['long_rows']} long rows" if row.get("long_rows") else ""
         name += " no shared prefix" if row.get("share_prefix") is False else ""
+        name += " no compaction" if row.get("compact") is False else ""
+        if row.get("answer_median"):
+            name += f" answers ~{row['answer_median']}" + ("" if row.get("answer_spread") else " each")
     if row.get("mode"):
         name += f" {row['mode']} x{row['procs']}" + (" MPS" if mps_state(row) == "on" else "")
     return name
@@ -44,7 +47,9 @@ def write_report(rows: list[dict], path: Path, results: Path) -> None:
         "# Benchmark results", "",
         f"`{first['command']}` on {first['device_name']}, {first['date']}; commit {first['git_commit']}; "
         f"torch {first['torch']}, transformers {first['transformers']}; data in `{results}`.",
-        "", "Random weights, EOS ignored (every request generates max_new_tokens), greedy unless the row has a temperature. "
+        "", "Random weights, EOS ignored (every request generates max_new_tokens), greedy unless the row has a temperature; "
+        "`answers ~N`: each answer ends at a length drawn from a lognormal of median N (at most max_new_tokens), which "
+        "the engine is not told. `last_tenth_share`: the share of the run its last 10% of requests to finish took. "
         "`vs_paper`: tokens/s over the paper's baseline (`generate` batch 20) in the same table. "
         "Systems with a `mode` ran as real jobs (`python -m jobs.run`: `procs` worker processes sharing "
         "one model, MPS on or off); the others in the benchmark's own process. `run_s`: the run, or for a "

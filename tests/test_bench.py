@@ -20,6 +20,9 @@ def test_quick_benchmark_writes_results_report_and_plots():
     rows = pq.read_table(results).to_pylist()
     assert {(r["model"], r["system"], r["mode"]) for r in rows} == {
         ("smollm2_135m", s, mode) for s, mode in (("generate", None), ("continuous", None), ("generate", "colocated"))}
+    drawn = [r for r in rows if r["answer_median"]]
+    assert len(drawn) == 1 and drawn[0]["generated_tokens"] < 8 * 4 and drawn[0]["batch_size"] == "auto"
+    rows = [r for r in rows if not r["answer_median"]]
     assert all(r["generated_tokens"] == 8 * 4 and r["all_lengths_full"] and r["tokens_per_s"] > 0 for r in rows)
     assert all(r["git_commit"] and r["command"].startswith("python -m jobs.bench preset=quick") for r in rows)
     report = (scratch / "RESULTS.md").read_text()
