@@ -32,7 +32,7 @@ from transformers import GenerationConfig
 from splitwiser.config import DataConfig, EngineConfig, PromptConfig, SamplingConfig
 from splitwiser.errors import UserError
 from splitwiser.data import read_dataset
-from splitwiser.engine import Choice, ContinuousEngine, GenerateEngine, make_engine
+from splitwiser.engine import Choice, GenerateEngine, make_engine
 from splitwiser.models import LoadedModel
 from splitwiser.plan import longest_prompts, slot_length
 from splitwiser.prepare import prepare_requests
@@ -61,8 +61,9 @@ class System:
     share_prefix: bool = True  # continuous: engine.share_prefix
     compact: bool = True  # continuous: engine.compact
     # continuous, in the bench's process: > 0, each answer ends at a length drawn from a lognormal of this median and
-    # answer_spread (its sigma; 0: every answer this long), at most max_new_tokens, as a model's EOS ends it: the
-    # engine is not told (EosAtDrawnLength). 0: every answer is max_new_tokens long.
+    # answer_spread (its sigma; 0: every answer this long), at most max_new_tokens, as a model's EOS ends it. The
+    # length rides on the request's own max_new_tokens, which the engine uses only to stop it: its KV blocks come
+    # as it grows, its slot and admission do not depend on it. 0: every answer is max_new_tokens long.
     answer_median: int = 0
     answer_spread: float = 0.75
 
@@ -75,14 +76,6 @@ class System:
             raise UserError(f"system {self.name}: batch_size={self.batch_size} is for jobs and continuous; give a number")
         if self.answer_median and (self.mode is not None or self.name != "continuous"):
             raise UserError(f"system {self.name}: answer_median is for continuous in the bench's process")
-
-
-class EosAtDrawnLength(ContinuousEngine):
-    """The engine as a model's EOS meets it: a request ends at its drawn answer length (its max_new_tokens here), but
-    its KV blocks are taken for engine.max_new_tokens, as for any request whose end is not known in advance."""
-
-    def _tokens(self, request: Request) -> int:
-        return request.prompt_tokens + self.cfg.max_new_tokens
 
 
 def with_answer_lengths(requests: list[Request], median: int, spread: float, max_new_tokens: int) -> list[Request]:
@@ -129,8 +122,7 @@ def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, reques
         sampling = SamplingConfig(temperature=system.temperature, top_p=system.top_p, top_k=system.top_k)
         length = slot_length(max(r.prompt_tokens for r in requests), max_new_tokens)
         longest = longest_prompts([r.prompt_tokens for r in requests], cfg)
-        return make_engine(loaded, cfg, length, len(requests), Choice(sampling, not sampling.greedy), longest,
-                           engine_type=EosAtDrawnLength)
+        return make_engine(loaded, cfg, length, len(requests), Choice(sampling, not sampling.greedy), longest)
     raise ValueError(f"unknown system {system.name}")
 
 

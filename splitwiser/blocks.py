@@ -1,13 +1,14 @@
 """The KV cache's blocks and who holds them (runner.KVPool is the memory, its block table the map).
 
-FreeBlocks gives each request the blocks its prompt and max_new_tokens need as its prefill starts and takes them
-back as it ends; SharedPrefix is the tokens the run's prompts start with, prefilled once into blocks that every
-request starting with them reads (engine.share_prefix).
+FreeBlocks gives each request the blocks its prompt needs as its prefill starts, one more as it reaches each next
+block, and takes them back as it ends; SharedPrefix is the tokens the run's prompts start with, prefilled once into
+blocks that every request starting with them reads (engine.share_prefix).
 """
 
 from dataclasses import dataclass
 from itertools import accumulate
 
+import numpy as np
 import torch
 
 from splitwiser.request import Request
@@ -15,14 +16,15 @@ from splitwiser.runner import BLOCK_TOKENS, KVPool
 
 
 class FreeBlocks:
-    """The KV blocks of a pool that no request holds. A request takes the blocks its prompt and max_new_tokens need
-    as its prefill starts (so it never runs out half-way) and gives them back as it ends; its slot's row of the
-    block table points at them, and otherwise at the spare block."""
+    """The KV blocks of a pool that no request holds. A request takes the blocks of its prompt as its prefill starts,
+    one more each time its next position starts a new block (extend), and gives them all back as it ends; its
+    slot's row of the block table points at them, and otherwise at the spare block."""
 
     def __init__(self, kv: KVPool):
         self.kv = kv
         self.free = list(range(kv.spare))
         self.held: dict[int, list[int]] = {}  # slot → its blocks
+        self.entries = np.zeros(kv.table.shape[0], dtype=np.int64)  # per slot: its table row's blocks, shared ones too
         self.peak = 0  # the most blocks held at once
 
     @staticmethod
@@ -46,7 +48,18 @@ class FreeBlocks:
         rows[(own >= 0) & (own < torch.tensor(counts)[:, None])] = torch.tensor(taken)  # row by row
         for slot, count, end in zip(slots, counts, accumulate(counts)):
             self.held[slot] = taken[end - count:end]
+            self.entries[slot] = len(shared) + count
         self.kv.table[torch.tensor(slots, device=self.kv.table.device)] = rows.to(self.kv.table.device)
+
+    def extend(self, slots: list[int]) -> None:
+        """One more block to each of `slots`, after the ones its table row has (there must be as many free)."""
+        taken = self.take(len(slots))
+        for slot, block in zip(slots, taken):
+            self.held[slot].append(block)
+        device = self.kv.table.device
+        self.kv.table[torch.tensor(slots, device=device), torch.from_numpy(self.entries[slots]).to(device)] = \
+            torch.tensor(taken, device=device)
+        self.entries[slots] += 1
 
     def move(self, moves: list[tuple[int, int]]) -> None:
         """Requests moved from slot to slot (Slots.compaction): their blocks and table rows go with them."""
@@ -55,10 +68,12 @@ class FreeBlocks:
         self.kv.table[sources] = self.kv.spare
         for source, destination in moves:
             self.held[destination] = self.held.pop(source)
+            self.entries[destination], self.entries[source] = self.entries[source], 0
 
     def take_back(self, slots: list[int]) -> None:
         for slot in slots:
             self.free += self.held.pop(slot)
+        self.entries[slots] = 0
         self.kv.table[torch.tensor(slots, device=self.kv.table.device)] = self.kv.spare
 
 

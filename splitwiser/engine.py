@@ -277,6 +277,7 @@ class ContinuousEngine:
         self.prefill_groups = 0
         self.oom_splits = 0  # prefill groups split because they ran out of memory
         self.moved = 0  # requests moved to a lower slot (engine.compact)
+        self.preempted = 0  # requests stopped for want of KV blocks, and started again
         self.probe_tokens_per_s: dict[int, float] | None = None  # make_engine's probe (batch_size=auto)
 
     def _sampling_state(self, loaded: LoadedModel, slots: int) -> None:
@@ -300,7 +301,7 @@ class ContinuousEngine:
                 waiting.append(Generation(request, enqueue_ns=time.perf_counter_ns()))
             if waiting and (len(slots.free) >= admit_at and self._blocks_free() >= self.ADMIT_FRACTION
                             or not slots.running):
-                admitted = self._admit(waiting, len(slots.free))
+                admitted = self._admit(waiting, slots)
                 self._share_prefix(admitted, slots.free[0])
                 for group, start in self._prefill_groups(admitted):
                     yield from self._prefill(group, start, slots)
@@ -309,9 +310,11 @@ class ContinuousEngine:
                 if waiting:
                     continue
                 return
+            self._grow(slots, waiting)
             if self.cfg.compact:
                 self._move(slots.compaction())
             self._decode(slots.width())
+            slots.advance()
             yield from self._collect(slots.running, slots.release)
 
     def run_handed_over(self, receive: Callable[[bool], list[Handoff] | None],
@@ -338,36 +341,47 @@ class ContinuousEngine:
         """The most KV positions requests held at once (mode=split's fixed slots: all of them)."""
         return self.kv_tokens if self.blocks is None else self.blocks.peak * BLOCK_TOKENS
 
-    def _tokens(self, request: Request) -> int:
-        """The positions a request may fill: its prompt and its max_new_tokens."""
-        return request.prompt_tokens + (request.max_new_tokens or self.cfg.max_new_tokens)
-
     def _blocks_free(self) -> float:
         """The share of the KV blocks that no request holds (1 where each slot has its own)."""
         return 1.0 if self.blocks is None else len(self.blocks.free) / self.blocks.kv.spare
 
-    def _admit(self, waiting: deque[Generation], free_slots: int) -> list[Generation]:
-        """The waiting requests that start now, first come first served: one per free slot, while the free KV blocks
-        hold them."""
-        admitted, blocks = [], len(self.blocks.free) if self.blocks is not None else None
-        while waiting and len(admitted) < free_slots:
-            if blocks is not None:
-                blocks -= self._blocks_needed(waiting[0].request)
-                if blocks < 0:
-                    break
+    def _admit(self, waiting: deque[Generation], slots: Slots) -> list[Generation]:
+        """The waiting requests that start now, first come first served (a preempted one first): one per free slot,
+        while the free KV blocks hold their prompts and leave one block for each running request to grow into."""
+        admitted, blocks = [], len(self.blocks.free)
+        while waiting and len(admitted) < len(slots.free):
+            blocks -= self._blocks_needed(waiting[0])
+            if blocks < (len(slots.running) + len(admitted) if slots.running or admitted else 0):
+                break
             admitted.append(waiting.popleft())
         if not admitted and not self.blocks.held:  # no request holds blocks: it would wait for ever
-            raise UserError(f"engine.kv_tokens={self.kv_tokens}: less than request {waiting[0].request.id} needs, "
-                            f"{self._tokens(waiting[0].request)} positions")
+            request = waiting[0].request
+            raise UserError(f"engine.kv_tokens={self.kv_tokens}: less than request {request.id} needs, "
+                            f"{request.prompt_tokens + 1} positions to start")
         return admitted
 
     def _start_of(self, request: Request) -> int:
         """The position a request's prefill starts at: after the shared prefix, where it starts with it."""
         return len(self.prefix.tokens) if self.prefix is not None and self.prefix.serves(request) else 0
 
-    def _blocks_needed(self, request: Request) -> int:
-        """The KV blocks a request takes of its own: its positions' but the shared prefix's."""
-        return FreeBlocks.needed(self._tokens(request)) - self._start_of(request) // BLOCK_TOKENS
+    @staticmethod
+    def _positions(generation: Generation) -> int:
+        """The KV positions a request holds as it starts: its prompt's and the next token's, and those of the tokens
+        it generated before it was preempted."""
+        return generation.request.prompt_tokens + max(1, len(generation.token_ids))
+
+    def _blocks_needed(self, generation: Generation) -> int:
+        """The KV blocks a request takes of its own as it starts: its positions' but the shared prefix's."""
+        return FreeBlocks.needed(self._positions(generation)) - self._start_of(generation.request) // BLOCK_TOKENS
+
+    @staticmethod
+    def _prompt(generation: Generation) -> Request:
+        """What a request's prefill computes: its prompt, and after a preemption the tokens it generated but the last
+        (the next input, as before)."""
+        if not generation.token_ids:
+            return generation.request
+        ids = [*generation.request.input_ids, *generation.token_ids[:-1]]
+        return replace(generation.request, input_ids=ids, prompt_tokens=len(ids))
 
     def _share_prefix(self, admitted: list[Generation], free_slot: int) -> None:
         """engine.share_prefix, at the first admission of several requests: the tokens they all start with,
@@ -395,8 +409,8 @@ class ContinuousEngine:
         for generation in admitted:
             parts.setdefault(self._start_of(generation.request), []).append(generation)
         for start, part in parts.items():
-            part.sort(key=lambda generation: generation.request.prompt_tokens)
-            lengths = [generation.request.prompt_tokens - start for generation in part]
+            part.sort(key=self._positions)
+            lengths = [self._prompt(generation).prompt_tokens - start for generation in part]
             while part:
                 size = prefill_group_size(lengths, self.cfg.prefill_tokens)
                 yield part[:size], start
@@ -404,30 +418,43 @@ class ContinuousEngine:
 
     def _prefill(self, group: list[Generation], start_at: int, free: Slots) -> Iterator[Generation]:
         """Prefills the group into free slots (from position start_at: the shared prefix's blocks hold those before)
-        and makes them running; yields the requests that did not fit in memory."""
+        and makes them running; yields the requests that did not fit in memory. A preempted request keeps the tokens
+        it had: its prefill recomputes their KV, and its next input is its last token, as before."""
         start = time.perf_counter_ns()
         slots = [free.take() for _ in group]
-        if self.blocks is not None:
-            shared = self.prefix.blocks if start_at else []
-            self.blocks.give(slots, [self._tokens(g.request) for g in group], shared)
-        firsts, splits = prefill_group(self.runner, [g.request for g in group], slots, self.cfg.memory_cap_mb,
-                                       self.choice, start_at)
+        prompts = [self._prompt(generation) for generation in group]
+        self.blocks.give(slots, [self._positions(g) for g in group], self.prefix.blocks if start_at else [])
+        firsts, splits = prefill_group(self.runner, prompts, slots, self.cfg.memory_cap_mb, self.choice, start_at)
         self.oom_splits += splits
         now = time.perf_counter_ns()
         started = []
-        for slot, generation, first in zip(slots, group, firsts):
-            generation.batch, generation.batch_size, generation.prefill_start_ns = self.prefill_groups, len(group), start
-            generation.first_token_ns = generation.finish_ns = now
+        for slot, generation, prompt, first in zip(slots, group, prompts, firsts):
+            if not generation.token_ids:  # its first prefill
+                generation.batch, generation.batch_size, generation.prefill_start_ns = self.prefill_groups, len(group), start
+                generation.first_token_ns = generation.finish_ns = now
             if isinstance(first, OutOfMemory):
                 self._release([slot], free.release)
-                generation.error = first.error(generation.request.prompt_tokens)
+                generation.error, generation.finish_ns = first.error(generation.request.prompt_tokens), now
                 yield generation
             else:
-                free.running[slot] = generation
-                started.append((slot, first, generation.request))
+                if generation.token_ids:  # preempted before: its next input is the token it had
+                    first = FirstToken(generation.token_ids[-1], generation.logprobs and generation.logprobs[-1])
+                free.start(slot, generation, prompt.prompt_tokens)
+                started.append((slot, first, prompt))
         if started:
             self._start(*map(list, zip(*started)))
+            self._resume([(slot, free.running[slot]) for slot, _, _ in started if free.running[slot].token_ids])
         self.prefill_groups += 1
+
+    def _resume(self, resumed: list[tuple[int, Generation]]) -> None:
+        """Preempted requests, prefilled again and started with their last token as the next input: the tokens they
+        had generated back in their output rows."""
+        for slot, generation in resumed:
+            count = len(generation.token_ids)
+            self.output[slot, :count] = torch.tensor(generation.token_ids)
+            self.generated[slot] = count
+            if self.logprobs is not None:
+                self.logprobs[slot, :count] = torch.tensor(generation.logprobs)
 
     def _start(self, slots: list[int], first_tokens: list[FirstToken], requests: list[Request]) -> None:
         """Makes prefilled slots running: their first token is the next input, at the position after the prompt."""
@@ -485,10 +512,6 @@ class ContinuousEngine:
             return
         now = time.perf_counter_ns()
         self.finished[slots] = False
-        # A free slot inside the decode batch still computes and writes a key at its position: park it
-        # on the slot's never-read last position, so that it cannot overwrite the next prompt's keys
-        # (mode=split prefills a released slot in another process while this one keeps stepping).
-        self.positions[slots] = self.runner.max_len - 1
         outputs, counts = self.output[slots].tolist(), self.generated[slots].tolist()
         logprobs = self.logprobs[slots].tolist() if self.logprobs is not None else [None] * len(slots)
         self._release(slots, release)
@@ -501,22 +524,50 @@ class ContinuousEngine:
             yield generation
 
     def _release(self, slots: list[int], release: Callable[[int], None]) -> None:
-        """Gives the slots of requests that ended back (release), and their KV blocks."""
+        """Gives the slots of requests that ended or were preempted back (release), and their KV blocks."""
+        self._park(slots)
         if self.blocks is not None:
             self.blocks.take_back(slots)
         for slot in slots:
             release(slot)
 
+    def _park(self, slots: list[int] | torch.Tensor) -> None:
+        """Slots no request runs in. A free slot inside the decode batch still computes and writes a key at its
+        position: it is parked on the slot's never-read last position, so that it cannot overwrite the next prompt's
+        keys (mode=split prefills a released slot in another process while this one keeps stepping)."""
+        self.positions[slots] = self.runner.max_len - 1
+        self.active[slots] = False
+
+    def _grow(self, slots: Slots, waiting: deque[Generation]) -> None:
+        """KV blocks on demand, before a decode step: one more to each running request whose next position is past
+        its blocks, where too few are free after preempting the newest running requests (Slots.growth)."""
+        growing, preempted = slots.growth(BLOCK_TOKENS * self.blocks.entries, len(self.blocks.free),
+                                          lambda slot: len(self.blocks.held[slot]))
+        for slot in preempted:
+            self._preempt(slot, slots, waiting)
+        if growing:
+            self.blocks.extend(growing)
+
+    def _preempt(self, slot: int, slots: Slots, waiting: deque[Generation]) -> None:
+        """Stops a running request and gives its KV blocks back; it waits first in line with the tokens it has (read
+        back: a host synchronisation, rare), and its next prefill computes their KV again (_prompt)."""
+        generation = slots.running.pop(slot)
+        count = int(slots.position[slot]) - generation.request.prompt_tokens + 1
+        generation.token_ids = self.output[slot, :count].tolist()
+        generation.logprobs = None if self.logprobs is None else self.logprobs[slot, :count].tolist()
+        self._release([slot], slots.release)
+        waiting.appendleft(generation)
+        self.preempted += 1
+
     def _move(self, moves: list[tuple[int, int]]) -> None:
         """Moves running requests to other slots (Slots.compaction): their per-slot state and block-table rows; their
-        KV stays in its blocks. A source is left as a freed slot is (_collect)."""
+        KV stays in its blocks. The sources are parked."""
         if not moves:
             return
         sources, destinations = (torch.tensor(slots, device=self.device) for slots in zip(*moves))
         for state in self._per_slot_state():
             state[destinations] = state[sources]
-        self.active[sources] = False
-        self.positions[sources] = self.runner.max_len - 1
+        self._park(sources)
         self.blocks.move(moves)
         self.moved += len(moves)
 
@@ -656,16 +707,15 @@ def auto_batch_size(loaded: LoadedModel, cfg: EngineConfig, requests: int) -> in
 
 
 def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, choice: Choice = Choice(),
-                prompt_lengths: tuple[int, ...] = (), engine_type: type[ContinuousEngine] = ContinuousEngine):
-    """The configured engine (engine_type: a continuous engine's class), with engine.batch_size and kv_tokens resolved
-    (engine.cfg has the numbers). On a GPU, a continuous engine with batch_size=auto is warmed up and probed:
+                prompt_lengths: tuple[int, ...] = ()):
+    """The configured engine, with engine.batch_size and kv_tokens resolved (engine.cfg has the numbers). On a GPU, a continuous engine with batch_size=auto is warmed up and probed:
     engine.probe_tokens_per_s holds the decode tokens/s of each batch bucket, and the engine runs the best
     (use_best_batch_size)."""
     resolved = resolve_engine(loaded, cfg, slot_length, requests, prompt_lengths=prompt_lengths)
     if cfg.kind == "generate":
         return GenerateEngine(loaded, resolved)
     try:
-        engine = engine_type(loaded, resolved, slot_length, choice=choice)
+        engine = ContinuousEngine(loaded, resolved, slot_length, choice=choice)
     except UnsupportedModel as e:
         if choice.sampled or choice.sampling.continuous_only():
             raise UserError(f"{', '.join(choice.sampling.continuous_only()) or 'data.temperature_column'}: only the "

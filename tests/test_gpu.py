@@ -34,36 +34,41 @@ def model_dir() -> str:
 
 
 def both_engines(model: ModelConfig, requests: int, max_new_tokens: int, slots: int, attention: str, tmp_path,
-                 varied: bool = False):
+                 varied: bool = False, preempted: bool = False):
     """The fast engine's and generate's tokens on the same requests; generate with transformers' eager attention,
     its reference (its SDPA path leaves out Gemma 2's soft-cap on some versions). varied: each request ends after
     1 to max_new_tokens tokens (its own max_new_tokens), so that requests are moved down to lower slots; generate's
-    tokens are cut to the same length."""
+    tokens are cut to the same length. preempted: a KV cache of the longest request and 64 positions, which the
+    running requests outgrow."""
     loaded = load_model(model)
     loaded.model.set_attn_implementation("eager")
     work = workload(loaded, write_workload(SAMPLE, requests, tmp_path / "workload.csv"), PromptConfig(style="plain"))
     if varied:
         work = [replace(r, max_new_tokens=(1, 2, 3, max_new_tokens)[n * 7 % 4]) for n, r in enumerate(work)]
-    cfg = EngineConfig(batch_size=slots, max_new_tokens=max_new_tokens, ignore_eos=True, attention=attention)
-    engine = ContinuousEngine(loaded, cfg, slot_length(max(r.prompt_tokens for r in work), max_new_tokens))
+    length = slot_length(max(r.prompt_tokens for r in work), max_new_tokens)
+    cfg = EngineConfig(batch_size=slots, max_new_tokens=max_new_tokens, ignore_eos=True, attention=attention,
+                       kv_tokens=length + 64 if preempted else slots * length)
+    engine = ContinuousEngine(loaded, cfg, length)
     assert engine.runner.live_attention == (attention != "sdpa")
     fast = {g.request.id: g.token_ids for g in engine.run(work)}
-    assert engine.moved > 0 or not varied
+    assert (engine.moved > 0 or not varied or preempted) and (engine.preempted > 0) == preempted
     reference = {g.request.id: g.token_ids for g in GenerateEngine(loaded, cfg).run(work)}
     return [fast[r.id] for r in work], [reference[r.id][:r.max_new_tokens] for r in work]
 
 
-@pytest.mark.parametrize("varied", [False, True], ids=["uniform", "varied_lengths"])
+@pytest.mark.parametrize("varied, preempted", [(False, False), (True, False), (True, True)],
+                         ids=["uniform", "varied_lengths", "preempted"])
 @pytest.mark.parametrize("attention", ["sdpa", "live"])
 @pytest.mark.parametrize("architecture", ["llama", "opt"])
-def test_cuda_graph_engine_equals_generate_in_float32(architecture, attention, varied, tmp_path):
+def test_cuda_graph_engine_equals_generate_in_float32(architecture, attention, varied, preempted, tmp_path):
     model = ModelConfig(path=model_dir(), weights="random", dtype="float32", device="cuda") if architecture == "llama" \
         else ModelConfig(name="opt125m", path="facebook/opt-125m", architecture="opt", tokenizer=model_dir(),
                          weights="random", dtype="float32", device="cuda")
     fast, reference = both_engines(model, requests=40, max_new_tokens=16, slots=16, attention=attention,
-                                   tmp_path=tmp_path, varied=varied)
+                                   tmp_path=tmp_path, varied=varied, preempted=preempted)
     matches = sum(f == r for f, r in zip(fast, reference))
-    print(f"{architecture} {attention} float32{' varied lengths' if varied else ''}: {matches}/40 requests identical")
+    how = " preempted" if preempted else " varied lengths" if varied else ""
+    print(f"{architecture} {attention} float32{how}: {matches}/40 requests identical")
     assert matches == 40
 
 
