@@ -215,7 +215,7 @@ def measure(system: System, loaded: LoadedModel, requests: list[Request], max_ne
         runs.append(((time.perf_counter_ns() - run_start) / 1e9, run_start, results))
     run_s, run_start, results = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
     kv = {"kv_tokens": engine.kv_tokens, "kv_peak_tokens": engine.kv_peak_tokens, "batch_size_run": engine.cfg.batch_size,
-          "moved": engine.moved} if hasattr(engine, "kv_tokens") else {}
+          "moved": engine.moved, "preempted": engine.preempted} if hasattr(engine, "kv_tokens") else {}
     del engine
     row = summary(system, max_new_tokens, [len(g.token_ids) for g in results], run_s,
                   [(g.finish_ns - run_start) / 1e6 for g in results], [(g.first_token_ns - run_start) / 1e6 for g in results],
