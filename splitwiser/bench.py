@@ -61,11 +61,13 @@ class System:
     share_prefix: bool = True  # continuous: engine.share_prefix
     compact: bool = True  # continuous: engine.compact
     # continuous, in the bench's process: > 0, each answer ends at a length drawn from a lognormal of this median and
-    # answer_spread (its sigma; 0: every answer this long), at most max_new_tokens, as a model's EOS ends it. The
+    # answer_spread (its sigma; 0: every answer this long), at most answer_max and max_new_tokens (so that a larger
+    # max_new_tokens meets the same answers), as a model's EOS ends it. The
     # length rides on the request's own max_new_tokens, which the engine uses only to stop it: its KV blocks come
     # as it grows, its slot and admission do not depend on it. 0: every answer is max_new_tokens long.
     answer_median: int = 0
     answer_spread: float = 0.75
+    answer_max: int = 512
 
     def __post_init__(self) -> None:
         if self.mode is not None and (self.mode not in ("single", "colocated", "split")
@@ -78,11 +80,12 @@ class System:
             raise UserError(f"system {self.name}: answer_median is for continuous in the bench's process")
 
 
-def with_answer_lengths(requests: list[Request], median: int, spread: float, max_new_tokens: int) -> list[Request]:
+def with_answer_lengths(requests: list[Request], system: System, max_new_tokens: int) -> list[Request]:
     """The requests, each with its answer length drawn (seeded) from a lognormal: System.answer_median."""
     draw = random.Random(0)
-    lengths = (round(draw.lognormvariate(math.log(median), spread)) for _ in requests)
-    return [replace(r, max_new_tokens=min(max_new_tokens, max(1, n))) for r, n in zip(requests, lengths)]
+    lengths = (round(draw.lognormvariate(math.log(system.answer_median), system.answer_spread)) for _ in requests)
+    return [replace(r, max_new_tokens=min(max_new_tokens, system.answer_max, max(1, n)))
+            for r, n in zip(requests, lengths)]
 
 
 class GenerateBatchEngine:
@@ -171,7 +174,8 @@ def system_columns(system: System, max_new_tokens: int) -> dict:
             "cuda_graphs": system.cuda_graphs, "attention": system.attention, "max_new_tokens": max_new_tokens,
             "temperature": system.temperature, "top_p": system.top_p, "top_k": system.top_k,
             "long_rows": system.long_rows, "share_prefix": system.share_prefix, "compact": system.compact,
-            "answer_median": system.answer_median, "answer_spread": system.answer_spread}
+            "answer_median": system.answer_median, "answer_spread": system.answer_spread,
+            "answer_max": system.answer_max}
 
 
 def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: float, latency_ms: list[float],
@@ -195,7 +199,7 @@ def measure(system: System, loaded: LoadedModel, requests: list[Request], max_ne
     """The system in the bench's process: warmed up on one batch, then timed on every request."""
     requests = requests[:system.requests] if system.requests else requests
     if system.answer_median:
-        requests = with_answer_lengths(requests, system.answer_median, system.answer_spread, max_new_tokens)
+        requests = with_answer_lengths(requests, system, max_new_tokens)
     cuda = loaded.device.type == "cuda"
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
@@ -214,8 +218,9 @@ def measure(system: System, loaded: LoadedModel, requests: list[Request], max_ne
         synchronize()
         runs.append(((time.perf_counter_ns() - run_start) / 1e9, run_start, results))
     run_s, run_start, results = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
-    kv = {"kv_tokens": engine.kv_tokens, "kv_peak_tokens": engine.kv_peak_tokens, "batch_size_run": engine.cfg.batch_size,
-          "moved": engine.moved, "preempted": engine.preempted} if hasattr(engine, "kv_tokens") else {}
+    kv = {"kv_tokens": engine.kv_tokens, "kv_peak_tokens": engine.kv_peak_tokens,
+          "batch_size_run": engine.cfg.batch_size, "moved": engine.moved,
+          "preempted": engine.preempted} if hasattr(engine, "kv_tokens") else {}
     del engine
     row = summary(system, max_new_tokens, [len(g.token_ids) for g in results], run_s,
                   [(g.finish_ns - run_start) / 1e6 for g in results], [(g.first_token_ns - run_start) / 1e6 for g in results],

@@ -4,6 +4,7 @@ Types are checked by OmegaConf as the config is composed; values are checked in
 `__post_init__`, which runs when `to_job_config` turns the composed config into these objects.
 """
 
+import codecs
 import string
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -64,8 +65,21 @@ class DataConfig:
     # engine.max_new_tokens) or sampling.temperature (0 or more) for that row; an empty cell keeps the job's.
     max_new_tokens_column: Optional[str] = None
     temperature_column: Optional[str] = None
+    # CSV: the field separator. null: the one of , ; tab | that the header line holds most (a CSV as Excel writes it
+    # in much of Europe has ;), said in the log
+    delimiter: Optional[str] = None
+    # CSV and JSON files: their text encoding, any Python codec (cp1252, latin-1, utf-16, ...); a UTF-8 BOM is
+    # accepted. A row with bytes the encoding cannot read goes to errors.parquet
+    encoding: str = "utf-8"
 
     def __post_init__(self) -> None:
+        if self.delimiter is not None and len(self.delimiter) != 1:
+            raise UserError(f"data.delimiter={self.delimiter!r}: must be one character (in quotes: "
+                            "data.delimiter=';'), or null to take it from the header line")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise UserError(f"data.encoding={self.encoding}: no such encoding; e.g. utf-8, cp1252, latin-1") from None
         _check_positive("data.limit", self.limit)
         _check_positive("data.parts", self.parts)
         if not 0 <= self.part < self.parts:

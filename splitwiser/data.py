@@ -1,7 +1,8 @@
 """Reads the dataset as written: the configured columns of a file or of a saved dataset, as strings, and
 for each row that cannot be used, why.
 
-Reading keeps the data as written. Ids and text are the exact strings of the file: CSV cells are never
+Reading keeps the data as written, in data.encoding (a CSV's separator is data.delimiter, or the one its header line
+holds most). Ids and text are the exact strings of the file: CSV cells are never
 converted (`007`, `7`, `1.0`, `NA`, `None` are five ids; only an empty cell is missing), JSON numbers keep
 their written text (`7`, `1.0`), typed Parquet values become their text (`7`, never `7.0`). Only the id,
 text and reference columns, and those the prompt's templates name, are read, as strings (a named column
@@ -17,6 +18,7 @@ number), a text that is not text (a number, a list) or not valid UTF-8, a conver
 request that cannot be honoured. splitwiser.prepare turns the rows into requests, and these reasons into errors.
 """
 
+import codecs
 import csv
 import io
 import json
@@ -74,13 +76,26 @@ def _wanted(cfg: DataConfig, named: list[str] = ()) -> list[str]:
     return list(dict.fromkeys([*(c for c in configured if c is not None), *named]))
 
 
-def _decode(path: Path) -> tuple[str, bool]:
-    """The file's text, and whether bytes that are not UTF-8 were replaced: one bad row must not reject it."""
+def _decode(path: Path, encoding: str = "utf-8") -> tuple[str, bool]:
+    """The file's text in `encoding` (data.encoding; UTF-8 with or without a BOM), and whether bytes it cannot read
+    were replaced: one bad row must not reject the file."""
     raw = path.read_bytes()
+    codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
     try:
-        return raw.decode("utf-8-sig"), False
+        return raw.decode(codec), False
     except UnicodeDecodeError:
-        return raw.decode("utf-8-sig", errors="replace"), True
+        return raw.decode(codec, errors="replace"), True
+
+
+def delimiter(cfg: DataConfig, header: str) -> str:
+    """data.delimiter, or the one of , ; tab | that the header line holds most (outside quotes), comma if none."""
+    if cfg.delimiter is not None:
+        return cfg.delimiter
+    unquoted = header.split('"')[::2]
+    counts = {candidate: sum(part.count(candidate) for part in unquoted) for candidate in ",;\t|"}
+    chosen = max(counts, key=counts.get) if any(counts.values()) else ","
+    log.info("data.delimiter: %r, from the header line of %s", chosen, cfg.path)
+    return chosen
 
 
 def kept_column(name: str) -> str:
@@ -101,9 +116,10 @@ def _read_csv(path: Path, cfg: DataConfig, named: list[str], keep: list[str] = (
     """Every cell as its exact text, None where empty. Python's csv module, not a reader that infers types or
     missing values (`007` would become 7, `NA` missing); and a line with more fields than the header is set
     aside with its number, not read with its columns shifted. A line with fewer fields has the rest empty."""
-    text, replaced = _decode(path)
+    text, replaced = _decode(path, cfg.encoding)
     csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long report is one field
-    reader = csv.reader(io.StringIO(text, newline=""))
+    separator = delimiter(cfg, text.split("\n", 1)[0])
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
     header = next(reader, [])
     where = {name: header.index(name) for name in _wanted(cfg, [*named, *keep]) if name in header}
     columns, reasons = {name: [] for name in where}, []
@@ -181,7 +197,7 @@ def _json_typed(values: list, column: str) -> pa.Array:
 
 
 def _read_json(path: Path, cfg: DataConfig, named: list[str], keep: list[str] = ()) -> _Read:
-    text, replaced = _decode(path)
+    text, replaced = _decode(path, cfg.encoding)
     objects, reasons = map(list, zip(*_json_rows(text))) if text.strip() else ([], [])
     names = list(dict.fromkeys(key for row in objects for key in row))
     if reasons and not names:  # not one object: not JSON at all, say why
@@ -303,7 +319,8 @@ def _check_columns(cfg: DataConfig, prompt: PromptConfig | None, names: list[str
     for option in (o for o in options if not (o == "text_column" and text_unused)):
         column = getattr(cfg, option)
         if column is not None and column not in names:
-            raise UserError(f"data.{option}={column}: no such column; the columns are: {', '.join(names)}")
+            raise UserError(f"data.{option}={column}: no such column; the columns are: {', '.join(names)}"
+                            + _one_column_hint(names))
     for placeholder, column in (prompt_columns(cfg, prompt) if prompt else {}).items():
         if column not in names:
             raise UserError(f"prompt: the placeholder {{{placeholder}}} names no column of the dataset; "
@@ -314,6 +331,12 @@ def _check_columns(cfg: DataConfig, prompt: PromptConfig | None, names: list[str
                         f"{', '.join(n for n in names if not n.startswith(KEPT) and n != READ_ERROR)}")
 
 
+def _one_column_hint(names: list[str]) -> str:
+    """Where the header read as one column that holds a separator: which, and the option that names it."""
+    seen = [candidate for candidate in ",;\t|" if len(names) == 1 and candidate in names[0]]
+    return f" (one column: is the separator {seen[0]!r}? give data.delimiter='{seen[0]}')" if seen else ""
+
+
 def prompt_columns(cfg: DataConfig, prompt: PromptConfig) -> dict[str, str]:
     """placeholder → column, of the templates the job's prompt may use (with a messages column: the instruction's;
     with prompt.style=auto, before the tokenizer says which: chat's and plain's)."""
@@ -321,12 +344,13 @@ def prompt_columns(cfg: DataConfig, prompt: PromptConfig) -> dict[str, str]:
     return prompt.columns(cfg.text_column, chat, conversation=cfg.messages_column is not None)
 
 
-def _bad_utf8(read: _Read, columns: list[str]) -> list[str | None]:
-    """The rows' reasons, with a column's bytes that were not UTF-8 as one where a row has none yet."""
+def _bad_bytes(read: _Read, columns: list[str], encoding: str) -> list[str | None]:
+    """The rows' reasons, with a column's bytes that were not of the encoding as one where a row has none yet."""
     reasons = read.reasons
+    name = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
     for column in (c for c in columns if c in read.columns):
         bad = pc.fill_null(pc.match_substring(read.columns[column], REPLACED), False).to_pylist()
-        why = f"{column} is not valid UTF-8 (bad bytes shown here as U+FFFD)"
+        why = f"{column} is not valid {name} (bad bytes shown here as U+FFFD)"
         reasons = [r or (why if b else None) for r, b in zip(reasons, bad)]
     return reasons
 
@@ -347,7 +371,7 @@ def read_dataset(cfg: DataConfig, prompt: PromptConfig | None = None, keep: list
         raise UserError(f"data.path={cfg.path}: the dataset has no rows")
     _check_columns(cfg, prompt, read.names, keep)
     checked = [c for c in (cfg.text_column, cfg.messages_column, *named) if c in read.columns]
-    reasons = _bad_utf8(read, list(dict.fromkeys(checked))) if read.replaced else read.reasons
+    reasons = _bad_bytes(read, list(dict.fromkeys(checked)), cfg.encoding) if read.replaced else read.reasons
     columns = {**read.columns, **{kept_column(name): values for name, values in read.kept.items()},
                **({READ_ERROR: pa.array(reasons, pa.string())} if any(reasons) else {})}
     ds = Dataset(pa.table(columns))

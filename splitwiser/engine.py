@@ -708,9 +708,9 @@ def auto_batch_size(loaded: LoadedModel, cfg: EngineConfig, requests: int) -> in
 
 def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, choice: Choice = Choice(),
                 prompt_lengths: tuple[int, ...] = ()):
-    """The configured engine, with engine.batch_size and kv_tokens resolved (engine.cfg has the numbers). On a GPU, a continuous engine with batch_size=auto is warmed up and probed:
-    engine.probe_tokens_per_s holds the decode tokens/s of each batch bucket, and the engine runs the best
-    (use_best_batch_size)."""
+    """The configured engine, with engine.batch_size and kv_tokens resolved (engine.cfg has the numbers). On a GPU,
+    a continuous engine with batch_size=auto is warmed up and probed: engine.probe_tokens_per_s holds the decode
+    tokens/s of each batch bucket, and the engine runs the best (use_best_batch_size)."""
     resolved = resolve_engine(loaded, cfg, slot_length, requests, prompt_lengths=prompt_lengths)
     if cfg.kind == "generate":
         return GenerateEngine(loaded, resolved)

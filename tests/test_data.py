@@ -1,6 +1,7 @@
 """Reading every supported input format, and prompt building."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -9,6 +10,7 @@ from datasets import Dataset
 from conftest import SAMPLE, job_config, sample_rows, write_csv
 from splitwiser.config import DataConfig
 from splitwiser.data import read_dataset
+from splitwiser.errors import UserError
 from splitwiser.prepare import prepare_requests
 
 
@@ -92,3 +94,40 @@ def test_chat_prompt_uses_the_instruction_and_the_model_template(default_model):
     assert prompt.startswith("<|im_start|>system\nYou are a radiologist.")
     assert "Findings: " + sample_rows(1)[0]["findings"] in prompt
     assert prompt.endswith("Impression:<|im_end|>\n<|im_start|>assistant\n")
+
+
+def excel_csv(path, rows, encoding: str, bom: bool = False):
+    """A CSV as Excel writes it in much of Europe: `;` between fields, CRLF line ends, decimal commas, an accented
+    text in each row; in `encoding`, with a UTF-8 BOM first where asked."""
+    lines = ["id;findings;impression;size_cm"] + [
+        f'{r["id"]};"{r["findings"]} Épanchement pleural, côté droit; {n},5 cm.";{r["impression"]};{n},5'
+        for n, r in enumerate(rows)]
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + "\r\n".join(lines).encode(encoding) + b"\r\n")
+    return path
+
+
+@pytest.mark.parametrize("encoding, bom", [("utf-8", True), ("cp1252", False)], ids=["utf8_bom", "windows_1252"])
+def test_a_csv_as_excel_writes_it_in_europe_reads_every_row_as_written(tmp_path, rows, encoding, bom):
+    path = excel_csv(tmp_path / "excel.csv", rows, encoding, bom)
+    loaded = read_dataset(DataConfig(path=str(path), encoding=encoding))  # the separator from the header line
+    assert loaded["id"] == [r["id"] for r in rows] and "__splitwiser_read_error__" not in loaded.column_names
+    assert loaded["findings"] == [f'{r["findings"]} Épanchement pleural, côté droit; {n},5 cm.'
+                                  for n, r in enumerate(rows)]
+    assert loaded["impression"] == [r["impression"] for r in rows]  # no \r left at the line ends
+
+
+def test_a_windows_1252_csv_read_as_utf8_sets_its_accented_rows_aside_saying_so(tmp_path, rows):
+    loaded = read_dataset(DataConfig(path=str(excel_csv(tmp_path / "excel.csv", rows, "cp1252"))))
+    assert loaded["__splitwiser_read_error__"] == ["findings is not valid UTF-8 (bad bytes shown here as U+FFFD)"] * 5
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"delimiter": ","}, "data.id_column=id: no such column; the columns are: id;findings;impression;size_cm "
+                         "(one column: is the separator ';'? give data.delimiter=';')"),
+    ({"delimiter": "ab"}, "data.delimiter='ab': must be one character"),
+    ({"encoding": "klingon"}, "data.encoding=klingon: no such encoding"),
+])
+def test_a_wrong_separator_or_encoding_is_one_line_naming_the_fix(tmp_path, rows, options, message):
+    path = excel_csv(tmp_path / "excel.csv", rows, "utf-8")
+    with pytest.raises(UserError, match=re.escape(message)):
+        read_dataset(DataConfig(path=str(path), **options))

@@ -105,7 +105,8 @@ def test_a_fake_run_of_random_lengths(seed, blocks):
     assert slot_steps[True] < slot_steps[False]
 
 
-def requests_of_varied_lengths(tokenizer, count: int, answers=(1, 2, 3, 24), longest_prompt: int = 200) -> list[Request]:
+def requests_of_varied_lengths(tokenizer, count: int, answers=(1, 2, 3, 24),
+                               longest_prompt: int = 200) -> list[Request]:
     """Prompts of 8 to longest_prompt tokens whose answers end after one of `answers` tokens, in no order: the long
     ones end up alone in high slots."""
     ids = prompts(tokenizer, lengths=(400,))[0]
