@@ -156,9 +156,9 @@ class EngineConfig:
     max_new_tokens: int = 64
     ignore_eos: bool = False  # always generate max_new_tokens (fixed-length timing runs)
     prefill_tokens: int = 8192  # continuous: padded prompt tokens per prefill forward
-    # continuous: the KV cache's size in tokens, in blocks of 16 that the running requests share (each holds its
-    # prompt's and max_new_tokens' worth). auto: all that the slots could use with the job's longest request,
-    # within the free memory (half of it with batch_size=auto, else 90%); the manifest has the number.
+    # continuous: the KV cache's size in tokens, in blocks of 16 that the running requests share (each takes them as
+    # it grows; the newest are preempted where they run out). auto: all that the slots could use with the job's
+    # longest requests, within the free memory (half of it with batch_size=auto, else 90%); the manifest has it.
     kv_tokens: Any = "auto"
     # continuous: the tokens every prompt starts with (a system instruction, a template's head) prefilled once, their
     # KV blocks read by every request (not in mode=split)

@@ -6,10 +6,11 @@
         ...                                          # generation.request is the request it answers
 
 - `ContinuousEngine` (engine.kind=continuous, the default): a KV cache allocated once in blocks, each
-  request holding the blocks its prompt and max_new_tokens need (FreeBlocks), continuous batching (new
-  prompts are prefilled into free slots between decode steps, so prefill and decode overlap in one
-  process), the running requests kept in the lowest slots (scheduler.Slots) so that each decode step is as
-  wide as the bucket of how many run, and on CUDA the decode step replayed as a CUDA graph.
+  request taking them as it grows (FreeBlocks; where they run out, the newest requests are preempted and
+  recomputed later: scheduler.Slots.growth), continuous batching (new prompts are prefilled into free slots
+  between decode steps, so prefill and decode overlap in one process), the running requests kept in the
+  lowest slots (scheduler.Slots) so that each decode step is as wide as the bucket of how many run, and on
+  CUDA the decode step replayed as a CUDA graph.
 - `GenerateEngine` (engine.kind=generate): transformers' `generate`, batch by batch. The
   reference for correctness and the paper's baseline.
 Both give the tokens `model.generate(do_sample=False)` gives each prompt alone. A batch (prefill group,

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLUMNS = ["system", "mode", "procs", "mps", "batch_size", "cuda_graphs", "attention", "temperature", "top_p", "top_k",
+           "compact", "answer_median",
            "requests", "generated_tokens", "tokens_per_s", "vs_paper", "warmup_s", "run_s", "job_s", "latency_p50_ms",
            "latency_p99_ms", "last_tenth_share", "ttft_p50_ms", "peak_memory_gb"]
 
