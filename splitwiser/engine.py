@@ -260,8 +260,9 @@ class ContinuousEngine:
         # Per-slot state lives on the device, so that a decode step (bookkeeping included) is one
         # CUDA graph and the host reads back only which slots finished.
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # last token: the next input
-        # where that token sits; a free slot is parked on its last position (see _collect)
-        self.positions = torch.full((slots,), self.runner.max_len - 1, dtype=torch.long, device=device)
+        # where that token sits; a free slot is parked (_park)
+        self.parked = 0 if paged else self.runner.max_len - 1
+        self.positions = torch.full((slots,), self.parked, dtype=torch.long, device=device)
         self.generated = torch.zeros(slots, dtype=torch.long, device=device)
         self.keys = torch.zeros(slots, dtype=torch.long, device=device)  # each request's sampling key
         self.active = torch.zeros(slots, dtype=torch.bool, device=device)
@@ -533,10 +534,12 @@ class ContinuousEngine:
             release(slot)
 
     def _park(self, slots: list[int] | torch.Tensor) -> None:
-        """Slots no request runs in. A free slot inside the decode batch still computes and writes a key at its
-        position: it is parked on the slot's never-read last position, so that it cannot overwrite the next prompt's
-        keys (mode=split prefills a released slot in another process while this one keeps stepping)."""
-        self.positions[slots] = self.runner.max_len - 1
+        """Slots no request runs in. A free slot inside the decode batch still computes: it writes a key at its
+        position and attends over the keys before it. With blocks given per request, its table row points at the
+        spare block, so it is parked at position 0: one key to read, not a slot's length. With fixed blocks
+        (mode=split, where prompt workers prefill a released slot while this engine keeps stepping) it is parked on
+        the slot's never-read last position instead, so that it cannot overwrite the next prompt's keys."""
+        self.positions[slots] = self.parked
         self.active[slots] = False
 
     def _grow(self, slots: Slots, waiting: deque[Generation]) -> None:

@@ -117,7 +117,7 @@ def requests_of_varied_lengths(tokenizer, count: int, answers=(1, 2, 3, 24),
 
 
 def test_requests_moved_down_keep_generates_tokens(default_model):
-    requests = requests_of_varied_lengths(default_model.tokenizer, 40)
+    requests = requests_of_varied_lengths(default_model.tokenizer, 24)
     cfg = EngineConfig(batch_size=16, max_new_tokens=24, prefill_tokens=512)
     engine = make_engine(default_model, cfg, slot_length(200, 24), len(requests))
     outputs = {g.request.id: g.token_ids for g in engine.run(requests)}
@@ -127,7 +127,7 @@ def test_requests_moved_down_keep_generates_tokens(default_model):
 
 
 def test_sampled_tokens_do_not_depend_on_compaction(default_model):
-    requests = requests_of_varied_lengths(default_model.tokenizer, 40)
+    requests = requests_of_varied_lengths(default_model.tokenizer, 24)
     choice = Choice(SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.2, logprobs=True), True)
     outputs = {}
     for compact in (True, False):
@@ -142,11 +142,11 @@ def test_sampled_tokens_do_not_depend_on_compaction(default_model):
 
 def test_requests_preempted_for_want_of_kv_blocks_keep_their_tokens(default_model):
     """KV blocks on demand: a request starts with its prompt's blocks and takes one more as it reaches it. With a
-    KV cache of 96 positions (a little more than the longest request) for 8 slots, the running requests outgrow it:
+    KV cache of 80 positions (the longest request's) for 8 slots, the running requests outgrow it:
     the newest are preempted, prefilled again with the tokens they had, and end as generate() ends them."""
-    requests = requests_of_varied_lengths(default_model.tokenizer, 6, answers=(40,), longest_prompt=40)
-    cfg = EngineConfig(batch_size=8, max_new_tokens=40, prefill_tokens=512, kv_tokens=96)
-    engine = make_engine(default_model, cfg, slot_length(40, 40), len(requests))
+    requests = requests_of_varied_lengths(default_model.tokenizer, 6, answers=(32,), longest_prompt=40)
+    cfg = EngineConfig(batch_size=8, max_new_tokens=32, prefill_tokens=512, kv_tokens=80)
+    engine = make_engine(default_model, cfg, slot_length(40, 32), len(requests))
     outputs = {g.request.id: g.token_ids for g in engine.run(requests)}
     assert engine.preempted > 0 and engine.kv_peak_tokens <= engine.kv_tokens
     for r in requests:
@@ -156,14 +156,14 @@ def test_requests_preempted_for_want_of_kv_blocks_keep_their_tokens(default_mode
 def test_preempted_requests_sample_as_if_never_preempted(default_model):
     """Sampled with a repetition penalty and logprobs: a request preempted and started again draws the same tokens
     (its sampling key and step count go with it) and the same log-probabilities."""
-    requests = requests_of_varied_lengths(default_model.tokenizer, 6, answers=(40,), longest_prompt=40)
+    requests = requests_of_varied_lengths(default_model.tokenizer, 6, answers=(32,), longest_prompt=40)
     choice = Choice(SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.2, logprobs=True), True)
     outputs, preempted = {}, {}
-    for kv_tokens in ("auto", 96):
-        cfg = EngineConfig(batch_size=8, max_new_tokens=40, prefill_tokens=512, kv_tokens=kv_tokens)
-        engine = make_engine(default_model, cfg, slot_length(40, 40), len(requests), choice)
+    for kv_tokens in ("auto", 80):
+        cfg = EngineConfig(batch_size=8, max_new_tokens=32, prefill_tokens=512, kv_tokens=kv_tokens)
+        engine = make_engine(default_model, cfg, slot_length(40, 32), len(requests), choice)
         outputs[kv_tokens] = {g.request.id: (g.token_ids, g.logprobs) for g in engine.run(requests)}
         preempted[kv_tokens] = engine.preempted
-    assert preempted == {"auto": 0, 96: preempted[96]} and preempted[96] > 0
+    assert preempted == {"auto": 0, 80: preempted[80]} and preempted[80] > 0
     for key, (tokens, logprobs) in outputs["auto"].items():
-        assert tokens == outputs[96][key][0] and logprobs == pytest.approx(outputs[96][key][1], abs=1e-4)
+        assert tokens == outputs[80][key][0] and logprobs == pytest.approx(outputs[80][key][1], abs=1e-4)
