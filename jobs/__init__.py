@@ -27,12 +27,28 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("splitwiser")
 
 
-class Terminated(SystemExit):
-    """SIGTERM (scancel, a preempted node, kill): unwinds like Ctrl-C and exits with status 128 + 15."""
+# What a job says when a signal stops it: Ctrl-C (SIGINT), scancel, a preempted node or kill (SIGTERM), a closed
+# terminal or ssh session (SIGHUP). The exit status is 128 + the signal's number, as a shell gives it.
+STOPPED_BY = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
 
 
-def terminate(signum, frame) -> NoReturn:
-    raise Terminated(128 + signum)
+class Stopped(SystemExit):
+    """A signal that stops a command (STOPPED_BY): unwinds like Ctrl-C, so that workers and an MPS daemon the job
+    started are stopped and its finished rows stay on disk."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.how = STOPPED_BY[signum]
+
+
+def stop(signum, frame) -> NoReturn:
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP raise Stopped from here on."""
+    for signum in STOPPED_BY:
+        signal.signal(signum, stop)
 
 
 def cpu_threads(requested: int | None) -> tuple[int, str]:
@@ -57,8 +73,6 @@ def cpu_threads(requested: int | None) -> tuple[int, str]:
 
 def set_up_job_process(job: JobConfig) -> None:
     """For a process that runs jobs (jobs.run, jobs.nightly), before it imports torch:
-    - SIGTERM (scancel, a preempted node, kill) unwinds like Ctrl-C: workers and an MPS daemon the job
-      started are stopped; finished batches are already on disk, and a rerun resumes.
     - The CPU threads (cpu_threads), as OMP_NUM_THREADS, and OMP_WAIT_POLICY=PASSIVE unless set: torch reads them
       when imported, in this process and in the workers (forked from the fork server, which inherits the
       environment).
@@ -66,7 +80,6 @@ def set_up_job_process(job: JobConfig) -> None:
       transformers, datasets) once. Started here, before this process imports the same modules, the two
       imports run side by side instead of one after the other. (gpus=auto on a node with several GPUs
       is only known after torch is imported: there the server starts with the first worker.)"""
-    signal.signal(signal.SIGTERM, terminate)
     threads, source = cpu_threads(job.engine.cpu_threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     # Threads that wait by sleeping instead of spinning: beside other work they no longer take its CPUs, which
@@ -112,19 +125,15 @@ def omegaconf_error(e: OmegaConfBaseException) -> str:
 
 
 def run_job(main, cfg: DictConfig) -> None:
-    """main(job) in a process set up for jobs. Ctrl-C and SIGTERM unwind it (workers and an MPS daemon it started
-    are stopped) and end it with one line saying that its finished rows are on disk."""
+    """main(job) in a process set up for jobs. A signal (stop_on_signals) ends it with one line saying that its
+    finished rows are on disk."""
     job = to_job_config(cfg)
     try:
         set_up_job_process(job)
         main(job)
-        return
-    except KeyboardInterrupt:
-        how, status = "interrupted", 128 + signal.SIGINT
-    except Terminated as e:
-        how, status = "terminated", e.code
-    last_line(f"{how}: the finished rows are kept in {job.output.dir}; run the same command again to resume")
-    sys.exit(status)
+    except Stopped as e:
+        last_line(f"{e.how}: the finished rows are kept in {job.output.dir}; run the same command again to resume")
+        sys.exit(e.code)
 
 
 def command(config_name: str, job: bool = False):
@@ -151,9 +160,13 @@ def command(config_name: str, job: bool = False):
         def entry() -> None:
             # Hydra prints a config error over many lines and exits with 1; HYDRA_FULL_ERROR makes it raise it.
             os.environ["HYDRA_FULL_ERROR"] = "1"
+            stop_on_signals()
             try:
                 hydra_main()
             except (ConfigCompositionException, OverrideParseException) as e:
                 fail(config_error(e), 2)
+            except Stopped as e:  # before a job's output dir is known, or a command that is no job
+                last_line(f"{e.how}: run the same command again to finish")
+                sys.exit(e.code)
         return entry
     return decorate

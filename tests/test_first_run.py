@@ -163,26 +163,35 @@ def assert_stopped(run: subprocess.Popen, stderr: str, status: int, said: str, o
                                                 "run the same command again to resume"), stderr
 
 
-def test_ctrl_c_says_so_in_one_line_and_the_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGHUP, 129, "hung up")])
+def test_a_signal_mid_generation_says_so_in_one_line_and_the_rerun_resumes(tmp_path, signum, status, said):
+    """Ctrl-C, and a terminal or ssh session closed under the job (SIGHUP)."""
     out = tmp_path / "o"
     command = ("data.limit=40", "engine.max_new_tokens=32", f"output.dir={out}")
     run = job(*command)
     deadline = time.time() + 60
     while not list(out.glob("parts/*.parquet")) and time.time() < deadline and run.poll() is None:
         time.sleep(0.2)
-    run.send_signal(signal.SIGINT)
-    assert_stopped(run, run.communicate(timeout=120)[1], 130, "interrupted", out)
+    run.send_signal(signum)
+    assert_stopped(run, run.communicate(timeout=120)[1], status, said, out)
     finish(job(*command))
     ids = pq.read_table(out / "generations.parquet")["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 40
 
 
-def test_sigterm_says_so_in_one_line(tmp_path):
+# A log line of each stage before generation (start-up: torch's import follows; the model's load; preparing and
+# warming up), and a signal sent there: each signal once, each stage once.
+STAGES = [("cpu threads:", signal.SIGTERM, 143, "terminated"), ("MPS off", signal.SIGHUP, 129, "hung up"),
+          ("rows: ", signal.SIGINT, 130, "interrupted")]
+
+
+@pytest.mark.parametrize("stage, signum, status, said", STAGES)
+def test_a_signal_at_any_stage_says_so_in_one_line(tmp_path, stage, signum, status, said):
+    """The job's line is the last, also where a library logs at exit (torch's FakeTensor cache stats)."""
     run = job(*TINY, f"output.dir={tmp_path}/o", late_record=True)
-    stderr = next(line for line in run.stderr if "cpu threads:" in line)  # the job has begun
-    time.sleep(2)
-    run.send_signal(signal.SIGTERM)
-    assert_stopped(run, stderr + run.communicate(timeout=120)[1], 143, "terminated", tmp_path / "o")
+    stderr = next(line for line in run.stderr if stage in line)
+    run.send_signal(signum)
+    assert_stopped(run, stderr + run.communicate(timeout=120)[1], status, said, tmp_path / "o")
 
 
 PROGRESS = """
