@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from jobs import command
-from splitwiser.bench import System, measure, measure_job, system_columns, with_long_rows, workload, write_long_rows, \
-    write_workload
+from splitwiser.bench import System, measure, measure_job, system_columns, with_headers, with_long_rows, workload, \
+    write_long_rows, write_workload
 from splitwiser.config import ModelConfig, PromptConfig
 from splitwiser.errors import UserError
 from splitwiser.job import environment
@@ -73,7 +73,7 @@ def main(cfg: DictConfig) -> None:
                              f"model.dtype={cfg.dtype}", f"prompt.style={style}"]
             if model_cfg.tokenizer:
                 job_overrides.append(f"model.tokenizer={model_cfg.tokenizer}")
-        measured = with_long_rows(requests, long[:system.long_rows])
+        measured = with_headers(with_long_rows(requests, long[:system.long_rows]), system)
         try:
             if system.mode:
                 out = work / f"{model_name}-{max_new_tokens}-{system.name}-{system.mode}-p{system.procs}-mps{system.mps}"

@@ -32,7 +32,7 @@ from transformers import GenerationConfig
 from splitwiser.config import DataConfig, EngineConfig, PromptConfig, SamplingConfig
 from splitwiser.errors import UserError
 from splitwiser.data import read_dataset
-from splitwiser.engine import Choice, GenerateEngine, make_engine
+from splitwiser.engine import Choice, ContinuousEngine, GenerateEngine, make_engine
 from splitwiser.models import LoadedModel
 from splitwiser.plan import longest_prompts, slot_length
 from splitwiser.prepare import prepare_requests
@@ -68,6 +68,10 @@ class System:
     answer_median: int = 0
     answer_spread: float = 0.75
     answer_max: int = 512
+    # in the bench's process: > 0, each prompt starts with one of `headers` headers this many tokens long (few-shot
+    # examples: other requests' prompts in a row), request i with header i % headers
+    header_tokens: int = 0
+    headers: int = 1
 
     def __post_init__(self) -> None:
         if self.mode is not None and (self.mode not in ("single", "colocated", "split")
@@ -78,6 +82,8 @@ class System:
             raise UserError(f"system {self.name}: batch_size={self.batch_size} is for jobs and continuous; give a number")
         if self.answer_median and (self.mode is not None or self.name != "continuous"):
             raise UserError(f"system {self.name}: answer_median is for continuous in the bench's process")
+        if self.header_tokens and self.mode is not None:
+            raise UserError(f"system {self.name}: header_tokens is for the bench's process")
 
 
 def with_answer_lengths(requests: list[Request], system: System, max_new_tokens: int) -> list[Request]:
@@ -86,6 +92,16 @@ def with_answer_lengths(requests: list[Request], system: System, max_new_tokens:
     lengths = (round(draw.lognormvariate(math.log(system.answer_median), system.answer_spread)) for _ in requests)
     return [replace(r, max_new_tokens=min(max_new_tokens, system.answer_max, max(1, n)))
             for r, n in zip(requests, lengths)]
+
+
+def with_headers(requests: list[Request], system: System) -> list[Request]:
+    """The requests, each prompt after one of System.headers few-shot headers (System.header_tokens)."""
+    if not system.header_tokens:
+        return requests
+    examples = [token for r in requests for token in r.input_ids]
+    headers = [examples[h * system.header_tokens:(h + 1) * system.header_tokens] for h in range(system.headers)]
+    return [replace(r, input_ids=[*headers[i % system.headers], *r.input_ids],
+                    prompt_tokens=system.header_tokens + r.prompt_tokens) for i, r in enumerate(requests)]
 
 
 class GenerateBatchEngine:
@@ -175,7 +191,7 @@ def system_columns(system: System, max_new_tokens: int) -> dict:
             "temperature": system.temperature, "top_p": system.top_p, "top_k": system.top_k,
             "long_rows": system.long_rows, "share_prefix": system.share_prefix, "compact": system.compact,
             "answer_median": system.answer_median, "answer_spread": system.answer_spread,
-            "answer_max": system.answer_max}
+            "answer_max": system.answer_max, "header_tokens": system.header_tokens, "headers": system.headers}
 
 
 def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: float, latency_ms: list[float],
@@ -209,6 +225,8 @@ def measure(system: System, loaded: LoadedModel, requests: list[Request], max_ne
     engine = make_system(system, loaded, max_new_tokens, requests)
     engine.warm_up()  # every CUDA graph captured, kernels compiled
     list(engine.run(requests[:engine.cfg.batch_size]))  # warm-up: compilation, allocator
+    if isinstance(engine, ContinuousEngine) and engine.blocks is not None:
+        engine.blocks.forget()  # the timed run computes its prefixes as a job's first run does
     synchronize()
     warmup_s = time.perf_counter() - start
     runs = []
@@ -220,7 +238,7 @@ def measure(system: System, loaded: LoadedModel, requests: list[Request], max_ne
     run_s, run_start, results = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
     kv = {"kv_tokens": engine.kv_tokens, "kv_peak_tokens": engine.kv_peak_tokens,
           "batch_size_run": engine.cfg.batch_size, "moved": engine.moved,
-          "preempted": engine.preempted} if hasattr(engine, "kv_tokens") else {}
+          "preempted": engine.preempted, "cached_tokens": engine.cached_tokens} if hasattr(engine, "kv_tokens") else {}
     del engine
     row = summary(system, max_new_tokens, [len(g.token_ids) for g in results], run_s,
                   [(g.finish_ns - run_start) / 1e6 for g in results], [(g.first_token_ns - run_start) / 1e6 for g in results],
