@@ -1,7 +1,8 @@
 # Sourced by the sbatch scripts. They run in the directory they were submitted from, which must be
 # the project root, with the Python environment that has splitwiser active at submission (sbatch
 # passes the environment on). SPLITWISER_PYTHON picks another interpreter, SPLITWISER_OUTPUTS
-# another parent directory for the outputs (default: outputs).
+# another parent directory for the outputs (default: outputs). Nothing here needs a GPU: on a CPU
+# partition (sbatch --gres=none --partition=cpu ...) the job runs on the CPU, and mps=auto starts no daemon.
 set -euo pipefail
 PYTHON=${SPLITWISER_PYTHON:-python}
 OUTPUTS=${SPLITWISER_OUTPUTS:-outputs}

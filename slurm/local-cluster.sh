@@ -6,7 +6,8 @@
 #   slurm/local-cluster.sh stop [DIR]              # cancels the jobs, stops the daemons
 #
 # DIR defaults to /tmp/splitwiser-slurm. SLURM_LOCAL_GPUS=N declares N fake GPUs (GRES backed by
-# /dev/null) so that the scripts' --gres=gpu:1 schedules on a machine without one.
+# /dev/null) so that the scripts' --gres=gpu:1 schedules on a machine without one. Two partitions hold
+# the node: debug (the default) and cpu, for trying a CPU partition's command line (--gres=none --partition=cpu).
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 cmd=${1:-start}
@@ -89,13 +90,15 @@ MailProg=/bin/true
 GresTypes=gpu
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem$gres State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=cpu Nodes=ALL MaxTime=INFINITE State=UP
 EOF
   munged --socket="$DIR/munge.socket" --key-file="$DIR/munge.key" --pid-file="$DIR/run/munged.pid" \
     --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge.seed" --force 2>/dev/null
   slurmctld -f "$CONF"
   slurmd -f "$CONF" -N "$NODE"
-  for _ in $(seq 120); do
-    [ "$(SLURM_CONF=$CONF sinfo -h -N -o %T 2>/dev/null)" = idle ] && { echo "export SLURM_CONF=$CONF"; return; }
+  for _ in $(seq 120); do  # the node, as one partition lists it (sinfo -N: a line per partition)
+    [ "$(SLURM_CONF=$CONF sinfo -h -N -p debug -o %T 2>/dev/null)" = idle ] &&
+      { echo "export SLURM_CONF=$CONF"; return; }
     sleep 0.5
   done
   say "the node did not become idle in 60 s; logs in $DIR/log"

@@ -2,6 +2,8 @@
 # slurm/submit-array.sh TASKS [Hydra overrides]: TASKS array tasks over the dataset, then a merge job
 # that runs when every task has succeeded. Extra sbatch options for the tasks: SPLITWISER_SBATCH.
 #   slurm/submit-array.sh 8 data.path=/data/reports.parquet procs=4
+# On a CPU partition (the command line's --gres=none replaces array.sbatch's --gres=gpu:1):
+#   SPLITWISER_SBATCH="--gres=none --partition=cpu --cpus-per-task=16" slurm/submit-array.sh 8 model.device=cpu ...
 set -euo pipefail
 tasks=${1:?usage: slurm/submit-array.sh TASKS [Hydra overrides]}
 shift

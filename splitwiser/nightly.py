@@ -6,9 +6,13 @@
     output.dir/2026-11-25/ ...       usual files (generations.parquet, errors.parquet, manifest.json)
 
 A row's key hashes its id, its text, the other columns its prompt names, and what would change its
-summary (model, prompt, generation settings), so a changed report or a new model makes it new again. A partition enters the ledger only
-once its job has finished: a night that failed or was killed is resumed by the next run, before that
-run looks for new rows. Running twice with nothing new does nothing the second time.
+summary (model, prompt, generation settings), so a changed report or a new model makes it new again. A row is new
+when its key is not one of its id's latest partition (a report changed back to an earlier text runs again). A
+partition enters the ledger only once its job has finished: a night that failed or was killed is resumed by the
+next run, before that run looks for new rows. Running twice with nothing new does nothing the second time.
+
+latest() writes the current summary of each id across the partitions: its row of the latest partition that
+generated it (python -m jobs.latest dir=ROOT).
 """
 
 import hashlib
@@ -18,6 +22,7 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -52,7 +57,11 @@ class Ledger:
         self.table = pq.read_table(path, schema=LEDGER_SCHEMA) if path.exists() else LEDGER_SCHEMA.empty_table()
 
     def keys(self) -> set[str]:
-        return set(self.table["key"].to_pylist())
+        """The keys that are done: those of each id's latest partition (a row changed back to an earlier text is new
+        again), and every key of a row without an id."""
+        ids, keys, partitions = (self.table[name].to_pylist() for name in ("id", "key", "partition"))
+        latest = dict(zip(ids, partitions))  # the last line of an id is of its latest partition
+        return {key for i, key, partition in zip(ids, keys, partitions) if i is None or latest[i] == partition}
 
     def partitions(self) -> set[str]:
         return set(self.table["partition"].to_pylist())
@@ -134,3 +143,95 @@ def nightly_locked(job: JobConfig, night: date, root: Path) -> list[dict]:
     atomic_write(partition / "input.parquet", lambda tmp: tonight.to_parquet(str(tmp)))
     manifests.append(run_partition(job, partition, ledger))
     return manifests
+
+
+GENERATIONS = "generations.parquet"
+LATEST = "latest.parquet"  # python -m jobs.latest's default output, in the nightly root
+
+
+def finished_partitions(root: Path) -> list[str]:
+    """The partitions of a nightly root that have finished, in the order they ran (the ledger's)."""
+    if not root.is_dir():
+        raise UserError(f"dir={root}: no such directory")
+    if not (root / "ledger.parquet").is_file():
+        what = ("it holds one job's outputs: its generations.parquet is the latest" if (root / GENERATIONS).exists()
+                else "it has no ledger.parquet, which jobs.nightly writes once its first night has finished")
+        raise UserError(f"dir={root} is no nightly root: {what}")
+    partitions = list(dict.fromkeys(Ledger(root / "ledger.parquet").table["partition"].to_pylist()))
+    missing = next((p for p in partitions if not (root / p / GENERATIONS).is_file()), None)
+    if missing:
+        raise UserError(f"dir={root}: the finished partition {missing} has no {GENERATIONS}: it was removed or moved")
+    return partitions
+
+
+def _latest_of_each_id(ids: pa.ChunkedArray | pa.Array, index: pa.Array) -> pa.Table:
+    """id, index: each id's highest index (its latest partition's, in ledger order)."""
+    table = pa.table({"id": ids, "index": index}).group_by("id").aggregate([("index", "max")])
+    return table.rename_columns({"index_max": "index"})
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema, partition: str) -> pa.RecordBatch:
+    """The batch as `schema`: the columns it lacks null (sample 0, as in a file written before it existed), then
+    `partition`."""
+    columns = []
+    for field in schema:
+        if field.name == "partition":
+            columns.append(pa.array([partition] * batch.num_rows, pa.string()))
+        elif field.name in batch.schema.names:
+            columns.append(batch.column(field.name).cast(field.type))
+        elif field.name == "sample":
+            columns.append(pa.array([0] * batch.num_rows, field.type))
+        else:
+            columns.append(pa.nulls(batch.num_rows, field.type))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _latest_schema(files: list[Path]) -> pa.Schema:
+    """The generations' columns of every partition (a later night may keep other columns), and `partition`."""
+    try:
+        schema = pa.unify_schemas([pq.read_schema(f).remove_metadata() for f in files], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise UserError(f"the partitions' {GENERATIONS} have columns of different types: {e}") from None
+    return schema.append(pa.field("partition", pa.string()))
+
+
+def _write_latest(root: Path, partitions: list[str], latest: pa.Table, path: Path) -> None:
+    """Streams each partition's rows whose id is latest there into path, batch by batch."""
+    files = [root / p / GENERATIONS for p in partitions]
+    schema = _latest_schema(files)
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for index, (partition, file) in enumerate(zip(partitions, files)):
+                here = latest.filter(pc.equal(latest["index"], index))["id"].combine_chunks()
+                if len(here) == 0:
+                    continue
+                for batch in pq.ParquetFile(file).iter_batches(batch_size=4096):
+                    rows = batch.filter(pc.is_in(batch.column("id"), value_set=here))
+                    if rows.num_rows:
+                        writer.write_batch(_conform(rows, schema, partition))
+    atomic_write(path, write)
+
+
+def latest(root: str, out: str | None = None) -> dict:
+    """Writes `out` (default root/latest.parquet): each id's rows (one, or sampling.n) of the latest partition of
+    the nightly root that generated it, with a `partition` column. An id whose latest version failed (its
+    partition's errors.parquet) keeps its earlier generation: `superseded` counts them. Returns what it wrote."""
+    root = Path(root).expanduser()
+    partitions = finished_partitions(root)
+    order = pa.array(partitions, pa.string())
+    ids = [pq.read_table(root / p / GENERATIONS, columns=["id"])["id"] for p in partitions]
+    generated = _latest_of_each_id(pa.chunked_array([c for i in ids for c in i.chunks], pa.string()),
+                                   np.repeat(np.arange(len(ids), dtype=np.int64), [len(i) for i in ids]))
+    ledger = Ledger(root / "ledger.parquet").table
+    done = _latest_of_each_id(ledger["id"], pc.index_in(ledger["partition"], value_set=order).cast(pa.int64()))
+    both = generated.join(done.rename_columns({"index": "done"}), "id")
+    superseded = both.filter(pc.less(both["index"], both["done"]))
+    path = Path(out).expanduser() if out else root / LATEST
+    _write_latest(root, partitions, generated, path)
+    if superseded.num_rows:
+        example = superseded.slice(0, 1).to_pylist()[0]
+        log.warning("%d ids failed in their latest partition (e.g. %s in %s: see its errors.parquet); their rows in "
+                    "%s are earlier generations", superseded.num_rows, example["id"], partitions[example["done"]], path)
+    return {"path": str(path), "ids": generated.num_rows, "partitions": len(partitions),
+            "superseded": superseded.num_rows}

@@ -79,9 +79,24 @@ def atomic_write(path: Path, write) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def unwritable(path: Path, error: OSError) -> str:
-    return (f"cannot write {path}: {error.strerror or error}; the files written before are intact: "
+def unwritable(path: Path, error: OSError, doing: str = "write") -> str:
+    """One line naming the file, the system's reason, and what became of the files written before. pyarrow's errors
+    carry a long message of their own (naming the temporary file) beside the errno: the reason is the errno's."""
+    reason = os.strerror(error.errno) if error.errno else error.strerror or str(error)
+    expected = [*reversed(path.parents), *([path] if doing != "write" else [])]  # a file to write is new
+    gone = next((p for p in expected if not p.exists()), None)
+    if gone is not None:  # removed while the job ran: the files written before went with it
+        return (f"cannot {doing} {path}: {reason}: {gone} was removed while the job ran, with the rows written there; "
+                "rerun the job to generate them again")
+    return (f"cannot {doing} {path}: {reason}; the files written before are intact: "
             "make room (or fix the directory) and rerun the job to resume")
+
+
+def why_unwritable(path: Path) -> str:
+    if not path.is_dir():
+        return "a file"
+    # os.access says no to root too there: "not writable by this user" would send root looking at permissions
+    return "on a read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "not writable by this user"
 
 
 def check_free_space(directory: Path, need_bytes: int) -> None:
@@ -152,8 +167,8 @@ class OutputDir:
         """Everything about the directory that can refuse the job, without writing anything."""
         existing = next(p for p in (self.path, *self.path.parents) if p.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"output.dir={self.path} is not writable: {existing} is "
-                            f"{'a file' if not existing.is_dir() else 'not writable by this user'}")
+            why = why_unwritable(existing)
+            raise UserError(f"output.dir={self.path} is not writable: {existing} is {why}")
         data = Path(fingerprint["data"])
         if data.is_relative_to(self.path.resolve()) and data.relative_to(self.path.resolve()).parts[0] in self.OWN_FILES:
             raise UserError(f"data.path={data} is one of the job's own output files in output.dir={self.path}, which "
@@ -190,10 +205,21 @@ class OutputDir:
         try:
             with exclusive(self.path, "output.dir"):
                 yield
-        except UserError:
+        except (UserError, OSError) as e:
             if created and not any(self.parts.rglob("*.parquet")):
                 shutil.rmtree(self.path, ignore_errors=True)
+            said = self.failure(e) if isinstance(e, OSError) else None
+            if said is not None:
+                raise said from None
             raise
+
+    def failure(self, error: OSError) -> UserError | None:
+        """An OSError met in the directory other than a write's (a read, a listing, its free space) as one line;
+        None if neither its file is in the directory nor the directory is gone (not the directory's doing)."""
+        path = Path(os.fsdecode(error.filename)) if error.filename else None
+        if path is not None and path.resolve().is_relative_to(self.path.resolve()):
+            return UserError(unwritable(path, error, "use"))
+        return None if self.path.exists() else UserError(unwritable(self.path, error, "use"))
 
     def start_run(self, fingerprint: dict, overwrite: bool, started: str) -> list[dict]:
         """Under the lock: checks the directory again, clears a replaced job's outputs and dead runs' temporary

@@ -6,11 +6,11 @@ from datetime import date
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import job_config, kill_when_parts_written, sample_rows, write_csv
+from conftest import job_config, kill_when_parts_written, run_cli, sample_rows, write_csv
 from splitwiser.errors import UserError
 from splitwiser.job import run
 from splitwiser.merge import merge_tasks
-from splitwiser.nightly import nightly
+from splitwiser.nightly import latest, nightly
 
 
 def test_a_killed_night_is_finished_by_the_next_run(tmp_path):
@@ -41,3 +41,42 @@ def test_merge_refuses_a_part_that_is_missing(tmp_path):
         merge_tasks(str(tmp_path))
     with pytest.raises(UserError, match="data.part=2: must be 0 to data.parts-1"):
         job_config("data.part=2", "data.parts=2")
+
+
+def test_latest_has_each_id_once_from_the_last_night_that_generated_it(tmp_path):
+    rows, data, root = sample_rows(4), tmp_path / "reports.csv", tmp_path / "nightly"
+    overrides = [f"data.path={data}", f"output.dir={root}", "engine.max_new_tokens=2"]
+    night = lambda day: nightly(job_config(*overrides), date(2026, 11, day))  # noqa: E731
+    write_csv(data, rows)
+    assert len(night(24)) == 1
+    changed = {**rows[1], "findings": rows[1]["findings"] + " Addendum: no change."}
+    write_csv(data, [rows[0], changed, *rows[2:]])
+    assert len(night(25)) == 1
+
+    result = run_cli(f"dir={root}", f"out={tmp_path / 'latest.parquet'}", module="jobs.latest")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{tmp_path / 'latest.parquet'}: 4 ids")
+    table = pq.read_table(tmp_path / "latest.parquet")
+    assert sorted(table["id"].to_pylist()) == sorted(r["id"] for r in rows), "each id once"
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    assert [by_id[r["id"]]["partition"] for r in rows] == ["2026-11-24", "2026-11-25", "2026-11-24", "2026-11-24"]
+    assert "Addendum" in by_id[rows[1]["id"]]["prompt"] and by_id[rows[1]["id"]]["generation"]
+
+    # The report changed back is new again; a report whose new text fails keeps its earlier generation.
+    write_csv(data, [rows[0], rows[1], {**rows[2], "findings": " "}, rows[3]])
+    assert len(night(26)) == 1
+    written = latest(str(root))
+    assert written == {"path": str(root / "latest.parquet"), "ids": 4, "partitions": 3, "superseded": 1}
+    by_id = {r["id"]: r for r in pq.read_table(root / "latest.parquet").to_pylist()}
+    assert [by_id[r["id"]]["partition"] for r in rows] == ["2026-11-24", "2026-11-26", "2026-11-24", "2026-11-24"]
+    assert "Addendum" not in by_id[rows[1]["id"]]["prompt"]
+
+
+def test_latest_refuses_a_directory_that_is_no_nightly_root(tmp_path):
+    with pytest.raises(UserError, match=r"^dir=\S+/missing: no such directory$"):
+        latest(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match=r"is no nightly root: it has no ledger.parquet"):
+        latest(str(tmp_path))
+    (tmp_path / "generations.parquet").touch()
+    with pytest.raises(UserError, match=r"is no nightly root: it holds one job's outputs"):
+        latest(str(tmp_path))

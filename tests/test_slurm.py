@@ -2,7 +2,7 @@
 started as root on this machine), with the real default model on CPU.
 
 Skipped, with the reason, where the cluster cannot start (not root, no apt); in CI (CI=true) that is
-a failure instead.
+a failure instead. (The model cache on a cluster's shared file system, SPLITWISER_CACHE, needs no cluster.)
 """
 
 import json
@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, sample_rows, write_csv
+from splitwiser.config import ModelConfig
+from splitwiser.models import load_model, model_cache_dir
 
 SMALL = ["engine.max_new_tokens=4", "output.progress=false"]
 # The scripts ask for a real node's resources; this machine has 2 cores and no GPU (the cluster
@@ -55,9 +57,9 @@ class Cluster:
         assert result.returncode == 0, f"{' '.join(args)}: {result.stderr}"
         return result.stdout.strip()
 
-    def sbatch(self, script: str, *overrides: str) -> str:
+    def sbatch(self, script: str, *overrides: str, options: tuple[str, ...] = (), **env: str) -> str:
         log = self.outputs / "slurm-%x-%j.out"
-        return self.command("sbatch", "--parsable", *RESOURCES, f"--output={log}", script, *overrides)
+        return self.command("sbatch", "--parsable", *RESOURCES, f"--output={log}", *options, script, *overrides, **env)
 
     def job(self, job_id: str) -> dict:
         fields = self.command("scontrol", "show", "job", "-o", job_id).split()
@@ -150,3 +152,42 @@ def test_nightly_job_does_only_new_and_changed_rows(cluster, tmp_path):
     assert night() == second  # nothing new: no partition
     assert "nothing new" in cluster.logs()
     shutil.rmtree(nightly)
+
+
+# A CPU partition's command line: --gres=none replaces the header's --gres=gpu:1 (README, "SLURM and the nightly job").
+CPU = ("--gres=none", "--partition=cpu")
+
+
+def test_a_cpu_partition_job_asks_for_no_gpu(cluster, tmp_path):
+    data = write_csv(tmp_path / "d.csv", sample_rows(2))
+    job_id = cluster.sbatch("slurm/run.sbatch", "model.device=cpu", f"data.path={data}", *SMALL, options=CPU)
+    job = cluster.wait(job_id)
+    assert job["JobState"] == "COMPLETED", cluster.logs()
+    assert job["Partition"] == "cpu" and "gpu" not in job.get("TresPerNode", "") + job["TRES"]
+    assert sorted(ids(cluster.outputs / f"slurm-{job_id}" / "generations.parquet")) == [r["id"] for r in sample_rows(2)]
+
+
+def test_the_next_night_is_submitted_with_splitwiser_sbatch(cluster, tmp_path):
+    # Its data is missing: the night fails at once, after it has submitted the next one.
+    options = " ".join([*CPU, *RESOURCES, f"--output={cluster.outputs}/%x-%j.out"])
+    job_id = cluster.sbatch("slurm/nightly.sbatch", f"data.path={tmp_path / 'missing.csv'}",
+                            f"output.dir={tmp_path / 'nightly'}", options=CPU,
+                            SPLITWISER_NIGHTLY_AT="02:00", SPLITWISER_SBATCH=options)
+    assert cluster.wait(job_id)["JobState"] == "FAILED"
+    [next_night] = [j for j in cluster.command("squeue", "-h", "-o", "%i", "--states=PENDING").split() if j != job_id]
+    try:
+        job = cluster.job(next_night)
+        assert job["Partition"] == "cpu" and "gpu" not in job.get("TresPerNode", "") + job["TRES"]
+        assert job["StartTime"].endswith("T02:00:00") and job["Command"].endswith("slurm/nightly.sbatch")
+    finally:
+        cluster.command("scancel", next_night)
+
+
+def test_splitwiser_cache_puts_the_converted_model_where_every_node_finds_it(tmp_path, monkeypatch, default_model):
+    shared = tmp_path / "shared"  # a shared file system's directory, holding the conversion (here: a link to it)
+    converted = Path(default_model.source)
+    (shared / "gguf").mkdir(parents=True)
+    (shared / "gguf" / converted.name).symlink_to(converted)
+    monkeypatch.setenv("SPLITWISER_CACHE", str(shared))
+    assert load_model(ModelConfig(device="cpu")).source == str(shared / "gguf" / converted.name)
+    assert model_cache_dir(ModelConfig(cache_dir=str(tmp_path / "own"))) == tmp_path / "own", "model.cache_dir wins"
