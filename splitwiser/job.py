@@ -85,16 +85,20 @@ def environment(loaded: LoadedModel) -> dict:
 
 
 class Stages:
-    """When a run started, and the seconds spent in each of its stages, for the manifest and timing.parquet."""
+    """When a run started, and the seconds spent in each of its stages, for the manifest and timing.parquet.
+    from_launch: the run is its process's (jobs.run), whose time counts from the launch: Python's start-up, the
+    imports and the config are its first stage (launch_s)."""
 
-    def __init__(self) -> None:
+    def __init__(self, from_launch: bool = False) -> None:
         self.started = datetime.now(timezone.utc)
         self.start_ns = time.perf_counter_ns()  # timing.parquet's times are from here
-        self.seconds: dict[str, float] = {}
+        launch_s = seconds_since_process_start() if from_launch else None
+        self.seconds: dict[str, float] = {} if launch_s is None else {"launch_s": round(launch_s, 3)}
+        self.before_s = launch_s or 0.0
         self.mark = time.perf_counter()
 
     def wall_s(self) -> float:
-        return (time.perf_counter_ns() - self.start_ns) / 1e9
+        return self.before_s + (time.perf_counter_ns() - self.start_ns) / 1e9
 
     def done(self, name: str) -> None:
         now = time.perf_counter()
@@ -114,13 +118,14 @@ def mps_blamed_for_dead_workers(mps: MPSState):
                             "mps=off runs without it)") from None
 
 
-def run(job: JobConfig) -> dict:
+def run(job: JobConfig, from_launch: bool = False) -> dict:
     """Runs the job; returns its manifest. Everything that can refuse it is checked before the output directory
-    is created or changed."""
+    is created or changed. from_launch: the process runs this job alone (jobs.run), its wall time counts from its
+    launch (Stages)."""
     # What starting workers would cost beyond their engines' warm-up (procs=auto): nothing if the fork
     # server runs already (jobs.run starts it with the process), else about this process's own imports.
     worker_imports_s = 0.0 if fork_server_running() else seconds_since_process_start()
-    stages = Stages()
+    stages = Stages(from_launch)
     job = openai_batch.configure(job)  # an OpenAI batch file: its requests' columns
     check_kept(job.output.keep_columns)
     out = OutputDir(job.output.dir)

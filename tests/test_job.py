@@ -1,8 +1,10 @@
 """End to end on the real default model: rows add up, schemas, greedy equality, resume."""
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -142,10 +144,19 @@ def test_opt_architecture_offline_with_random_weights(tmp_path, default_model):
 
 
 def test_cli_runs_the_default_job_and_reports(tmp_path):
+    """Its wall time counts from the launch: Python's start-up, the imports and the config are a stage."""
     out = tmp_path / "out"
+    start = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "jobs.run", "data.limit=2", "engine.max_new_tokens=4",
                              f"output.dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - start
     assert result.returncode == 0, result.stderr
     assert "done: 2 rows ok, 0 failed" in result.stderr
     assert "2/2" in result.stderr  # the progress bar
     assert (out / "generations.parquet").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    stages = manifest["runs"][-1]["stages"]
+    assert 0 < stages["launch_s"] < manifest["wall_s_last_run"] < elapsed
+    assert sum(stages.values()) <= manifest["wall_s_last_run"]
+    from_launch = float(re.search(r"; ([0-9.]+) s from launch", result.stderr).group(1))
+    assert manifest["wall_s_last_run"] <= from_launch + 0.05 and from_launch < elapsed
