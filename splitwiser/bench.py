@@ -84,6 +84,9 @@ class System:
             raise UserError(f"system {self.name}: answer_median is for continuous in the bench's process")
         if self.header_tokens and self.mode is not None:
             raise UserError(f"system {self.name}: header_tokens is for the bench's process")
+        if self.header_tokens < 0 or self.headers < 1:
+            raise UserError(f"system {self.name}: header_tokens={self.header_tokens} headers={self.headers}: "
+                            "give header_tokens >= 0 and headers >= 1")
 
 
 def with_answer_lengths(requests: list[Request], system: System, max_new_tokens: int) -> list[Request]:

@@ -5,8 +5,11 @@ as a real job with two worker processes."""
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import ROOT, run_cli
+from splitwiser.bench import System
+from splitwiser.errors import UserError
 
 
 def test_quick_benchmark_writes_results_report_and_plots():
@@ -37,3 +40,9 @@ def test_quick_benchmark_writes_results_report_and_plots():
     same = {r["model"]: r["prompt_tokens_mean"] for r in rows if r["mode"] is None}
     assert all(r["prompt_tokens_mean"] == same[r["model"]] for r in jobs)
     assert (scratch / "procs-smollm2_135m-4.png").stat().st_size > 1000 and "![workers](procs-smollm2_135m-4.png)" in report
+
+
+@pytest.mark.parametrize("header_tokens, headers, mode", [(-1, 1, None), (512, 0, None), (512, 1, "single")])
+def test_a_bad_few_shot_header_is_one_line(header_tokens, headers, mode):
+    with pytest.raises(UserError, match="header_tokens"):
+        System(name="continuous", header_tokens=header_tokens, headers=headers, mode=mode)
