@@ -32,7 +32,7 @@ from transformers import GenerationConfig
 from splitwiser.config import DataConfig, EngineConfig, PromptConfig, SamplingConfig
 from splitwiser.errors import UserError
 from splitwiser.data import read_dataset
-from splitwiser.engine import Choice, GenerateEngine, make_engine
+from splitwiser.engine import Choice, ContinuousEngine, GenerateEngine, make_engine
 from splitwiser.models import LoadedModel
 from splitwiser.plan import longest_prompts, slot_length
 from splitwiser.prepare import prepare_requests
@@ -228,6 +228,8 @@ def measure(system: System, loaded: LoadedModel, requests: list[Request], max_ne
     engine = make_system(system, loaded, max_new_tokens, requests)
     engine.warm_up()  # every CUDA graph captured, kernels compiled
     list(engine.run(requests[:engine.cfg.batch_size]))  # warm-up: compilation, allocator
+    if isinstance(engine, ContinuousEngine) and engine.blocks is not None:
+        engine.blocks.forget()  # the timed run computes its prefixes as a job's first run does
     synchronize()
     warmup_s = time.perf_counter() - start
     runs = []
@@ -239,7 +241,7 @@ def measure(system: System, loaded: LoadedModel, requests: list[Request], max_ne
     run_s, run_start, results = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
     kv = {"kv_tokens": engine.kv_tokens, "kv_peak_tokens": engine.kv_peak_tokens,
           "batch_size_run": engine.cfg.batch_size, "moved": engine.moved,
-          "preempted": engine.preempted} if hasattr(engine, "kv_tokens") else {}
+          "preempted": engine.preempted, "cached_tokens": engine.cached_tokens} if hasattr(engine, "kv_tokens") else {}
     del engine
     row = summary(system, max_new_tokens, [len(g.token_ids) for g in results], run_s,
                   [(g.finish_ns - run_start) / 1e6 for g in results], [(g.first_token_ns - run_start) / 1e6 for g in results],

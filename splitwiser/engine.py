@@ -6,8 +6,9 @@
         ...                                          # generation.request is the request it answers
 
 - `ContinuousEngine` (engine.kind=continuous, the default): a KV cache allocated once in blocks, each
-  request taking them as it grows (FreeBlocks; where they run out, the newest requests are preempted and
-  recomputed later: scheduler.Slots.growth), continuous batching (new prompts are prefilled into free slots
+  request taking them as it grows (blocks.KVBlocks; where they run out, the newest requests are preempted and
+  recomputed later: scheduler.Slots.growth), a prefix cache (a prompt's first blocks read from the cache where an
+  earlier prompt computed the same tokens), continuous batching (new prompts are prefilled into free slots
   between decode steps, so prefill and decode overlap in one process), the running requests kept in the
   lowest slots (scheduler.Slots) so that each decode step is as wide as the bucket of how many run, and on
   CUDA the decode step replayed as a CUDA graph.
@@ -29,7 +30,7 @@ from itertools import count, islice
 import torch
 
 from splitwiser import sampler
-from splitwiser.blocks import FreeBlocks, SharedPrefix, common_prefix
+from splitwiser.blocks import KVBlocks, block_keys, needed
 from splitwiser.config import EngineConfig, SamplingConfig
 from splitwiser.errors import UnsupportedModel, UserError
 from splitwiser.memory import forward_bytes, free_memory, gigabytes, kv_slot_bytes
@@ -190,7 +191,7 @@ class Choice:
 def prefill_group(runner: SlotRunner, requests: list[Request], slots: list[int], memory_cap_mb: int | None,
                   choice: Choice, start: int = 0) -> tuple[list[FirstToken | OutOfMemory], int]:
     """Prefills the requests' prompts into `slots` of the runner's KV pool (from token `start`: the ones before are
-    a shared prefix already in the slots' blocks) → (the first token of each, or the error of a prompt that ran
+    cached blocks the slots' table rows point at) → (the first token of each, or the error of a prompt that ran
     out of memory even alone; how many times the group was split)."""
     return split_on_oom(lambda items: _prefill_slots(runner, *zip(*items), memory_cap_mb, choice, start),
                         list(zip(requests, slots)))
@@ -237,6 +238,16 @@ def kv_tokens(cfg: EngineConfig, slot_length: int) -> int:
     return cfg.batch_size * slot_length if cfg.kv_tokens == "auto" else cfg.kv_tokens
 
 
+@dataclass
+class Admitted:
+    """A request admitted to the engine, before its prefill (ContinuousEngine._admitted)."""
+    generation: Generation
+    prompt: Request  # what its prefill computes
+    positions: int  # the KV positions it holds as it starts
+    keys: list[bytes]  # its prompt's full blocks' keys (blocks.block_keys; none without the prefix cache)
+    cached: list[int]  # the cached blocks it starts with, held for it
+
+
 class ContinuousEngine:
     # Admit new prompts once this fraction of the slots (and of the KV blocks) is free, or nothing is running:
     # fewer, larger prefills, each one launch-bound like a decode step.
@@ -250,13 +261,11 @@ class ContinuousEngine:
         slots, device = cfg.batch_size, loaded.device
         paged = kv is None
         if paged:
-            kv = allocate_kv(loaded.model, slots, slot_length, FreeBlocks.needed(kv_tokens(cfg, slot_length)))
+            kv = allocate_kv(loaded.model, slots, slot_length, needed(kv_tokens(cfg, slot_length)))
         self.runner = SlotRunner(loaded.model, slots=slots, max_len=slot_length, live_attention=cfg.attention != "sdpa",
                                  kv=kv)
-        self.blocks = FreeBlocks(kv) if paged else None
+        self.blocks = KVBlocks(kv, cache=cfg.share_prefix) if paged else None
         self.kv_tokens = kv.spare * BLOCK_TOKENS  # the KV cache's size
-        self.prefix: SharedPrefix | None = None  # engine.share_prefix: made at the first admission of several
-        self.prefix_tried = not (paged and cfg.share_prefix)
         # Per-slot state lives on the device, so that a decode step (bookkeeping included) is one
         # CUDA graph and the host reads back only which slots finished.
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # last token: the next input
@@ -280,6 +289,7 @@ class ContinuousEngine:
         self.oom_splits = 0  # prefill groups split because they ran out of memory
         self.moved = 0  # requests moved to a lower slot (engine.compact)
         self.preempted = 0  # requests stopped for want of KV blocks, and started again
+        self.cached_tokens = 0  # prompt tokens read from the prefix cache instead of computed
         self.probe_tokens_per_s: dict[int, float] | None = None  # make_engine's probe (batch_size=auto)
 
     def _sampling_state(self, loaded: LoadedModel, slots: int) -> None:
@@ -303,9 +313,7 @@ class ContinuousEngine:
                 waiting.append(Generation(request, enqueue_ns=time.perf_counter_ns()))
             if waiting and (len(slots.free) >= admit_at and self._blocks_free() >= self.ADMIT_FRACTION
                             or not slots.running):
-                admitted = self._admit(waiting, slots)
-                self._share_prefix(admitted, slots.free[0])
-                for group, start in self._prefill_groups(admitted):
+                for group, start in self._prefill_groups(self._admit(waiting, slots)):
                     yield from self._prefill(group, start, slots)
                     yield from self._collect(slots.running, slots.release)
             if not slots.running:
@@ -345,89 +353,69 @@ class ContinuousEngine:
 
     def _blocks_free(self) -> float:
         """The share of the KV blocks that no request holds (1 where each slot has its own)."""
-        return 1.0 if self.blocks is None else len(self.blocks.free) / self.blocks.kv.spare
+        return 1.0 if self.blocks is None else self.blocks.available() / self.blocks.kv.spare
 
-    def _admit(self, waiting: deque[Generation], slots: Slots) -> list[Generation]:
+    def _admit(self, waiting: deque[Generation], slots: Slots) -> list[Admitted]:
         """The waiting requests that start now, first come first served (a preempted one first): one per free slot,
-        while the free KV blocks hold their prompts and leave one block for each running request to grow into."""
-        admitted, blocks = [], len(self.blocks.free)
+        while the available KV blocks hold their prompts (but the cached blocks they start with) and leave one block
+        for each running request to grow into."""
+        admitted: list[Admitted] = []
         while waiting and len(admitted) < len(slots.free):
-            blocks -= self._blocks_needed(waiting[0])
-            if blocks < (len(slots.running) + len(admitted) if slots.running or admitted else 0):
+            start = self._admitted(waiting[0])
+            left = self.blocks.available() - sum(needed(a.positions) - len(a.cached) for a in [*admitted, start])
+            if left < (len(slots.running) + len(admitted) if slots.running or admitted else 0):
+                self.blocks.drop(start.cached)
                 break
-            admitted.append(waiting.popleft())
+            admitted.append(start)
+            waiting.popleft()
         if not admitted and not self.blocks.held:  # no request holds blocks: it would wait for ever
             request = waiting[0].request
             raise UserError(f"engine.kv_tokens={self.kv_tokens}: less than request {request.id} needs, "
                             f"{request.prompt_tokens + 1} positions to start")
         return admitted
 
-    def _start_of(self, request: Request) -> int:
-        """The position a request's prefill starts at: after the shared prefix, where it starts with it."""
-        return len(self.prefix.tokens) if self.prefix is not None and self.prefix.serves(request) else 0
+    def _admitted(self, generation: Generation) -> Admitted:
+        """A request as it is admitted: what its prefill computes (its prompt, and after a preemption the tokens it
+        had but the last, which is its next input as before), the positions it holds as it starts (those and the
+        next token's), and the cached blocks it starts with, held from now on."""
+        prompt = generation.request
+        if generation.token_ids:
+            ids = [*prompt.input_ids, *generation.token_ids[:-1]]
+            prompt = replace(prompt, input_ids=ids, prompt_tokens=len(ids))
+        keys = block_keys(prompt.input_ids) if self.blocks.cache else []
+        # at least the last prompt token is computed: its logits give the next token
+        return Admitted(generation, prompt, prompt.prompt_tokens + 1, keys,
+                        self.blocks.match(keys, (prompt.prompt_tokens - 1) // BLOCK_TOKENS))
 
-    @staticmethod
-    def _positions(generation: Generation) -> int:
-        """The KV positions a request holds as it starts: its prompt's and the next token's, and those of the tokens
-        it generated before it was preempted."""
-        return generation.request.prompt_tokens + max(1, len(generation.token_ids))
+    def _prefill_groups(self, admitted: list[Admitted]) -> Iterator[tuple[list[Admitted], int]]:
+        """Splits the admitted requests (shortest first) into groups of at most engine.prefill_tokens padded tokens
+        whose prefills start at one position (after the cached blocks they start with): (a group, that position).
+        Before each group the others look again for cached blocks: those the groups before computed (the first
+        requests of a run with a shared header compute it; the others read it)."""
+        pending = sorted(admitted, key=lambda a: a.positions)
+        while pending:
+            for a in pending:
+                a.cached += self.blocks.match(a.keys, (a.prompt.prompt_tokens - 1) // BLOCK_TOKENS, len(a.cached))
+            start = len(pending[0].cached) * BLOCK_TOKENS
+            part = [a for a in pending if len(a.cached) * BLOCK_TOKENS == start]
+            group = part[:prefill_group_size([a.prompt.prompt_tokens - start for a in part], self.cfg.prefill_tokens)]
+            pending = [a for a in pending if a not in group]
+            yield group, start
 
-    def _blocks_needed(self, generation: Generation) -> int:
-        """The KV blocks a request takes of its own as it starts: its positions' but the shared prefix's."""
-        return FreeBlocks.needed(self._positions(generation)) - self._start_of(generation.request) // BLOCK_TOKENS
-
-    @staticmethod
-    def _prompt(generation: Generation) -> Request:
-        """What a request's prefill computes: its prompt, and after a preemption the tokens it generated but the last
-        (the next input, as before)."""
-        if not generation.token_ids:
-            return generation.request
-        ids = [*generation.request.input_ids, *generation.token_ids[:-1]]
-        return replace(generation.request, input_ids=ids, prompt_tokens=len(ids))
-
-    def _share_prefix(self, admitted: list[Generation], free_slot: int) -> None:
-        """engine.share_prefix, at the first admission of several requests: the tokens they all start with,
-        prefilled once into blocks of their own (through a free slot's row of the table, for the time of it)."""
-        if self.prefix_tried or len(admitted) < 2:
-            return
-        self.prefix_tried = True
-        tokens = common_prefix([generation.request for generation in admitted])
-        # its blocks are held for good: the rest must still hold the longest request, which may not start with it
-        if not tokens or self.blocks.kv.spare - len(tokens) // BLOCK_TOKENS < self.runner.max_len // BLOCK_TOKENS:
-            return
-        blocks, slot = self.blocks.take(len(tokens) // BLOCK_TOKENS), free_slot
-        self.runner.table[slot, :len(blocks)] = torch.tensor(blocks, device=self.device)
-        on_device = partial(torch.tensor, device=self.device)
-        self.runner.prefill(on_device([tokens]), on_device([len(tokens)]), on_device([slot]))
-        self.runner.table[slot] = self.runner.kv.spare
-        self.prefix = SharedPrefix(tokens, blocks)
-        log.info("shared prefix: the first %d tokens of the prompts that start with them are prefilled once",
-                 len(tokens))
-
-    def _prefill_groups(self, admitted: list[Generation]) -> Iterator[tuple[list[Generation], int]]:
-        """Splits the admitted requests (shortest first) into groups of at most engine.prefill_tokens padded tokens,
-        those that start with the shared prefix apart: (a group, the position its prefill starts at)."""
-        parts: dict[int, list[Generation]] = {}  # where their prefills start → the requests
-        for generation in admitted:
-            parts.setdefault(self._start_of(generation.request), []).append(generation)
-        for start, part in parts.items():
-            part.sort(key=self._positions)
-            lengths = [self._prompt(generation).prompt_tokens - start for generation in part]
-            while part:
-                size = prefill_group_size(lengths, self.cfg.prefill_tokens)
-                yield part[:size], start
-                part, lengths = part[size:], lengths[size:]
-
-    def _prefill(self, group: list[Generation], start_at: int, free: Slots) -> Iterator[Generation]:
-        """Prefills the group into free slots (from position start_at: the shared prefix's blocks hold those before)
-        and makes them running; yields the requests that did not fit in memory. A preempted request keeps the tokens
-        it had: its prefill recomputes their KV, and its next input is its last token, as before."""
+    def _prefill(self, admitted: list[Admitted], start_at: int, free: Slots) -> Iterator[Generation]:
+        """Prefills the group into free slots (from position start_at: cached blocks hold those before) and makes
+        them running; yields the requests that did not fit in memory. A preempted request keeps the tokens it had:
+        its prefill recomputes their KV, and its next input is its last token, as before."""
         start = time.perf_counter_ns()
-        slots = [free.take() for _ in group]
-        prompts = [self._prompt(generation) for generation in group]
-        self.blocks.give(slots, [self._positions(g) for g in group], self.prefix.blocks if start_at else [])
+        slots = [free.take() for _ in admitted]
+        group, prompts = [a.generation for a in admitted], [a.prompt for a in admitted]
+        self.blocks.give(slots, [a.positions for a in admitted], [a.cached for a in admitted])
         firsts, splits = prefill_group(self.runner, prompts, slots, self.cfg.memory_cap_mb, self.choice, start_at)
         self.oom_splits += splits
+        for slot, a, first in zip(slots, admitted, firsts):
+            if not isinstance(first, OutOfMemory):
+                self.blocks.remember(slot, a.keys)
+        self.cached_tokens += start_at * len(admitted)
         now = time.perf_counter_ns()
         started = []
         for slot, generation, prompt, first in zip(slots, group, prompts, firsts):
@@ -545,8 +533,8 @@ class ContinuousEngine:
     def _grow(self, slots: Slots, waiting: deque[Generation]) -> None:
         """KV blocks on demand, before a decode step: one more to each running request whose next position is past
         its blocks, where too few are free after preempting the newest running requests (Slots.growth)."""
-        growing, preempted = slots.growth(BLOCK_TOKENS * self.blocks.entries, len(self.blocks.free),
-                                          lambda slot: len(self.blocks.held[slot]))
+        growing, preempted = slots.growth(BLOCK_TOKENS * self.blocks.entries, self.blocks.available(),
+                                          self.blocks.freed_by)
         for slot in preempted:
             self._preempt(slot, slots, waiting)
         if growing:
@@ -554,7 +542,7 @@ class ContinuousEngine:
 
     def _preempt(self, slot: int, slots: Slots, waiting: deque[Generation]) -> None:
         """Stops a running request and gives its KV blocks back; it waits first in line with the tokens it has (read
-        back: a host synchronisation, rare), and its next prefill computes their KV again (_prompt)."""
+        back: a host synchronisation, rare), and its next prefill computes their KV again (_admitted)."""
         generation = slots.running.pop(slot)
         count = int(slots.position[slot]) - generation.request.prompt_tokens + 1
         generation.token_ids = self.output[slot, :count].tolist()
@@ -684,7 +672,7 @@ def kv_capacity(loaded: LoadedModel, cfg: EngineConfig, slots: int, slot_length:
     if cfg.kv_tokens != "auto":
         tokens = cfg.kv_tokens
     else:  # what the slots hold at once: the longest requests, or (not knowing them) each the longest
-        need = [FreeBlocks.needed(p + cfg.max_new_tokens) * BLOCK_TOKENS for p in prompt_lengths[:slots]]
+        need = [needed(p + cfg.max_new_tokens) * BLOCK_TOKENS for p in prompt_lengths[:slots]]
         tokens = sum(need) if need else slots * slot_length
         tokens = tokens if fit is None else min(tokens, fit)
     if tokens >= slot_length:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLUMNS = ["system", "mode", "procs", "mps", "batch_size", "cuda_graphs", "attention", "temperature", "top_p", "top_k",
-           "compact", "answer_median",
+           "compact", "answer_median", "cached_tokens",
            "requests", "generated_tokens", "tokens_per_s", "vs_paper", "warmup_s", "run_s", "job_s", "latency_p50_ms",
            "latency_p99_ms", "last_tenth_share", "ttft_p50_ms", "peak_memory_gb"]
 
@@ -34,7 +34,7 @@ def label(row: dict) -> str:
         name += f" +{row['long_rows']} long rows" if row.get("long_rows") else ""
         if row.get("header_tokens"):
             name += f" {row.get('headers', 1)}x{row['header_tokens']}-token header"
-        name += " no shared prefix" if row.get("share_prefix") is False else ""
+        name += " no prefix cache" if row.get("share_prefix") is False else ""
         name += " no compaction" if row.get("compact") is False else ""
         if row.get("answer_median"):
             name += f" answers ~{row['answer_median']}" + ("" if row.get("answer_spread") else " each")

@@ -114,7 +114,7 @@ class SlotRunner:
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, start: int = 0) -> torch.Tensor:
         """tokens [G, T] right-padded prompts of `lengths`, for `slots` → the first token's logits [G, vocab]. start:
-        the tokens are at positions start.., after a prefix already in the slots' (shared) blocks."""
+        the tokens are at positions start.., after a prefix already in the slots' (cached) blocks."""
         arch = self.arch
         positions = torch.arange(start, start + tokens.shape[1], device=self.device)
         # Masks [T, start + T] where SDPA's is_causal cannot serve: after a prefix, windowed layers, and every layer
@@ -124,15 +124,15 @@ class SlotRunner:
                  if start or window is not None or self.softcap is not None}
         rows = self.table[slots]
         blocks, offsets = rows[:, positions // BLOCK_TOKENS], positions % BLOCK_TOKENS  # [G, T], [T]
-        prefix_rows = rows[:1, :start // BLOCK_TOKENS]
+        prefix_rows = rows[:, :start // BLOCK_TOKENS]  # each slot's cached blocks
         positions = positions.expand_as(tokens)
         x = arch.embed(tokens, positions)
         for layer, window, keys, values in zip(arch.layers, self.windows, self.keys, self.values):
             q, k, v = arch.qkv(layer, arch.attention_input(layer, x), positions)
             keys[blocks, :, offsets] = k.transpose(1, 2)  # [G, T, Hkv, D] into each position's block
             values[blocks, :, offsets] = v.transpose(1, 2)
-            if start:  # the prefix's keys and values first, read back from its blocks (every slot's first ones)
-                k, v = (torch.cat([self.slot_view(cache, prefix_rows).expand(len(slots), -1, -1, -1), own], dim=2)
+            if start:  # the cached prefix's keys and values first, read back from each slot's first blocks
+                k, v = (torch.cat([self.slot_view(cache, prefix_rows), own], dim=2)
                         for cache, own in ((keys, k), (values, v)))
             attn = self._prefill_attention(q, k, v, masks.get(window))
             x = x + arch.attention_output(layer, attn.transpose(1, 2).flatten(2))
@@ -188,5 +188,5 @@ class SlotRunner:
     @staticmethod
     def slot_view(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """A layer's keys or values through table rows [B, N] (blocks), in position order: [B, Hkv, N * BLOCK_TOKENS,
-        D], a copy (SDPA's decode path, a shared prefix's prefill)."""
+        D], a copy (SDPA's decode path, a cached prefix's prefill)."""
         return cache[rows].transpose(1, 2).flatten(2, 3)

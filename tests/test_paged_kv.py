@@ -3,12 +3,13 @@ the job's longest request. One long row among short ones no longer shrinks the r
 stay what generate() gives each prompt alone."""
 
 import json
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 
 from conftest import job_config, sample_rows, write_csv
 from splitwiser.config import EngineConfig
-from splitwiser.engine import make_engine
+from splitwiser.engine import GenerateEngine, make_engine
 from splitwiser.job import run
 from splitwiser.plan import slot_length
 from test_families import outputs_of, prompts
@@ -66,25 +67,36 @@ def test_short_rows_run_together_beside_a_long_one_in_less_kv_than_two_long_slot
 
 
 def test_share_prefix_off_computes_every_prompt_whole_and_gives_the_same_tokens(default_model):
-    """Four prompts sharing their first 32 tokens: with engine.share_prefix the engine prefills those once, without
-    it none; the tokens are the same (fp32)."""
+    """Four prompts that start alike (each the start of the next): with engine.share_prefix the later ones read the
+    blocks the earlier computed, without it none; the tokens are the same (fp32)."""
     shared = prompts(default_model.tokenizer, lengths=(40, 70, 130, 300))
     outputs = {}
     for share in (True, False):
-        cfg = EngineConfig(batch_size=4, max_new_tokens=8, share_prefix=share)
+        cfg = EngineConfig(batch_size=4, max_new_tokens=8, share_prefix=share, prefill_tokens=400)
         engine = make_engine(default_model, cfg, slot_length(300, 8), len(shared))
         outputs[share] = outputs_of(engine, shared)
-        assert (engine.prefix is not None) == share
+        assert (engine.cached_tokens > 0) == share
     assert outputs[True] == outputs[False]
 
 
-def test_no_prefix_is_shared_where_its_blocks_would_leave_too_few_for_the_longest_request(default_model):
-    """A KV cache that holds exactly one longest request: a prefix held for good would leave a long prompt that does
-    not start with it without room, ever. None is shared, and every request runs."""
-    shared = prompts(default_model.tokenizer, lengths=(40, 70, 130, 300))
-    other = prompts(default_model.tokenizer, lengths=(340,))[0][40:]  # 300 tokens from elsewhere in the text
-    length = slot_length(300, 8)
-    cfg = EngineConfig(batch_size=4, max_new_tokens=8, kv_tokens=length)
-    engine = make_engine(default_model, cfg, length, 5)
-    outputs = outputs_of(engine, [*shared, other])
-    assert engine.prefix is None and len(outputs) == 5 and all(len(tokens) for tokens in outputs)
+def few_shot(tokenizer, headers: int, per_header: int) -> list[list[int]]:
+    """Prompts of `headers` different headers (~100 tokens of examples each), each followed by other texts."""
+    text = prompts(tokenizer, lengths=(2000,))[0]
+    return [[*text[100 * h:100 * h + 100 + h * 7], *text[1000 + 37 * i:1000 + 37 * i + 20 + i]]
+            for i in range(per_header) for h in range(headers)]
+
+
+def test_prompts_with_three_headers_read_each_from_the_cache_and_give_generates_tokens(default_model):
+    """Few-shot prompts under three headers, in a KV cache too small to keep every header's blocks: each prompt's
+    tokens are those of generate on it alone (fp32); later prompts read their header from the cache, and cached
+    blocks no request holds give way to new requests (least recently used first)."""
+    token_ids = few_shot(default_model.tokenizer, headers=3, per_header=4)
+    cfg = EngineConfig(batch_size=4, max_new_tokens=6, prefill_tokens=300)
+    generate = GenerateEngine(default_model, EngineConfig(batch_size=1, max_new_tokens=6))
+    expected = outputs_of(generate, token_ids)
+    length = slot_length(max(map(len, token_ids)), 6)
+    for kv_tokens in ("auto", 20 * length):  # auto: what the four longest requests hold; then room for all
+        engine = make_engine(default_model, replace(cfg, kv_tokens=kv_tokens), length, len(token_ids))
+        assert outputs_of(engine, token_ids) == expected
+        assert engine.cached_tokens >= 6 * 96  # at least half of the prompts read six blocks of their header
+        assert (engine.blocks.evicted > 0) == (kv_tokens == "auto")
