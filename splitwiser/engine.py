@@ -238,7 +238,7 @@ def kv_tokens(cfg: EngineConfig, slot_length: int) -> int:
     return cfg.batch_size * slot_length if cfg.kv_tokens == "auto" else cfg.kv_tokens
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a scheduling pass sorts thousands into groups
 class Admitted:
     """A request admitted to the engine, before its prefill (ContinuousEngine._admitted)."""
     generation: Generation
@@ -360,9 +360,11 @@ class ContinuousEngine:
         while the available KV blocks hold their prompts (but the cached blocks they start with) and leave one block
         for each running request to grow into."""
         admitted: list[Admitted] = []
+        new_blocks = 0  # the admitted requests' blocks beyond their cached ones
         while waiting and len(admitted) < len(slots.free):
             start = self._admitted(waiting[0])
-            left = self.blocks.available() - sum(needed(a.positions) - len(a.cached) for a in [*admitted, start])
+            new_blocks += needed(start.positions) - len(start.cached)
+            left = self.blocks.available() - new_blocks  # available: what matching left
             if left < (len(slots.running) + len(admitted) if slots.running or admitted else 0):
                 self.blocks.drop(start.cached)
                 break
@@ -396,11 +398,38 @@ class ContinuousEngine:
         while pending:
             for a in pending:
                 a.cached += self.blocks.match(a.keys, (a.prompt.prompt_tokens - 1) // BLOCK_TOKENS, len(a.cached))
-            start = len(pending[0].cached) * BLOCK_TOKENS
-            part = [a for a in pending if len(a.cached) * BLOCK_TOKENS == start]
-            group = part[:prefill_group_size([a.prompt.prompt_tokens - start for a in part], self.cfg.prefill_tokens)]
-            pending = [a for a in pending if a not in group]
-            yield group, start
+            group, start = self._next_group(pending)
+            taken = set(group)
+            pending = [a for a in pending if a not in taken]
+            yield group, start * BLOCK_TOKENS
+
+    def _next_group(self, pending: list[Admitted]) -> tuple[list[Admitted], int]:
+        """The next prefill group of the pending requests and the cached blocks its prefill starts after: the
+        shortest requests, from the blocks all of them have cached (one that has more computes those again: each
+        prefill costs a launch-bound pass, a few blocks little), or, where the KV blocks left cannot hold those
+        again, the shortest requests with as many cached as the shortest one."""
+        group, start = self._group_of(pending)
+        again = [block for a in group for block in a.cached[start:]]
+        freed = sum(self.blocks.refs[block] == 1 for block in again)  # held by none but their request
+        wanted = sum(needed(a.positions) - len(a.cached) for a in pending)
+        if len(again) - freed > self.blocks.available() - wanted:
+            group, start = self._group_of([a for a in pending if len(a.cached) == len(pending[0].cached)])
+        for a in group:
+            self.blocks.drop(a.cached[start:])
+            del a.cached[start:]
+        return group, start
+
+    def _group_of(self, candidates: list[Admitted]) -> tuple[list[Admitted], int]:
+        """As many of the candidates (shortest first) as fit engine.prefill_tokens padded from the blocks all of them
+        have cached, and how many blocks that is."""
+        size = len(candidates)
+        while True:
+            start = min(len(a.cached) for a in candidates[:size])
+            fit = prefill_group_size([a.prompt.prompt_tokens - start * BLOCK_TOKENS for a in candidates[:size]],
+                                     self.cfg.prefill_tokens)
+            if fit == size:
+                return candidates[:size], start
+            size = fit
 
     def _prefill(self, admitted: list[Admitted], start_at: int, free: Slots) -> Iterator[Generation]:
         """Prefills the group into free slots (from position start_at: cached blocks hold those before) and makes

@@ -100,3 +100,23 @@ def test_prompts_with_three_headers_read_each_from_the_cache_and_give_generates_
         assert outputs_of(engine, token_ids) == expected
         assert engine.cached_tokens >= 6 * 96  # at least half of the prompts read six blocks of their header
         assert (engine.blocks.evicted > 0) == (kv_tokens == "auto")
+
+
+def test_prompts_that_share_more_or_fewer_blocks_take_no_more_prefills_than_without_the_cache(default_model):
+    """Prompts under one head, some of them sharing a middle part with a prompt of the first prefill: each group
+    starts after the blocks all its prompts have cached (a prompt with more computes those again), so the cache
+    saves work without splitting the prefills into more groups than without it; the tokens are generate's."""
+    text = prompts(default_model.tokenizer, lengths=(1000,))[0]
+    head, middles = text[:32], [text[100 + 40 * m:132 + 40 * m] for m in range(5)]
+    token_ids = [[*head, *middles[i % 5], *text[400 + 30 * i:420 + 31 * i]] for i in range(8)]  # shortest first
+    generate = GenerateEngine(default_model, EngineConfig(batch_size=1, max_new_tokens=4))
+    expected = outputs_of(generate, token_ids)
+    groups, length = {}, slot_length(max(map(len, token_ids)), 4)
+    for share in (True, False):
+        cfg = EngineConfig(batch_size=8, max_new_tokens=4, share_prefix=share, prefill_tokens=400,
+                           kv_tokens=16 * length)  # room for all eight at once
+        engine = make_engine(default_model, cfg, length, len(token_ids))
+        assert outputs_of(engine, token_ids) == expected
+        groups[share] = engine.prefill_groups
+        assert (engine.cached_tokens > 0) == share
+    assert groups[True] == groups[False] == 2
