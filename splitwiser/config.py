@@ -160,8 +160,8 @@ class EngineConfig:
     # it grows; the newest are preempted where they run out). auto: all that the slots could use with the job's
     # longest requests, within the free memory (half of it with batch_size=auto, else 90%); the manifest has it.
     kv_tokens: Any = "auto"
-    # continuous: the tokens every prompt starts with (a system instruction, a template's head) prefilled once, their
-    # KV blocks read by every request (not in mode=split)
+    # continuous: the prefix cache: a prompt's full KV blocks stay cached, and a later prompt that starts with the
+    # same tokens (an instruction, a template's head, few-shot examples) reads them (not in mode=split)
     share_prefix: bool = True
     cuda_graphs: bool = True  # continuous on CUDA: replay the decode step as a CUDA graph
     # continuous: move running requests down to the lowest slots as others finish, so that a decode step is as wide
