@@ -4,13 +4,13 @@ Prints the means; exits with status 2 and one line on stderr when DIR holds no f
 
 from omegaconf import DictConfig
 
-from jobs import command
+from jobs import command, cpu_threads
 from splitwiser.score import describe, score_dir
 
 
 @command("score")
 def main(cfg: DictConfig) -> None:
-    manifest = score_dir(cfg.output.dir)
+    manifest = score_dir(cfg.output.dir, processes=cpu_threads(None)[0])
     print(f"{cfg.output.dir}: {describe(manifest['quality'])}")
 
 

@@ -258,7 +258,7 @@ class Run:
         manifest = self.out.finalize(prepared.errors.with_format("arrow")[:], wanted, manifest, self.kept(rows))
         if job.output.format == "openai_batch":
             self.write_results(rows)
-        return score_output(self.out.path) if job.data.reference_column else manifest
+        return score_output(self.out.path, torch.get_num_threads()) if job.data.reference_column else manifest
 
     def kept(self, rows) -> pa.Table | None:
         """output.keep_columns' values of the input's rows, by the rows' ids (for OutputDir.finalize)."""

@@ -67,9 +67,9 @@ def _merge_results(root: Path, manifests: list[dict]) -> None:
     atomic_write(root / RESULTS, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def merge_tasks(root: str) -> dict:
+def merge_tasks(root: str, processes: int = 1) -> dict:
     """Writes the merged files into root and returns the merged manifest; raises UserError when a row
-    of the dataset is missing or duplicated."""
+    of the dataset is missing or duplicated. processes: the CPU cores to score on."""
     root = Path(root).expanduser()
     manifests = task_manifests(root)
     tables = {}
@@ -96,7 +96,7 @@ def merge_tasks(root: str) -> dict:
     }
     write_json(manifest, root / "manifest.json")
     if manifest["config"]["data"].get("reference_column"):
-        manifest = score_output(root)  # over the merged rows: the tasks' scores are not read (GENERATION_SCHEMA)
+        manifest = score_output(root, processes)  # over the merged rows: the tasks' scores are not read (GENERATION_SCHEMA)
     log.info("merged %d tasks into %s: %d rows ok, %d failed, of %d", len(manifests), root,
              generations.num_rows, errors.num_rows, dataset_rows)
     return manifest

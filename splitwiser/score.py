@@ -15,28 +15,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from rouge_score.rouge_scorer import RougeScorer
-from rouge_score.tokenizers import DefaultTokenizer
 
 from splitwiser.errors import UserError
 from splitwiser.output import exclusive, write_json, write_parquet
+from splitwiser.rouge import METRICS, rouge_f1
 
-METRICS = ("rouge1", "rouge2", "rougeL")
 SCORE_SCHEMA = pa.schema([(metric, pa.float64()) for metric in METRICS])  # the columns added to generations.parquet
 METRIC = "rouge-score F1, stemmed"  # what manifest.json's quality says it holds
-
-
-def rouge_f1(generations: list[str], references: list[str | None]) -> dict[str, list[float | None]]:
-    """Each generation's F-measure against its reference, per metric (METRICS), row for row; None where the row has
-    no reference."""
-    # The tokenizer RougeScorer makes itself (use_stemmer=True), given: made by RougeScorer it logs a line per call.
-    scorer = RougeScorer(list(METRICS), use_stemmer=True, tokenizer=DefaultTokenizer(use_stemmer=True))
-    scores: dict[str, list[float | None]] = {metric: [] for metric in METRICS}
-    for generation, reference in zip(generations, references, strict=True):
-        score = scorer.score(reference, generation or "") if reference and reference.strip() else None
-        for metric in METRICS:
-            scores[metric].append(None if score is None else score[metric].fmeasure)
-    return scores
 
 
 def quality(table: pa.Table) -> dict:
@@ -53,13 +38,13 @@ def describe(quality: dict) -> str:
     return f"{means} ({quality['metric']}) over {quality['rows']} rows with a reference"
 
 
-def score_output(directory: Path) -> dict:
+def score_output(directory: Path, processes: int = 1) -> dict:
     """Scores directory/generations.parquet (replacing scores already there: every row is scored again) and records
     the means in directory/manifest.json, each file rewritten atomically; returns the manifest. The other columns
-    are kept as they are."""
+    are kept as they are. processes: the CPU cores to score on."""
     table = pq.read_table(directory / "generations.parquet")
     table = table.drop_columns([metric for metric in METRICS if metric in table.column_names])
-    scores = rouge_f1(table["generation"].to_pylist(), table["reference"].to_pylist())
+    scores = rouge_f1(table["generation"].to_pylist(), table["reference"].to_pylist(), processes)
     for field in SCORE_SCHEMA:
         table = table.append_column(field, pa.array(scores[field.name], field.type))
     write_parquet(table, directory / "generations.parquet")
@@ -69,7 +54,7 @@ def score_output(directory: Path) -> dict:
     return manifest
 
 
-def score_dir(directory: str) -> dict:
+def score_dir(directory: str, processes: int = 1) -> dict:
     """python -m jobs.score: scores a finished job's output directory (a job's, a merged array's, a nightly
     partition's) in place, holding its lock so that no job writes it meanwhile; returns its manifest."""
     path = Path(directory).expanduser()
@@ -86,4 +71,4 @@ def score_dir(directory: str) -> dict:
         raise UserError(f"output.dir={path}: the job kept no reference (data.reference_column=null), "
                         "so there is nothing to score against")
     with exclusive(path, "output.dir"):
-        return score_output(path)
+        return score_output(path, processes)

@@ -17,6 +17,7 @@ from splitwiser.job import run
 from splitwiser.merge import merge_tasks
 from splitwiser.nightly import QUALITY_SCHEMA, nightly, record_quality
 from splitwiser.output import GENERATION_SCHEMA
+from splitwiser.rouge import ROWS_PER_PROCESS
 from splitwiser.score import METRICS, SCORE_SCHEMA, rouge_f1, score_dir
 
 JOB = ["engine.max_new_tokens=8", "engine.batch_size=4"]
@@ -41,6 +42,15 @@ def test_scores_are_rouge_scores_own():
     for n, (generation, reference) in enumerate(zip(generations, references)):
         own = scorer.score(reference, generation)
         assert [scores[m][n] for m in METRICS] == [own[m].fmeasure for m in METRICS]
+
+
+def test_scores_over_several_processes_are_the_same_in_the_same_order():
+    """Enough rows for two processes (ROWS_PER_PROCESS each): every row's scores as one process gives them."""
+    rows = sample_rows(40)
+    count = 2 * ROWS_PER_PROCESS + 7
+    generations = [rows[n % 40]["findings"][:60 + n % 97] for n in range(count)]
+    references = [None if n % 50 == 0 else rows[(n * 7) % 40]["impression"] for n in range(count)]
+    assert rouge_f1(generations, references, processes=2) == rouge_f1(generations, references)
 
 
 def test_scores_worked_out_by_hand():
