@@ -282,6 +282,9 @@ class JobConfig:
     mode: str = "auto"  # auto: single for procs=1 on one device, else colocated
     prompt_procs: Optional[int] = None  # split: default procs // 2 (at least 1)
     token_procs: Optional[int] = None  # split: default the rest of procs (at least 1)
+    # Read, prepare and estimate (rows, prompt tokens, tokens to generate, the generation's time at the probed
+    # decode rate) without generating or writing anything.
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
         gpu_list = isinstance(self.gpus, list) and self.gpus and all(isinstance(i, int) and i >= 0 for i in self.gpus)

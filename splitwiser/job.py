@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
+from datasets import Dataset
 
 from splitwiser import openai_batch
 from splitwiser.colocated import generate_units, run_colocated
@@ -27,7 +28,7 @@ from splitwiser.engine import Choice, make_engine
 from splitwiser.errors import UserError, WorkersFailed
 from splitwiser.models import LoadedModel, load_model, resolve_devices
 from splitwiser.mps import MPSState, mps_session
-from splitwiser.output import GENERATION_SCHEMA, OutputDir, check_free_space
+from splitwiser.output import GENERATION_SCHEMA, OutputDir, check_free_space, write_json
 from splitwiser.plan import Plan, choose_procs, plan_run, seconds_since_process_start
 from splitwiser.prepare import Prepared, prepare_requests, row_ids, uses_chat, write_shards
 from splitwiser.progress import Progress
@@ -126,14 +127,8 @@ def run(job: JobConfig, from_launch: bool = False) -> dict:
     # server runs already (jobs.run starts it with the process), else about this process's own imports.
     worker_imports_s = 0.0 if fork_server_running() else seconds_since_process_start()
     stages = Stages(from_launch)
-    job = openai_batch.configure(job)  # an OpenAI batch file: its requests' columns
-    check_kept(job.output.keep_columns)
-    out = OutputDir(job.output.dir)
-    out.check(fingerprint(job), job.output.overwrite)  # refused before anything is read, loaded or written
-    # Before the model: a bad path or column fails in a second.
-    rows = read_dataset(job.data, job.prompt, job.output.keep_columns, job.sampling)
+    job, out, rows, plan = checked_inputs(job)
     stages.done("read_s")
-    plan = plan_run(job, resolve_devices(job.model.device, job.gpus))
     # MPS before any worker starts: they take its settings before their first CUDA call. One control daemon
     # serves every GPU of the node.
     with mps_session(job.mps, wanted=plan.wants_mps) as mps:
@@ -142,6 +137,51 @@ def run(job: JobConfig, from_launch: bool = False) -> dict:
         stages.done("load_model_s")
         with out.locked():  # every check has passed: the directory is created (or cleared) and is ours
             return Run(job, out, models, mps, stages, worker_imports_s)(rows, plan)
+
+
+def checked_inputs(job: JobConfig) -> tuple[JobConfig, OutputDir, Dataset, Plan]:
+    """The job (an OpenAI batch file's columns filled in), its output directory (checked, nothing written), its
+    rows and its plan: what can refuse a job fails here, in a second, before the model loads."""
+    job = openai_batch.configure(job)  # an OpenAI batch file: its requests' columns
+    check_kept(job.output.keep_columns)
+    out = OutputDir(job.output.dir)
+    out.check(fingerprint(job), job.output.overwrite)
+    rows = read_dataset(job.data, job.prompt, job.output.keep_columns, job.sampling)
+    return job, out, rows, plan_run(job, resolve_devices(job.model.device, job.gpus))
+
+
+def estimate(job: JobConfig) -> dict:
+    """dry_run=true: what the job would generate, and about how long that takes, with nothing written: its rows
+    (those a rerun would reuse apart), their prompt tokens, the tokens to generate at most (every answer to its
+    max_new_tokens), and the time those take at the decode rate the engine measures at its batch size on this
+    device (a probe of a few steps: answers that end sooner take less; prefill and a job's start not counted)."""
+    start = time.perf_counter()
+    job, out, rows, plan = checked_inputs(job)
+    loaded = load_model(replace(job.model, device=str(plan.devices[0])))
+    check_max_new_tokens(job.engine.max_new_tokens, loaded.context_length)
+    prepared = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer,
+                                loaded.context_length - job.engine.max_new_tokens, out.done(), job.sampling.n,
+                                job.engine.max_new_tokens)
+    requests = prepared.requests
+    plan = plan.for_requests(requests, job.engine)
+    engine = make_engine(loaded, job.engine, plan.slot_length, len(requests), Choice(job.sampling, job.sampled),
+                         plan.prompt_lengths)
+    tokens = sum(n or job.engine.max_new_tokens for n in requests["max_new_tokens"])  # None: the job's
+    rate = decode_rate(engine) if len(requests) else None
+    return {"rows": len(job.data.part_rows(len(rows))), "requests": len(requests), "reused": len(prepared.reused),
+            "errors": len(prepared.errors), "prompt_tokens": sum(requests["prompt_tokens"]),
+            "max_new_tokens": tokens, "device": str(loaded.device), "batch_size": engine.cfg.batch_size,
+            "decode_tokens_per_s": rate and round(rate), "generate_s_at_most_tokens": rate and round(tokens / rate, 1),
+            "estimate_took_s": round(time.perf_counter() - start, 1)}
+
+
+def decode_rate(engine) -> float | None:
+    """Decode tokens/s at the engine's batch size (its probe's bucket for it; the probe runs now where
+    batch_size=auto has not run it), None for an engine without a probe (engine.kind=generate)."""
+    if not hasattr(engine, "probe"):
+        return None
+    rates = engine.probe_tokens_per_s or engine.probe()
+    return rates[min((bucket for bucket in rates if bucket >= engine.cfg.batch_size), default=max(rates))]
 
 
 def check_kept(keep_columns: list[str]) -> None:
@@ -235,7 +275,20 @@ class Run:
 
     def finish(self, rows, plan: Plan, prepared: Prepared, totals: Totals, engine) -> dict:
         """Records the run in job.json, merges the outputs, writes the manifest, scores every row kept against its
-        reference (those of earlier runs too: a resumed job ends with all its rows scored); returns the manifest."""
+        reference (those of earlier runs too: a resumed job ends with all its rows scored), then records the run's
+        wall time with all that in it (finish_s); returns the manifest."""
+        manifest = self.merge_and_score(rows, plan, prepared, totals, engine)
+        self.stages.done("finish_s")
+        wall_s = self.stages.wall_s()
+        runs = self.out.finish_run({"wall_s": round(wall_s, 3), "stages": self.stages.seconds,
+                                    "job_tokens_per_s": round(totals.generated_tokens / wall_s, 1)})
+        manifest |= {"wall_s_last_run": round(wall_s, 3), "runs": runs,
+                     "wall_s_finished_runs": round(sum(r.get("wall_s", 0) for r in runs), 3)}
+        write_json(manifest, self.out.manifest_path)
+        return manifest
+
+    def merge_and_score(self, rows, plan: Plan, prepared: Prepared, totals: Totals, engine) -> dict:
+        """The run's record in job.json (as it stands before this), the merged outputs, the manifest, the scores."""
         wall_s = self.stages.wall_s()
         runs = self.out.finish_run(self.record(plan, prepared, totals, engine, wall_s))
         job, loaded = self.job, self.models[0]

@@ -144,7 +144,8 @@ def test_opt_architecture_offline_with_random_weights(tmp_path, default_model):
 
 
 def test_cli_runs_the_default_job_and_reports(tmp_path):
-    """Its wall time counts from the launch: Python's start-up, the imports and the config are a stage."""
+    """Its wall time counts from the launch to the end: Python's start-up, the imports and the config are its first
+    stage, merging, writing and scoring its last (finish_s), in job.json as in the manifest."""
     out = tmp_path / "out"
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "jobs.run", "data.limit=2", "engine.max_new_tokens=4",
@@ -157,6 +158,8 @@ def test_cli_runs_the_default_job_and_reports(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     stages = manifest["runs"][-1]["stages"]
     assert 0 < stages["launch_s"] < manifest["wall_s_last_run"] < elapsed
-    assert sum(stages.values()) <= manifest["wall_s_last_run"]
+    assert list(stages)[0] == "launch_s" and list(stages)[-1] == "finish_s" and stages["finish_s"] > 0
+    assert sum(stages.values()) <= manifest["wall_s_last_run"] <= sum(stages.values()) + 0.05
+    assert json.loads((out / "job.json").read_text())["runs"][-1]["wall_s"] == manifest["wall_s_last_run"]
     from_launch = float(re.search(r"; ([0-9.]+) s from launch", result.stderr).group(1))
     assert manifest["wall_s_last_run"] <= from_launch + 0.05 and from_launch < elapsed
