@@ -34,7 +34,7 @@ def dry_run(job: JobConfig) -> None:
     timed = (f"at most {clock(figures['generate_s_at_most_tokens'])} to generate at {figures['decode_tokens_per_s']} "
              f"tokens/s (batch {figures['batch_size']}, {figures['device']})") if figures["decode_tokens_per_s"] else \
         "no decode rate to estimate from (engine.kind=generate)"
-    log.info("dry run: %d rows, %d to generate (%d reused, %d errors), %d prompt tokens, at most %d new tokens: %s",
+    log.info("dry run: %d rows, %d to generate (%d reused, %d set aside as errors), %d prompt tokens, at most %d new tokens: %s",
              figures["rows"], figures["requests"], figures["reused"], figures["errors"], figures["prompt_tokens"],
              figures["max_new_tokens"], timed)
     print(json.dumps(figures))

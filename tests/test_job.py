@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import ROOT, job_config, kill_when_parts_written, sample_rows, write_csv
+from conftest import ROOT, job_config, kill_when_parts_written, run_cli, sample_rows, write_csv
 from splitwiser.job import run
 from splitwiser.output import ERROR_SCHEMA, GENERATION_SCHEMA, TIMING_SCHEMA
 from splitwiser.score import SCORE_SCHEMA
@@ -163,3 +163,26 @@ def test_cli_runs_the_default_job_and_reports(tmp_path):
     assert json.loads((out / "job.json").read_text())["runs"][-1]["wall_s"] == manifest["wall_s_last_run"]
     from_launch = float(re.search(r"; ([0-9.]+) s from launch", result.stderr).group(1))
     assert manifest["wall_s_last_run"] <= from_launch + 0.05 and from_launch < elapsed
+
+
+def test_dry_run_counts_the_work_and_estimates_it_without_writing(tmp_path):
+    """dry_run=true on a directory a job has 4 of 7 rows done in, one row empty: the rows, what a rerun generates
+    (the reused and the errors apart), their tokens, and a time at a measured decode rate; nothing written."""
+    rows = sample_rows(7)
+    rows[5]["findings"] = ""
+    data, out = write_csv(tmp_path / "d.csv", rows), tmp_path / "out"
+    job = [f"data.path={data}", f"output.dir={out}", "engine.max_new_tokens=5", "engine.batch_size=4"]
+    run(job_config(*job, "data.limit=4"))
+    before = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    result = run_cli(*job, "dry_run=true")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (figures["rows"], figures["reused"], figures["requests"], figures["errors"]) == (7, 4, 2, 1)
+    assert figures["max_new_tokens"] == 2 * 5 and figures["prompt_tokens"] > 2 * 20
+    assert figures["decode_tokens_per_s"] > 0
+    assert figures["generate_s_at_most_tokens"] == pytest.approx(10 / figures["decode_tokens_per_s"], abs=0.1)
+    assert "dry run: 7 rows, 2 to generate (4 reused, 1 set aside as errors)" in result.stderr
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before
+    assert not (tmp_path / "fresh").exists() and run_cli(*job[:1], f"output.dir={tmp_path / 'fresh'}",
+                                                          "dry_run=true").returncode == 0
+    assert not (tmp_path / "fresh").exists()
