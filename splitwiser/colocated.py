@@ -50,13 +50,16 @@ def generate_units(engine, work: Work, units: Iterable[int], worker: int, progre
             if outstanding[unit] == 0 and unit in streamed:
                 unit_done(unit)
 
-    generated = 0
+    generated, source = 0, requests()
     with PartWriter(work.out, engine.tokenizer, engine.cfg.batch_size, worker, gpu_index(engine.device),
                     work.run_index, work.job_start_ns, progress, on_write=written,
                     stop=work.choice.sampling.stop) as writer:
-        for generation in engine.run(requests()):
+        for generation in engine.run(source):
             writer.add(generation)
             generated += len(generation.token_ids)
+    if unit_of or next(source, None) is not None:  # the engine ended before its last request: never lose them quietly
+        raise RuntimeError(f"{type(engine).__name__} ended with requests it did not answer (a bug): the rows it "
+                           "answered are on disk, and a rerun generates the rest")
     return generated
 
 

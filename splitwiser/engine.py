@@ -304,20 +304,22 @@ class ContinuousEngine:
         self.stops = stop_table(loaded.tokenizer, sampling.stop, vocab, device)
 
     def run(self, requests: Iterable[Request]) -> Iterator[Generation]:
-        source = iter(requests)
+        source, read_all = iter(requests), False
         waiting: deque[Generation] = deque()  # admitted to the engine, not yet prefilled
         slots = Slots(self.cfg.batch_size)
         admit_at = max(1, int(self.cfg.batch_size * self.ADMIT_FRACTION))
         while True:
-            for request in islice(source, max(0, len(slots.free) - len(waiting))):
-                waiting.append(Generation(request, enqueue_ns=time.perf_counter_ns()))
+            wanted = max(0, len(slots.free) - len(waiting))
+            fresh = list(islice(source, wanted))
+            read_all |= len(fresh) < wanted
+            waiting.extend(Generation(request, enqueue_ns=time.perf_counter_ns()) for request in fresh)
             if waiting and (len(slots.free) >= admit_at and self._blocks_free() >= self.ADMIT_FRACTION
                             or not slots.running):
                 for group, start in self._prefill_groups(self._admit(waiting, slots)):
                     yield from self._prefill(group, start, slots)
                     yield from self._collect(slots.running, slots.release)
-            if not slots.running:
-                if waiting:
+            if not slots.running:  # every request may have ended at its first token: more may come
+                if waiting or not read_all:
                     continue
                 return
             self._grow(slots, waiting)

@@ -320,6 +320,7 @@ class OutputDir:
                                pc.invert(pc.is_in(_sample_keys(failed), value_set=_sample_keys(rows))))
         errors = pa.table({"id": errors["id"], "sample": pa.nulls(len(errors), pa.int32()), "error": errors["error"]})
         errors = pa.concat_tables([errors.cast(ERROR_SCHEMA), _first_of_each_key(failed.filter(still_failed))])
+        errors = pa.concat_tables([errors, _unanswered(wanted, rows, errors)])
         write_parquet(errors, self.path / "errors.parquet")
         for part in parts + error_parts:
             part.unlink(missing_ok=True)
@@ -460,6 +461,19 @@ def _sample_keys(table: pa.Table) -> pa.Array:
 def _row_keys(table: pa.Table) -> pa.Array:
     """A row's id, sample and prompt as one value: a generation holds for the input row with the same of these."""
     return pc.binary_join_element_wise(_sample_keys(table), table["prompt"], "\x00")
+
+
+def _unanswered(wanted: pa.Table, generated: pa.Table, errors: pa.Table) -> pa.Table:
+    """The wanted rows that are neither generated nor errors (no engine should leave one; if one does, the row is
+    recorded, not lost, and a rerun generates it), as errors."""
+    missing = wanted.filter(pc.invert(pc.is_in(_sample_keys(wanted), value_set=pa.concat_arrays(
+        [_sample_keys(generated).combine_chunks(), _sample_keys(errors).combine_chunks()]))))
+    if missing.num_rows:
+        log.error("%d rows were neither generated nor set aside (e.g. id %s): recorded in errors.parquet; a rerun "
+                  "generates them", missing.num_rows, missing["id"][0])
+    reason = "not generated: the engine ended without answering it (a bug); a rerun generates it"
+    return pa.table({"id": missing["id"].cast(pa.string()), "sample": missing["sample"].cast(pa.int32()),
+                     "error": pa.array([reason] * missing.num_rows, pa.string())})
 
 
 def _first_of_each_key(table: pa.Table) -> pa.Table:

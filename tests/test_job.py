@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, job_config, kill_when_parts_written, run_cli, sample_rows, write_csv
 from splitwiser.job import run
-from splitwiser.output import ERROR_SCHEMA, GENERATION_SCHEMA, TIMING_SCHEMA
+from splitwiser.output import ERROR_SCHEMA, GENERATION_SCHEMA, TIMING_SCHEMA, OutputDir
 from splitwiser.score import SCORE_SCHEMA
 
 
@@ -186,3 +186,33 @@ def test_dry_run_counts_the_work_and_estimates_it_without_writing(tmp_path):
     assert not (tmp_path / "fresh").exists() and run_cli(*job[:1], f"output.dir={tmp_path / 'fresh'}",
                                                           "dry_run=true").returncode == 0
     assert not (tmp_path / "fresh").exists()
+
+
+def test_answers_of_one_token_end_at_their_first_token_and_every_row_is_generated(tmp_path, default_model):
+    """engine.max_new_tokens=1: each batch of requests ends at its prefill, with no request left running; the
+    engine still reads and answers every request after it (it once stopped after the first batch, losing the rest
+    while the job said done), each with generate's first token."""
+    data, out = write_csv(tmp_path / "d.csv", sample_rows(7)), tmp_path / "out"
+    manifest = run(job_config(f"data.path={data}", f"output.dir={out}", "engine.max_new_tokens=1",
+                              "engine.batch_size=2", "data.reference_column=null"))
+    assert manifest["rows"] == {"input": 7, "ok": 7, "failed": 0}
+    model, tokenizer = default_model.model, default_model.tokenizer
+    for row in pq.read_table(out / "generations.parquet").to_pylist():
+        ids = tokenizer(row["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
+        assert row["output_token_ids"] == reference_generation(model, ids, 1), row["id"]
+
+
+def test_a_wanted_row_with_no_generation_and_no_error_is_recorded_as_an_error(tmp_path):
+    """The last net under every engine: merging the outputs, a row the input wants that is neither generated nor
+    set aside goes to errors.parquet with its reason (a rerun generates it), never missing from both."""
+    data, out = write_csv(tmp_path / "d.csv", sample_rows(3)), tmp_path / "out"
+    run(job_config(f"data.path={data}", f"output.dir={out}", "engine.max_new_tokens=2"))
+    generated = pq.read_table(out / "generations.parquet", columns=["id", "sample", "prompt"])
+    wanted = pa.concat_tables([generated, pa.table({"id": ["ghost"], "sample": pa.array([0], pa.int32()),
+                                                    "prompt": ["p"]}, schema=generated.schema)])
+    manifest = OutputDir(str(out)).finalize(pa.table({"id": pa.array([], pa.string()),
+                                                      "error": pa.array([], pa.string())}),
+                                            wanted, {"rows": {"input": 4}})
+    assert manifest["rows"] == {"input": 4, "ok": 3, "failed": 1}
+    [error] = pq.read_table(out / "errors.parquet").to_pylist()
+    assert error["id"] == "ghost" and error["sample"] == 0 and "a rerun generates it" in error["error"]
