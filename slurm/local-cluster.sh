@@ -99,9 +99,10 @@ EOF
   for _ in $(seq 120); do  # the node, as one partition lists it (sinfo -N: a line per partition)
     [ "$(SLURM_CONF=$CONF sinfo -h -N -p debug -o %T 2>/dev/null)" = idle ] &&
       { echo "export SLURM_CONF=$CONF"; return; }
+    grep -qs "fatal:" "$DIR"/log/slurm*.log && break  # a daemon gave up: waiting longer cannot help
     sleep 0.5
   done
-  say "the node did not become idle in 60 s; logs in $DIR/log"
+  say "the node did not become idle; logs in $DIR/log"
   tail -n 20 "$DIR"/log/*.log >&2
   stop
   exit 1
