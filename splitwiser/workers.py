@@ -112,6 +112,7 @@ class WorkerDone(Event):
 @dataclass
 class WorkerFailed(Event):
     traceback: str
+    user_error: str | None = None  # a UserError's message: the job ends with that one line, as without workers
 
 
 @dataclass
@@ -186,8 +187,8 @@ def run_worker(main, rank: int, environment: dict, inbox: mp.Queue, started: mp.
         # (PyTorch warns "producer process terminated before all shared CUDA tensors released").
         del shared
         gc.collect()
-    except BaseException:
-        events.put(WorkerFailed(rank, traceback.format_exc()))
+    except BaseException as e:
+        events.put(WorkerFailed(rank, traceback.format_exc(), str(e) if isinstance(e, UserError) else None))
         raise SystemExit(1)
 
 
@@ -311,16 +312,18 @@ def supervise(workers: dict[int, mp.Process], events: mp.Queue, progress, on_exi
                 if worker.exitcode not in (None, 0):
                     on_exit(rank, worker.exitcode)
             if not any(w.is_alive() for w in workers.values()) and not all_done():
-                detail = exception_line(failures[-1]) if failures else "killed"
+                if failures and failures[-1].user_error:
+                    raise UserError(failures[-1].user_error)
+                detail = exception_line(failures[-1].traceback) if failures else "killed"
                 raise WorkersFailed(f"all workers exited with work left ({detail}); rerun the job to resume")
     finally:  # ours to end, on success, error or interrupt alike
         end_workers(workers.values(), wait_s=60 if all_done() else 0)
     for failure in failures:  # the others finished its work; say what happened
-        log.warning("a worker failed, its work was done by the others:\n%s", failure)
+        log.warning("a worker failed, its work was done by the others:\n%s", failure.traceback)
     return totals
 
 
-def tally(event: Event, totals: Totals, failures: list[str], progress, on_unit: Callable[[Event], None]) -> None:
+def tally(event: Event, totals: Totals, failures: list[WorkerFailed], progress, on_unit: Callable[[Event], None]) -> None:
     """Takes one worker event into the totals, the progress, the failures, or on_unit."""
     match event:
         case RowsWritten(rows=rows, tokens=tokens):
@@ -333,7 +336,7 @@ def tally(event: Event, totals: Totals, failures: list[str], progress, on_unit: 
             totals.oom_splits += oom_splits
             totals.kv_tokens += kv_tokens
             totals.kv_peak_tokens += kv_peak_tokens
-        case WorkerFailed(traceback=text):
-            failures.append(text)
+        case WorkerFailed():
+            failures.append(event)
         case UnitStarted() | UnitDone():
             on_unit(event)

@@ -117,9 +117,11 @@ def test_a_read_only_output_dir_is_refused_before_any_work(tmp_path, data):
     assert not list(tmp_path.iterdir())
 
 
-def test_an_output_dir_turned_read_only_mid_job_stops_it_and_the_rerun_resumes(tmp_path, data):
+@pytest.mark.parametrize("workers", [[], ["procs=2"]], ids=["one-process", "two-workers"])
+def test_an_output_dir_turned_read_only_mid_job_stops_it_and_the_rerun_resumes(tmp_path, data, workers):
+    """The one line is the same with worker processes: theirs, not "all workers exited"."""
     out = tmp_path / "o"
-    args = [f"data.path={data}", f"output.dir={out}", *FAST]
+    args = [f"data.path={data}", f"output.dir={out}", *FAST, *workers]
     job = start_job(*args)
     wait_for_a_part(job, out)
     with read_only(out):
@@ -134,9 +136,10 @@ def test_an_output_dir_turned_read_only_mid_job_stops_it_and_the_rerun_resumes(t
     assert manifest["rows"] == {"input": ROWS, "ok": ROWS, "failed": 0} and all_rows_once(out)
 
 
-def test_an_output_dir_removed_mid_job_ends_in_one_line_and_a_rerun_starts_over(tmp_path, data):
+@pytest.mark.parametrize("workers", [[], ["procs=2"]], ids=["one-process", "two-workers"])
+def test_an_output_dir_removed_mid_job_ends_in_one_line_and_a_rerun_starts_over(tmp_path, data, workers):
     out = tmp_path / "o"
-    args = [f"data.path={data}", f"output.dir={out}", *FAST]
+    args = [f"data.path={data}", f"output.dir={out}", *FAST, *workers]
     job = start_job(*args)
     wait_for_a_part(job, out)
     while out.exists():  # rm -rf: the job may be writing a part meanwhile
