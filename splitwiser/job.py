@@ -184,6 +184,15 @@ def decode_rate(engine) -> float | None:
     return rates[min((bucket for bucket in rates if bucket >= engine.cfg.batch_size), default=max(rates))]
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory since it started its program (Linux's VmHWM), None elsewhere."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((round(int(line.split()[1]) / 1024, 1) for line in lines if line.startswith("VmHWM:")), None)
+
+
 def check_kept(keep_columns: list[str]) -> None:
     """output.keep_columns may not name a column that generations.parquet has of its own."""
     own = [name for name in keep_columns if name in GENERATION_SCHEMA.names or name in METRICS]
@@ -281,7 +290,8 @@ class Run:
         self.stages.done("finish_s")
         wall_s = self.stages.wall_s()
         runs = self.out.finish_run({"wall_s": round(wall_s, 3), "stages": self.stages.seconds,
-                                    "job_tokens_per_s": round(totals.generated_tokens / wall_s, 1)})
+                                    "job_tokens_per_s": round(totals.generated_tokens / wall_s, 1),
+                                    "peak_rss_mb": peak_rss_mb()})
         manifest |= {"wall_s_last_run": round(wall_s, 3), "runs": runs,
                      "wall_s_finished_runs": round(sum(r.get("wall_s", 0) for r in runs), 3)}
         write_json(manifest, self.out.manifest_path)
