@@ -65,6 +65,9 @@ class DataConfig:
     # engine.max_new_tokens) or sampling.temperature (0 or more) for that row; an empty cell keeps the job's.
     max_new_tokens_column: Optional[str] = None
     temperature_column: Optional[str] = None
+    # A column holding each row's own JSON schema (JSON text): the row's answer matches it (see sampling.json_schema);
+    # an empty cell keeps the job's. A row whose schema does not compile goes to errors.parquet
+    json_schema_column: Optional[str] = None
     # CSV: the field separator. null: the one of , ; tab | that the header line holds most (a CSV as Excel writes it
     # in much of Europe has ;), said in the log
     delimiter: Optional[str] = None
@@ -87,7 +90,8 @@ class DataConfig:
 
     def per_row_columns(self) -> dict[str, str]:
         """The per-row settings in use: setting → the column that holds it."""
-        columns = {"max_new_tokens": self.max_new_tokens_column, "temperature": self.temperature_column}
+        columns = {"max_new_tokens": self.max_new_tokens_column, "temperature": self.temperature_column,
+                   "grammar": self.json_schema_column}
         return {setting: column for setting, column in columns.items() if column is not None}
 
     def part_rows(self, rows: int) -> range:
@@ -206,6 +210,13 @@ class SamplingConfig:
     n: int = 1  # samples per row: generations.parquet's `sample` 0..n-1
     stop: list[str] = field(default_factory=list)  # the generation ends before the first of these strings
     logprobs: bool = False  # each output token's log-probability under the model (output_logprobs)
+    # Constrained answers (at most one of the three; llguidance, splitwiser/grammar.py): every answer matches
+    # json_schema (a JSON schema as JSON text, or the path of a .json file holding it), the regular expression
+    # `regex`, or is exactly one of the strings of `choice`. An answer that ends before it is complete
+    # (max_new_tokens) goes to errors.parquet.
+    json_schema: Optional[str] = None
+    regex: Optional[str] = None
+    choice: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -221,12 +232,29 @@ class SamplingConfig:
         _check_positive("sampling.n", self.n)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise UserError(f"sampling.stop={self.stop}: every stop string must be a non-empty string")
+        constraints = [f"sampling.{name}" for name in ("json_schema", "regex", "choice") if getattr(self, name)]
+        if len(constraints) > 1:
+            raise UserError(f"{' and '.join(constraints)}: an answer has one constraint, set one of them")
+        if any(not isinstance(s, str) or not s for s in self.choice):
+            raise UserError(f"sampling.choice={self.choice}: every choice must be a non-empty string")
+        self.grammar  # compiled now: a schema or regex llguidance refuses is a one-line error before the model loads
 
     def continuous_only(self) -> list[str]:
         """The settings in use that only the continuous engine has."""
         default = SamplingConfig()
-        return [f"sampling.{name}" for name in ("temperature", "repetition_penalty", "n", "stop", "logprobs")
+        return [f"sampling.{name}" for name in ("temperature", "repetition_penalty", "n", "stop", "logprobs",
+                                                 "json_schema", "regex", "choice")
                 if getattr(self, name) != getattr(default, name)]
+
+    @property
+    def grammar(self) -> str | None:
+        """The grammar every answer matches (llguidance's text, compiled once), or None."""
+        from splitwiser import grammar  # llguidance: loaded by jobs that constrain their answers
+        if self.json_schema:
+            return grammar.from_json_schema(self.json_schema, "sampling.json_schema")
+        if self.regex:
+            return grammar.from_regex(self.regex)
+        return grammar.from_choice(tuple(self.choice)) if self.choice else None
 
     @property
     def greedy(self) -> bool:
@@ -241,6 +269,9 @@ class OutputConfig:
     keep_columns: list[str] = field(default_factory=list)  # source columns copied into generations.parquet, typed
     # parquet: the files of the Outputs table; openai_batch: also results.jsonl in the Batch API's output format
     format: str = "parquet"
+    # sampling.json_schema: generations.parquet's `parsed` column holds each answer's value, typed by the schema
+    # (splitwiser/parsed.py); true: a column per top-level property of the schema instead
+    expand_json: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("output.format", self.format, ("parquet", "openai_batch"))
@@ -308,15 +339,23 @@ class JobConfig:
         needs = self.continuous_only()
         if needs and self.engine.kind != "continuous":
             raise UserError(f"{', '.join(needs)}: only engine.kind=continuous has them")
+        if self.constrained and self.engine.ignore_eos:
+            raise UserError("engine.ignore_eos=true: a constrained answer ends with EOS where its grammar is complete; "
+                            "set engine.ignore_eos=false")
         if self.sampling.n > 1 and self.sampling.greedy and not self.data.temperature_column:
             raise UserError(f"sampling.n={self.sampling.n} with sampling.temperature=0 would write {self.sampling.n} "
                             "identical greedy generations: set sampling.temperature above 0")
 
     def continuous_only(self) -> list[str]:
         """The settings in use that only the continuous engine has (the generate engine would ignore them)."""
-        per_row = [f"data.{name}" for name in ("max_new_tokens_column", "temperature_column")
+        per_row = [f"data.{name}" for name in ("max_new_tokens_column", "temperature_column", "json_schema_column")
                    if getattr(self.data, name) is not None]
         return self.sampling.continuous_only() + per_row
+
+    @property
+    def constrained(self) -> bool:
+        """Whether any row's answer is constrained (sampling.json_schema, regex or choice, data.json_schema_column)."""
+        return self.sampling.grammar is not None or self.data.json_schema_column is not None
 
     @property
     def sampled(self) -> bool:

@@ -33,6 +33,7 @@ from splitwiser import sampler
 from splitwiser.blocks import KVBlocks, block_keys, needed
 from splitwiser.config import EngineConfig, SamplingConfig
 from splitwiser.errors import UnsupportedModel, UserError
+from splitwiser.grammar import Grammars, allowed
 from splitwiser.memory import forward_bytes, free_memory, gigabytes, kv_slot_bytes
 from splitwiser.plan import MAX_SLOTS
 from splitwiser.models import LoadedModel
@@ -176,10 +177,12 @@ class FirstToken:
 
 @dataclass(frozen=True)
 class Choice:
-    """How an engine chooses tokens: the sampling settings, and whether any row may be sampled (JobConfig.sampled:
-    a row of data.temperature_column may be, with sampling.temperature=0)."""
+    """How an engine chooses tokens: the sampling settings, whether any row may be sampled (JobConfig.sampled: a row
+    of data.temperature_column may be, with sampling.temperature=0), and whether any row's answer is constrained
+    (JobConfig.constrained: a row of data.json_schema_column may be, without sampling.json_schema)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sampled: bool = False
+    constrained: bool = False
 
     def temperature(self, request: Request) -> float:
         return self.sampling.temperature if request.temperature is None else request.temperature
@@ -188,17 +191,25 @@ class Choice:
         return request_key(self.sampling, request.id, request.sample)
 
 
+def grammars_of(loaded: LoadedModel, choice: Choice) -> Grammars | None:
+    """A constrained job's matchers on the model's vocabulary (None for a job without constraints)."""
+    if not choice.constrained:
+        return None
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    return Grammars(loaded.tokenizer, eos_ids(loaded), vocab, choice.sampling.grammar)
+
+
 def prefill_group(runner: SlotRunner, requests: list[Request], slots: list[int], memory_cap_mb: int | None,
-                  choice: Choice, start: int = 0) -> tuple[list[FirstToken | OutOfMemory], int]:
+                  choice: Choice, grammars: Grammars | None, start: int = 0) -> tuple[list[FirstToken | OutOfMemory], int]:
     """Prefills the requests' prompts into `slots` of the runner's KV pool (from token `start`: the ones before are
     cached blocks the slots' table rows point at) → (the first token of each, or the error of a prompt that ran
-    out of memory even alone; how many times the group was split)."""
-    return split_on_oom(lambda items: _prefill_slots(runner, *zip(*items), memory_cap_mb, choice, start),
+    out of memory even alone; how many times the group was split). grammars: a constrained job's."""
+    return split_on_oom(lambda items: _prefill_slots(runner, *zip(*items), memory_cap_mb, choice, grammars, start),
                         list(zip(requests, slots)))
 
 
 def _prefill_slots(runner: SlotRunner, requests: tuple[Request], slots: tuple[int], memory_cap_mb,
-                   choice: Choice, start: int) -> list[FirstToken]:
+                   choice: Choice, grammars: Grammars | None, start: int) -> list[FirstToken]:
     lengths = [request.prompt_tokens - start for request in requests]
     check_memory_cap(memory_cap_mb, runner.arch.model, len(requests), max(lengths), start)
     padded = torch.zeros(len(requests), max(lengths), dtype=torch.long)
@@ -210,7 +221,11 @@ def _prefill_slots(runner: SlotRunner, requests: tuple[Request], slots: tuple[in
     keys = torch.tensor([choice.key(r) for r in requests], device=device)
     temperature = torch.tensor([choice.temperature(r) for r in requests], device=device) if choice.sampled else None
     seen = prompt_tokens_seen(requests, logits.shape[-1]).to(device) if choice.sampling.repetition_penalty != 1 else None
-    tokens = sampler.next_tokens(logits, choice.sampling, keys, torch.zeros_like(keys), temperature, seen)
+    choosing = logits
+    if grammars is not None:
+        starts = [grammars.of(r) and grammars.matcher(grammars.of(r)) for r in requests]
+        choosing = allowed(logits, grammars.masks(starts).to(device))
+    tokens = sampler.next_tokens(choosing, choice.sampling, keys, torch.zeros_like(keys), temperature, seen)
     logprobs = sampler.token_logprobs(logits, tokens).tolist() if choice.sampling.logprobs else [None] * len(requests)
     # .tolist() waits for the prefill: in mode=split the keys are in the slots before a token worker hears of them
     return [FirstToken(token, logprob) for token, logprob in zip(tokens.tolist(), logprobs)]
@@ -279,11 +294,11 @@ class ContinuousEngine:
         self.output = torch.zeros(slots, cfg.max_new_tokens, dtype=torch.long, device=device)
         # each request's own max_new_tokens
         self.limit = torch.full((slots,), cfg.max_new_tokens, dtype=torch.long, device=device)
-        self._sampling_state(loaded, slots)
         self.eos_ids = set() if cfg.ignore_eos else eos_ids(loaded)
+        self._sampling_state(loaded, slots)
         self.eos = torch.tensor(sorted(self.eos_ids) or [-1], device=device)
         self.use_graphs = cfg.cuda_graphs and device.type == "cuda"
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}  # _launch
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.prefill_groups = 0
         self.oom_splits = 0  # prefill groups split because they ran out of memory
@@ -302,6 +317,13 @@ class ContinuousEngine:
         self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device) \
             if sampling.repetition_penalty != 1 else None
         self.stops = stop_table(loaded.tokenizer, sampling.stop, vocab, device)
+        # A constrained job's: each running request's grammar matcher (None: unconstrained), and the token masks they
+        # give a step, made on the host (pinned) and copied to the device
+        self.grammars = grammars_of(loaded, self.choice)
+        self.matchers: list = [None] * slots
+        if self.grammars is not None:
+            self.masks_host = self.grammars.bitmask(slots, pin=device.type == "cuda")
+            self.masks = self.masks_host.to(device)
 
     def run(self, requests: Iterable[Request]) -> Iterator[Generation]:
         source, read_all = iter(requests), False
@@ -441,7 +463,8 @@ class ContinuousEngine:
         slots = [free.take() for _ in admitted]
         group, prompts = [a.generation for a in admitted], [a.prompt for a in admitted]
         self.blocks.give(slots, [a.positions for a in admitted], [a.cached for a in admitted])
-        firsts, splits = prefill_group(self.runner, prompts, slots, self.cfg.memory_cap_mb, self.choice, start_at)
+        firsts, splits = prefill_group(self.runner, prompts, slots, self.cfg.memory_cap_mb, self.choice, self.grammars,
+                                       start_at)
         self.oom_splits += splits
         for slot, a, first in zip(slots, admitted, firsts):
             if not isinstance(first, OutOfMemory):
@@ -472,6 +495,7 @@ class ContinuousEngine:
         had generated back in their output rows."""
         for slot, generation in resumed:
             count = len(generation.token_ids)
+            self._constrain(slot, generation.request, generation.token_ids)
             self.output[slot, :count] = torch.tensor(generation.token_ids)
             self.generated[slot] = count
             if self.logprobs is not None:
@@ -494,21 +518,33 @@ class ContinuousEngine:
             for slot, request in zip(slots, requests):
                 self.seen[slot, on_device(request.input_ids)] = True
             self.seen[slot_ids, first] = True
+        for slot, request, token in zip(slots, requests, first_tokens):
+            self._constrain(slot, request, [token.token])
         self.generated[slot_ids] = 1
         self.output[slot_ids, 0] = first
         self.finished[slot_ids] = torch.isin(first, self.eos) | (self.limit[slot_ids] == 1) | self._stopped(slot_ids)
         self.active[slot_ids] = ~self.finished[slot_ids]
 
+    def _constrain(self, slot: int, request: Request, tokens: list[int]) -> None:
+        """A constrained request's matcher in its slot, after its tokens so far."""
+        if self.grammars is not None and self.grammars.of(request):
+            self.matchers[slot] = self.grammars.matcher(self.grammars.of(request), tokens)
+
     def _stopped(self, slots: torch.Tensor | slice) -> torch.Tensor | bool:
         """Whether the slots' outputs end in a stop string (False without stop strings)."""
         return self.stops is not None and stopped(self.stops, self.output[slots], self.generated[slots])
 
-    def _step(self, batch: int) -> None:
-        """Decode slots 0..batch-1 and update their state, on the device only (capturable)."""
+    def _forward(self, batch: int) -> torch.Tensor:
+        """The logits of slots 0..batch-1's next tokens (capturable)."""
+        return self.runner.decode(self.tokens[:batch], self.positions[:batch])
+
+    def _advance(self, batch: int, logits: torch.Tensor) -> None:
+        """Chooses slots 0..batch-1's next tokens from their logits (within their masks, in a constrained job) and
+        updates their state, on the device only (capturable)."""
         active = self.active[:batch]
-        logits = self.runner.decode(self.tokens[:batch], self.positions[:batch])
         temperature, seen = (None if state is None else state[:batch] for state in (self.temperature, self.seen))
-        next_tokens = sampler.next_tokens(logits, self.choice.sampling, self.keys[:batch], self.generated[:batch],
+        choosing = logits if self.grammars is None else allowed(logits, self.masks[:batch])
+        next_tokens = sampler.next_tokens(choosing, self.choice.sampling, self.keys[:batch], self.generated[:batch],
                                           temperature, seen)
         generated = self.generated[:batch]
         # Free slots in the batch compute too (static shapes); their results land nowhere that is read.
@@ -532,6 +568,7 @@ class ContinuousEngine:
         if not slots:
             return
         now = time.perf_counter_ns()
+        incomplete = {slot for slot in slots if self.matchers[slot] is not None and not self.matchers[slot].is_accepting()}
         self.finished[slots] = False
         outputs, counts = self.output[slots].tolist(), self.generated[slots].tolist()
         logprobs = self.logprobs[slots].tolist() if self.logprobs is not None else [None] * len(slots)
@@ -542,6 +579,9 @@ class ContinuousEngine:
             generation.logprobs = token_logprobs and token_logprobs[:generated]
             generation.finish_reason = "stop" if tokens[generated - 1] in self.eos_ids else "length"
             generation.finish_ns = now
+            if slot in incomplete:
+                generation.error = (f"its answer ended ({generation.finish_reason}, {generated} tokens) before its "
+                                    "constraint was complete")
             yield generation
 
     def _release(self, slots: list[int], release: Callable[[int], None]) -> None:
@@ -552,7 +592,7 @@ class ContinuousEngine:
         for slot in slots:
             release(slot)
 
-    def _park(self, slots: list[int] | torch.Tensor) -> None:
+    def _park(self, slots: list[int]) -> None:
         """Slots no request runs in. A free slot inside the decode batch still computes: it writes a key at its
         position and attends over the keys before it. With blocks given per request, its table row points at the
         spare block, so it is parked at position 0: one key to read, not a slot's length. With fixed blocks
@@ -560,6 +600,8 @@ class ContinuousEngine:
         the slot's never-read last position instead, so that it cannot overwrite the next prompt's keys."""
         self.positions[slots] = self.parked
         self.active[slots] = False
+        for slot in slots:
+            self.matchers[slot] = None
 
     def _grow(self, slots: Slots, waiting: deque[Generation]) -> None:
         """KV blocks on demand, before a decode step: one more to each running request whose next position is past
@@ -587,10 +629,12 @@ class ContinuousEngine:
         KV stays in its blocks. The sources are parked."""
         if not moves:
             return
-        sources, destinations = (torch.tensor(slots, device=self.device) for slots in zip(*moves))
+        for source, destination in moves:
+            self.matchers[destination] = self.matchers[source]
+        sources, destinations = zip(*moves)
         for state in self._per_slot_state():
-            state[destinations] = state[sources]
-        self._park(sources)
+            state[list(destinations)] = state[list(sources)]
+        self._park(list(sources))
         self.blocks.move(moves)
         self.moved += len(moves)
 
@@ -650,24 +694,40 @@ class ContinuousEngine:
         self.cfg = replace(self.cfg, batch_size=min(b for b, tokens_per_s in probe.items() if tokens_per_s >= 0.95 * best))
 
     def _decode(self, batch: int) -> None:
-        if not self.use_graphs:
-            return self._step(batch)
-        if batch not in self.graphs:
-            self.graphs[batch] = self._capture(batch)
-        self.graphs[batch].replay()
+        """One decode step of slots 0..batch-1. A constrained job's runs in two parts: while the device computes the
+        logits, the host computes the token masks that the second part applies; then the matchers take the tokens."""
+        if self.grammars is None:
+            self._launch(("step", batch), lambda: self._advance(batch, self._forward(batch)))
+            return
+        logits = self._launch(("forward", batch), lambda: self._forward(batch))
+        self.grammars.masks(self.matchers[:batch], self.masks_host)
+        self.masks[:batch].copy_(self.masks_host[:batch], non_blocking=True)
+        self._launch(("advance", batch), lambda: self._advance(batch, logits))
+        if any(self.matchers[:batch]):
+            self.grammars.consume(self.matchers[:batch], self.tokens[:batch].tolist())
 
-    def _capture(self, batch: int) -> torch.cuda.CUDAGraph:
+    def _launch(self, key: tuple[str, int], work: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+        """work() (a part of a decode step), replayed as a CUDA graph where graphs are on: its result is the graph's."""
+        if not self.use_graphs:
+            return work()
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(key[1], work)
+        graph, result = self.graphs[key]
+        graph.replay()
+        return result
+
+    def _capture(self, batch: int, work: Callable[[], torch.Tensor | None]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
         # CUDA graph capture wants a warm-up on a side stream first. The warm-up must not change
         # the state, so it runs the model alone: it writes the same keys/values the replay writes.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.runner.decode(self.tokens[:batch], self.positions[:batch])
+            self._forward(batch)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self._step(batch)
-        return graph
+            result = work()
+        return graph, result
 
 
 def resolve_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, requests: int, share: int = 1,
@@ -740,8 +800,9 @@ def make_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, reques
     try:
         engine = ContinuousEngine(loaded, resolved, slot_length, choice=choice)
     except UnsupportedModel as e:
-        if choice.sampled or choice.sampling.continuous_only():
-            raise UserError(f"{', '.join(choice.sampling.continuous_only()) or 'data.temperature_column'}: only the "
+        if choice.sampled or choice.constrained or choice.sampling.continuous_only():
+            per_row = 'data.temperature_column or data.json_schema_column'
+            raise UserError(f"{', '.join(choice.sampling.continuous_only()) or per_row}: only the "
                             f"continuous engine has them, and it does not support this model ({e})") from None
         log.warning("engine.kind=continuous does not support this model (%s): using engine.kind=generate", e)
         fallback = GenerateEngine(loaded, resolved)

@@ -11,8 +11,10 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 
-from splitwiser import openai_batch
+from splitwiser import grammar, openai_batch, parsed
 from splitwiser.colocated import generate_units, run_colocated
 from splitwiser.config import JobConfig, SamplingConfig, to_plain_dict
 from splitwiser.data import data_path, kept_column, read_dataset
@@ -39,6 +41,18 @@ from splitwiser.workers import Totals, Work, fork_server_running
 log = logging.getLogger(__name__)
 
 
+def choice_of(job: JobConfig) -> Choice:
+    return Choice(job.sampling, job.sampled, job.constrained)
+
+
+def parsed_of(job: JobConfig) -> Callable[[pa.Table], pa.Table] | None:
+    """sampling.json_schema: what adds the answers' values to generations.parquet (parsed.with_parsed)."""
+    if not job.sampling.json_schema:
+        return None
+    schema = grammar.json_schema(job.sampling.json_schema, "sampling.json_schema")
+    return partial(parsed.with_parsed, schema=schema, expand=job.output.expand_json)
+
+
 def fingerprint(job: JobConfig) -> dict:
     """What makes two runs the same job, so that one may resume the other."""
     return {
@@ -55,10 +69,13 @@ def _changed_sampling(job: JobConfig) -> dict:
     """The sampling settings and per-row columns that differ from the defaults, as fingerprint entries; of a job
     that samples no row, only those that change greedy outputs (a seed or top_p changes nothing there)."""
     defaults = to_plain_dict(SamplingConfig())
-    greedy_settings = ("repetition_penalty", "n", "stop", "logprobs")
+    greedy_settings = ("repetition_penalty", "n", "stop", "logprobs", "json_schema", "regex", "choice")
     changed = {k: v for k, v in to_plain_dict(job.sampling).items()
                if v != defaults[k] and (job.sampled or k in greedy_settings)}
-    per_row = {k: getattr(job.data, k) for k in ("max_new_tokens_column", "temperature_column") if getattr(job.data, k)}
+    if job.sampling.json_schema:  # the schema itself: a file's may change under the same path
+        changed["json_schema"] = job.sampling.grammar
+    per_row = {k: getattr(job.data, k) for k in ("max_new_tokens_column", "temperature_column", "json_schema_column")
+               if getattr(job.data, k)}
     return ({"sampling": changed} if changed else {}) | per_row
 
 
@@ -144,6 +161,9 @@ def checked_inputs(job: JobConfig) -> tuple[JobConfig, OutputDir, Dataset, Plan]
     rows and its plan: what can refuse a job fails here, in a second, before the model loads."""
     job = openai_batch.configure(job)  # an OpenAI batch file: its requests' columns
     check_kept(job.output.keep_columns)
+    if job.output.expand_json and job.sampling.json_schema:
+        schema = grammar.json_schema(job.sampling.json_schema, "sampling.json_schema")
+        parsed.check_expand(schema, [*GENERATION_SCHEMA.names, *METRICS, *job.output.keep_columns])
     out = OutputDir(job.output.dir)
     out.check(fingerprint(job), job.output.overwrite)
     rows = read_dataset(job.data, job.prompt, job.output.keep_columns, job.sampling)
@@ -164,7 +184,7 @@ def estimate(job: JobConfig) -> dict:
                                 job.engine.max_new_tokens)
     requests = prepared.requests
     plan = plan.for_requests(requests, job.engine)
-    engine = make_engine(loaded, job.engine, plan.slot_length, len(requests), Choice(job.sampling, job.sampled),
+    engine = make_engine(loaded, job.engine, plan.slot_length, len(requests), choice_of(job),
                          plan.prompt_lengths)
     tokens = sum(n or job.engine.max_new_tokens for n in requests["max_new_tokens"])  # None: the job's
     rate = decode_rate(engine) if len(requests) else None
@@ -244,7 +264,7 @@ class Run:
         # The least the outputs take: shards of the prompts' token ids, and the generated token ids.
         check_free_space(self.out.path, 4 * (sum(requests["prompt_tokens"]) + len(requests) * cfg.max_new_tokens))
         shards = self.out.path / "shards"
-        return Work(cfg=cfg, slot_length=plan.slot_length, choice=Choice(self.job.sampling, self.job.sampled),
+        return Work(cfg=cfg, slot_length=plan.slot_length, choice=choice_of(self.job),
                     requests=len(requests), threads=torch.get_num_threads(),
                     shards=shards, unit_count=write_shards(requests, shards, plan.unit_rows), out=self.out,
                     run_index=self.index, job_start_ns=self.stages.start_ns, prompt_lengths=plan.prompt_lengths)
@@ -256,7 +276,7 @@ class Run:
             return None, plan
         start = time.perf_counter()
         engine = make_engine(self.models[0], self.job.engine, plan.slot_length, requests,
-                             Choice(self.job.sampling, self.job.sampled), plan.prompt_lengths)
+                             choice_of(self.job), plan.prompt_lengths)
         if requests:
             engine.warm_up()
         self.probe = getattr(engine, "probe_tokens_per_s", None)
@@ -318,7 +338,8 @@ class Run:
         wanted = pa.table({"id": generated["id"] + [i for i, _ in prepared.reused],
                            "sample": generated["sample"] + [sample for _, sample in prepared.reused],
                            "prompt": generated["prompt"] + [self.prompts_done[key] for key in prepared.reused]})
-        manifest = self.out.finalize(prepared.errors.with_format("arrow")[:], wanted, manifest, self.kept(rows))
+        manifest = self.out.finalize(prepared.errors.with_format("arrow")[:], wanted, manifest, self.kept(rows),
+                                     parsed_of(job))
         if job.output.format == "openai_batch":
             self.write_results(rows)
         return score_output(self.out.path, torch.get_num_threads()) if job.data.reference_column else manifest

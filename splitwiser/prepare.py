@@ -24,7 +24,7 @@ from typing import NamedTuple
 from datasets import Dataset, Features, Sequence, Value, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from splitwiser import conversation
+from splitwiser import conversation, grammar
 from splitwiser.config import DataConfig, PromptConfig
 from splitwiser.data import READ_ERROR
 from splitwiser.errors import UserError
@@ -272,6 +272,7 @@ class _Row(NamedTuple):
     sample: int
     max_new_tokens: int | None
     temperature: float | None
+    grammar: str | None
     error: str | None
     reused: bool
 
@@ -280,17 +281,23 @@ def _features(data: DataConfig) -> Features:
     # Typed: map would otherwise keep an input column's type for an output of the same name (numeric ids).
     return Features({"id": Value("string"), "prompt": Value("string"), "input_ids": Sequence(Value("int32")),
                      "prompt_tokens": Value("int32"), "prompt_truncated": Value("bool"), "sample": Value("int32"),
-                     "max_new_tokens": Value("int32"), "temperature": Value("float64"), "error": Value("string"),
+                     "max_new_tokens": Value("int32"), "temperature": Value("float64"), "grammar": Value("string"), "error": Value("string"),
                      "reused": Value("bool"), **({"reference": Value("string")} if data.reference_column else {})})
 
 
 def _row_settings(batch: dict, index: int, data: DataConfig, max_new_tokens: int) -> dict | str:
-    """The row's own settings (data.max_new_tokens_column, data.temperature_column; an empty cell: the job's), or
-    why they cannot be used."""
+    """The row's own settings (data.max_new_tokens_column, data.temperature_column, data.json_schema_column; an empty
+    cell: the job's), or why they cannot be used."""
     settings = {}
     for setting, column in data.per_row_columns().items():
         text = batch[column][index]
         if text is None or not text.strip():
+            continue
+        if setting == "grammar":
+            try:
+                settings[setting] = grammar.from_json_schema(text, f"{column}")
+            except UserError as e:
+                return str(e)
             continue
         try:
             value = int(text) if setting == "max_new_tokens" else float(text)
@@ -327,7 +334,8 @@ def _to_requests(batch: dict, indices: list[int], data: DataConfig, start: int, 
         for sample in range(copies[-1]):
             reused = error is None and done.get((ids.by_row[row], sample)) == prompt_text
             prepared.append(_Row(ids.name(row), prompt_text, token_ids, len(token_ids), truncated, sample,
-                                 setting.get("max_new_tokens"), setting.get("temperature"), error, reused))
+                                 setting.get("max_new_tokens"), setting.get("temperature"), setting.get("grammar"),
+                                 error, reused))
     out = {name: [getattr(r, name) for r in prepared] for name in _Row._fields}
     if data.reference_column:
         out["reference"] = [value for value, n in zip(batch[data.reference_column], copies) for _ in range(n)]

@@ -19,6 +19,7 @@ class Request:
     sample: int = 0  # which of the row's sampling.n samples this is
     max_new_tokens: int | None = None  # the row's own (data.max_new_tokens_column), else engine.max_new_tokens
     temperature: float | None = None  # the row's own (data.temperature_column), else sampling.temperature
+    grammar: str | None = None  # the row's own constraint (data.json_schema_column; grammar.py), else the job's
 
     @property
     def key(self) -> tuple[str, int]:

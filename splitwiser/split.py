@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch.multiprocessing as mp
 
-from splitwiser.engine import ContinuousEngine, Handoff, OutOfMemory, prefill_group, prefill_group_size
+from splitwiser.engine import ContinuousEngine, Handoff, OutOfMemory, grammars_of, prefill_group, prefill_group_size
 from splitwiser.errors import UnsupportedModel, UserError, WorkersFailed
 from splitwiser.families import adapter_for
 from splitwiser.models import LoadedModel
@@ -52,6 +52,7 @@ class PromptWorker:
                  free_slots: list[mp.Queue], handoffs: list[mp.Queue]):
         self.rank, self.work, self.events, self.free_slots, self.handoffs = rank, work, events, free_slots, handoffs
         self.runners = [SlotRunner(loaded.model, work.cfg.batch_size, work.slot_length, kv=pool) for pool in pools]
+        self.grammars = grammars_of(loaded, work.choice)
         self.groups = self.oom_splits = 0
 
     def prefill_unit(self, requests: list[Request]) -> None:
@@ -71,7 +72,7 @@ class PromptWorker:
         ran out of memory alone gives its slot back and goes to errors.parquet."""
         start = time.perf_counter_ns()
         firsts, splits = prefill_group(self.runners[target], group, slots, self.work.cfg.memory_cap_mb,
-                                       self.work.choice)
+                                       self.work.choice, self.grammars)
         now = time.perf_counter_ns()
         self.oom_splits += splits
         started, failed = [], []

@@ -1,0 +1,120 @@
+"""Constrained answers: text that matches a JSON schema, a regular expression or one of a list of strings
+(sampling.json_schema, sampling.regex, sampling.choice for the whole job; data.json_schema_column per row), with
+llguidance (the grammar library vLLM and SGLang offer).
+
+A constrained request has a grammar (llguidance's grammar text, compiled from the schema, the regex or the choices).
+Before each of its tokens is sampled, its matcher (the grammar's state after the tokens so far) says which tokens may
+come next, as a bitmask; the others' logits become -inf, so greedy and sampled choices both stay inside the grammar.
+Once the grammar is complete only EOS may follow: the answer ends there. An answer that ends before (at its
+max_new_tokens, or at a stop string) is incomplete: an error, never a half-done value.
+"""
+
+import functools
+import json
+from pathlib import Path
+
+import llguidance
+import llguidance.hf
+import torch
+
+from splitwiser.errors import UserError
+
+
+def json_schema(schema: str, setting: str) -> dict:
+    """A JSON schema given as JSON text, or as the path of a .json file holding it. Raises UserError naming `setting`
+    where it is neither."""
+    text = schema if schema.lstrip().startswith("{") else _read(Path(schema), setting)
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{setting}: the schema is not valid JSON ({e})") from None
+    if not isinstance(parsed, dict):
+        raise UserError(f"{setting}: a JSON schema is an object ({{...}}), not {type(parsed).__name__}")
+    return parsed
+
+
+@functools.lru_cache(maxsize=1024)
+def from_json_schema(schema: str, setting: str) -> str:
+    """The grammar of a JSON schema (json_schema's text or path). Raises UserError naming `setting` where llguidance
+    cannot compile it."""
+    # Compact JSON, no whitespace between its tokens: a model given free whitespace may spend its tokens on newlines
+    compact = {"whitespace_flexible": False}
+    return _checked(llguidance.LLMatcher.grammar_from_json_schema(json_schema(schema, setting), defaults=compact),
+                    setting)
+
+
+@functools.lru_cache(maxsize=16)
+def from_regex(regex: str, setting: str = "sampling.regex") -> str:
+    return _checked(llguidance.LLMatcher.grammar_from_regex(regex), setting)
+
+
+@functools.lru_cache(maxsize=16)
+def from_choice(options: tuple[str, ...], setting: str = "sampling.choice") -> str:
+    """The grammar of exactly one of the options."""
+    lark = "start: " + " | ".join(json.dumps(option, ensure_ascii=False) for option in options)
+    return _checked(llguidance.LLMatcher.grammar_from_lark(lark), setting)
+
+
+def _read(path: Path, setting: str) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise UserError(f"{setting}={path}: neither a JSON schema ({{...}}) nor a readable file ({e.strerror})") from None
+
+
+def _checked(grammar: str, setting: str) -> str:
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise UserError(f"{setting}: llguidance cannot compile it: {' '.join(error.split())}")
+    return grammar
+
+
+class Grammars:
+    """A model's matchers: one per constrained request, on its tokenizer and vocabulary, and their token masks.
+    `default`: the job's grammar (of sampling.json_schema, regex or choice), for a request without its own."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], vocab: int, default: str | None):
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=sorted(eos_ids))
+        self.vocab, self.default = vocab, default
+        self.executor = llguidance.LLExecutor()
+        self._fresh: dict[str, llguidance.LLMatcher] = {}  # grammar → its matcher before any token (compiled once)
+
+    def of(self, request) -> str | None:
+        return request.grammar or self.default
+
+    def matcher(self, grammar: str, tokens: list[int] = ()) -> llguidance.LLMatcher:
+        """A new matcher of the grammar, after `tokens` (a request's tokens so far)."""
+        if grammar not in self._fresh:
+            self._fresh[grammar] = llguidance.LLMatcher(self.tokenizer, grammar)
+        matcher = self._fresh[grammar].deep_copy()
+        if tokens and not matcher.consume_tokens(list(tokens)):
+            raise RuntimeError(f"the grammar refused tokens it allowed: {matcher.get_error()}")
+        return matcher
+
+    def masks(self, matchers: list, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The bitmask [len(matchers), words] of the tokens each matcher allows next (every token where None),
+        into `out` where given (pinned memory, for a copy to the device that does not wait)."""
+        out = self.bitmask(len(matchers)) if out is None else out
+        out[:len(matchers)] = -1
+        rows = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
+        if rows:  # llguidance.torch's fill_next_token_bitmask_par, whose module costs 1.5 s of torch.compile imports
+            words = out.shape[1]
+            self.executor.unsafe_compute_mask_ptr(rows, out.data_ptr(), words * 4, out.shape[0])
+        return out[:len(matchers)]
+
+    def bitmask(self, rows: int, pin: bool = False) -> torch.Tensor:
+        """Room for the masks of `rows` requests: int32 words of 32 tokens each, every token allowed."""
+        return torch.full((rows, (self.vocab + 31) // 32), -1, dtype=torch.int32, pin_memory=pin)
+
+    def consume(self, matchers: list, tokens: list[int]) -> None:
+        """Each matcher (None: none) takes its request's new token, in parallel."""
+        pairs = [(matcher, token) for matcher, token in zip(matchers, tokens) if matcher is not None]
+        if pairs and not all(self.executor.consume_token_par(pairs)):
+            raise RuntimeError("a grammar refused a token its mask allowed")
+
+
+def allowed(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The logits [B, vocab] with the tokens the bitmasks [B, words] leave out at -inf (static shapes: capturable)."""
+    shifts = torch.arange(32, device=masks.device, dtype=torch.int32)
+    keep = ((masks[:, :, None] >> shifts) & 1).flatten(1)[:, :logits.shape[-1]].bool()
+    return logits.masked_fill(~keep, float("-inf"))
