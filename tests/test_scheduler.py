@@ -2,6 +2,7 @@
 Slots is tested alone with a fake step (requests of random lengths, no model); then the engine with the real model:
 requests moved between slots keep generate()'s tokens (greedy, fp32) and their sampled tokens."""
 
+import re
 import random
 
 import numpy as np
@@ -154,10 +155,12 @@ def test_requests_preempted_for_want_of_kv_blocks_keep_their_tokens(default_mode
 
 
 def test_preempted_requests_sample_as_if_never_preempted(default_model):
-    """Sampled with a repetition penalty and logprobs: a request preempted and started again draws the same tokens
-    (its sampling key and step count go with it) and the same log-probabilities."""
+    """Sampled with a repetition penalty, logprobs and a constraint (sampling.regex): a request preempted and started
+    again draws the same tokens (its sampling key, step count and grammar state go with it) and the same
+    log-probabilities."""
     requests = requests_of_varied_lengths(default_model.tokenizer, 6, answers=(32,), longest_prompt=40)
-    choice = Choice(SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.2, logprobs=True), True)
+    sampling = SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.2, logprobs=True, regex="[a-z ,.]+")
+    choice = Choice(sampling, sampled=True, constrained=True)
     outputs, preempted = {}, {}
     for kv_tokens in ("auto", 80):
         cfg = EngineConfig(batch_size=8, max_new_tokens=32, prefill_tokens=512, kv_tokens=kv_tokens)
@@ -167,3 +170,4 @@ def test_preempted_requests_sample_as_if_never_preempted(default_model):
     assert preempted == {"auto": 0, 80: preempted[80]} and preempted[80] > 0
     for key, (tokens, logprobs) in outputs["auto"].items():
         assert tokens == outputs[80][key][0] and logprobs == pytest.approx(outputs[80][key][1], abs=1e-4)
+        assert re.fullmatch("[a-z ,.]+", default_model.tokenizer.decode(tokens, skip_special_tokens=True)), tokens
