@@ -72,6 +72,9 @@ class System:
     # examples: other requests' prompts in a row), request i with header i % headers
     header_tokens: int = 0
     headers: int = 1
+    # continuous, in the bench's process: every answer matches this JSON schema (a file; sampling.json_schema), and
+    # ends with EOS where it is complete (or at max_new_tokens): the cost of constrained decoding
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode is not None and (self.mode not in ("single", "colocated", "split")
@@ -132,7 +135,7 @@ class GenerateBatchEngine:
 
 def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, requests: list[Request]):
     cfg = EngineConfig(kind="generate" if system.name != "continuous" else "continuous", batch_size=system.batch_size,
-                       max_new_tokens=max_new_tokens, ignore_eos=True, cuda_graphs=system.cuda_graphs,
+                       max_new_tokens=max_new_tokens, ignore_eos=system.json_schema is None, cuda_graphs=system.cuda_graphs,
                        attention=system.attention, share_prefix=system.share_prefix, compact=system.compact)
     if system.name == "generate":
         return GenerateEngine(loaded, cfg)
@@ -141,10 +144,12 @@ def make_system(system: System, loaded: LoadedModel, max_new_tokens: int, reques
     if system.name == "generate_batch":
         return GenerateBatchEngine(loaded, cfg)
     if system.name == "continuous":
-        sampling = SamplingConfig(temperature=system.temperature, top_p=system.top_p, top_k=system.top_k)
+        sampling = SamplingConfig(temperature=system.temperature, top_p=system.top_p, top_k=system.top_k,
+                                  json_schema=system.json_schema)
         length = slot_length(max(r.prompt_tokens for r in requests), max_new_tokens)
         longest = longest_prompts([r.prompt_tokens for r in requests], cfg)
-        return make_engine(loaded, cfg, length, len(requests), Choice(sampling, not sampling.greedy), longest)
+        choice = Choice(sampling, not sampling.greedy, sampling.grammar is not None)
+        return make_engine(loaded, cfg, length, len(requests), choice, longest)
     raise ValueError(f"unknown system {system.name}")
 
 
@@ -194,7 +199,8 @@ def system_columns(system: System, max_new_tokens: int) -> dict:
             "temperature": system.temperature, "top_p": system.top_p, "top_k": system.top_k,
             "long_rows": system.long_rows, "share_prefix": system.share_prefix, "compact": system.compact,
             "answer_median": system.answer_median, "answer_spread": system.answer_spread,
-            "answer_max": system.answer_max, "header_tokens": system.header_tokens, "headers": system.headers}
+            "answer_max": system.answer_max, "header_tokens": system.header_tokens, "headers": system.headers,
+            "json_schema": system.json_schema}
 
 
 def summary(system: System, max_new_tokens: int, lengths: list[int], run_s: float, latency_ms: list[float],
@@ -241,7 +247,8 @@ def measure(system: System, loaded: LoadedModel, requests: list[Request], max_ne
     run_s, run_start, results = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
     kv = {"kv_tokens": engine.kv_tokens, "kv_peak_tokens": engine.kv_peak_tokens,
           "batch_size_run": engine.cfg.batch_size, "moved": engine.moved,
-          "preempted": engine.preempted, "cached_tokens": engine.cached_tokens} if hasattr(engine, "kv_tokens") else {}
+          "preempted": engine.preempted, "cached_tokens": engine.cached_tokens, "decode_steps": engine.decode_steps,
+          "constraint_s": round(engine.constraint_s, 3)} if hasattr(engine, "kv_tokens") else {}
     del engine
     row = summary(system, max_new_tokens, [len(g.token_ids) for g in results], run_s,
                   [(g.finish_ns - run_start) / 1e6 for g in results], [(g.first_token_ns - run_start) / 1e6 for g in results],

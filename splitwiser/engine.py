@@ -305,6 +305,8 @@ class ContinuousEngine:
         self.moved = 0  # requests moved to a lower slot (engine.compact)
         self.preempted = 0  # requests stopped for want of KV blocks, and started again
         self.cached_tokens = 0  # prompt tokens read from the prefix cache instead of computed
+        self.decode_steps = 0
+        self.constraint_s = 0.0  # host time making token masks and advancing matchers (a constrained job)
         self.probe_tokens_per_s: dict[int, float] | None = None  # make_engine's probe (batch_size=auto)
 
     def _sampling_state(self, loaded: LoadedModel, slots: int) -> None:
@@ -696,15 +698,21 @@ class ContinuousEngine:
     def _decode(self, batch: int) -> None:
         """One decode step of slots 0..batch-1. A constrained job's runs in two parts: while the device computes the
         logits, the host computes the token masks that the second part applies; then the matchers take the tokens."""
+        self.decode_steps += 1
         if self.grammars is None:
             self._launch(("step", batch), lambda: self._advance(batch, self._forward(batch)))
             return
         logits = self._launch(("forward", batch), lambda: self._forward(batch))
+        start = time.perf_counter()
         self.grammars.masks(self.matchers[:batch], self.masks_host)
+        self.constraint_s += time.perf_counter() - start
         self.masks[:batch].copy_(self.masks_host[:batch], non_blocking=True)
         self._launch(("advance", batch), lambda: self._advance(batch, logits))
         if any(self.matchers[:batch]):
-            self.grammars.consume(self.matchers[:batch], self.tokens[:batch].tolist())
+            tokens = self.tokens[:batch].tolist()  # waits for the step
+            start = time.perf_counter()
+            self.grammars.consume(self.matchers[:batch], tokens)
+            self.constraint_s += time.perf_counter() - start
 
     def _launch(self, key: tuple[str, int], work: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
         """work() (a part of a decode step), replayed as a CUDA graph where graphs are on: its result is the graph's."""

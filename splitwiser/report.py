@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLUMNS = ["system", "mode", "procs", "mps", "batch_size", "cuda_graphs", "attention", "temperature", "top_p", "top_k",
-           "compact", "answer_median", "cached_tokens",
+           "compact", "answer_median", "json_schema", "cached_tokens", "constraint_s", "decode_steps",
            "requests", "generated_tokens", "tokens_per_s", "vs_paper", "warmup_s", "run_s", "job_s", "latency_p50_ms",
            "latency_p99_ms", "last_tenth_share", "ttft_p50_ms", "peak_memory_gb"]
 
@@ -38,6 +38,7 @@ def label(row: dict) -> str:
         name += " no compaction" if row.get("compact") is False else ""
         if row.get("answer_median"):
             name += f" answers ~{row['answer_median']}" + ("" if row.get("answer_spread") else " each")
+        name += f" constrained by {Path(row['json_schema']).name}" if row.get("json_schema") else ""
     if row.get("mode"):
         name += f" {row['mode']} x{row['procs']}" + (" MPS" if mps_state(row) == "on" else "")
     return name
