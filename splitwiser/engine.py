@@ -90,7 +90,9 @@ def eos_ids(loaded: LoadedModel) -> set[int]:
     eos = loaded.model.generation_config.eos_token_id
     if eos is None:
         eos = loaded.tokenizer.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos]) - {None}
+    ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    # Ids past the tokenizer's (a shape's config run with another model's tokenizer) end no text it can read
+    return {i for i in ids if i < len(loaded.tokenizer)} or {loaded.tokenizer.eos_token_id} - {None}
 
 
 class StepClock:
@@ -570,7 +572,10 @@ class ContinuousEngine:
         if not slots:
             return
         now = time.perf_counter_ns()
-        incomplete = {slot for slot in slots if self.matchers[slot] is not None and not self.matchers[slot].is_accepting()}
+        incomplete = set()
+        if self.grammars is not None:
+            self.grammars.settle([self.matchers[slot] for slot in slots])
+            incomplete = {slot for slot in slots if self.matchers[slot] and not self.matchers[slot].is_accepting()}
         self.finished[slots] = False
         outputs, counts = self.output[slots].tolist(), self.generated[slots].tolist()
         logprobs = self.logprobs[slots].tolist() if self.logprobs is not None else [None] * len(slots)
@@ -697,22 +702,20 @@ class ContinuousEngine:
 
     def _decode(self, batch: int) -> None:
         """One decode step of slots 0..batch-1. A constrained job's runs in two parts: while the device computes the
-        logits, the host computes the token masks that the second part applies; then the matchers take the tokens."""
+        logits, the matchers take the tokens of the step before and the host computes the token masks that the
+        second part applies."""
         self.decode_steps += 1
         if self.grammars is None:
             self._launch(("step", batch), lambda: self._advance(batch, self._forward(batch)))
             return
         logits = self._launch(("forward", batch), lambda: self._forward(batch))
         start = time.perf_counter()
+        self.grammars.settle()
         self.grammars.masks(self.matchers[:batch], self.masks_host)
         self.constraint_s += time.perf_counter() - start
         self.masks[:batch].copy_(self.masks_host[:batch], non_blocking=True)
         self._launch(("advance", batch), lambda: self._advance(batch, logits))
-        if any(self.matchers[:batch]):
-            tokens = self.tokens[:batch].tolist()  # waits for the step
-            start = time.perf_counter()
-            self.grammars.consume(self.matchers[:batch], tokens)
-            self.constraint_s += time.perf_counter() - start
+        self.grammars.defer(self.matchers[:batch], self.tokens[:batch].tolist())
 
     def _launch(self, key: tuple[str, int], work: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
         """work() (a part of a decode step), replayed as a CUDA graph where graphs are on: its result is the graph's."""

@@ -11,6 +11,7 @@ max_new_tokens, or at a stop string) is incomplete: an error, never a half-done 
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import llguidance
@@ -76,8 +77,10 @@ class Grammars:
     def __init__(self, tokenizer, eos_ids: set[int], vocab: int, default: str | None):
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=sorted(eos_ids))
         self.vocab, self.default = vocab, default
-        self.executor = llguidance.LLExecutor()
+        # More threads made 512 masks slower on the H200 machine's 16 cores (bench/NOTES.md, run 29)
+        self.executor = llguidance.LLExecutor(min(4, os.cpu_count() or 1))
         self._fresh: dict[str, llguidance.LLMatcher] = {}  # grammar → its matcher before any token (compiled once)
+        self.pending: dict[int, tuple[llguidance.LLMatcher, int]] = {}  # id(matcher) → (it, the token it takes next)
 
     def of(self, request) -> str | None:
         return request.grammar or self.default
@@ -95,8 +98,9 @@ class Grammars:
         """The bitmask [len(matchers), words] of the tokens each matcher allows next (every token where None),
         into `out` where given (pinned memory, for a copy to the device that does not wait)."""
         out = self.bitmask(len(matchers)) if out is None else out
-        out[:len(matchers)] = -1
         rows = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
+        if len(rows) < len(matchers):
+            out[[row for row, matcher in enumerate(matchers) if matcher is None]] = -1
         if rows:  # llguidance.torch's fill_next_token_bitmask_par, whose module costs 1.5 s of torch.compile imports
             words = out.shape[1]
             self.executor.unsafe_compute_mask_ptr(rows, out.data_ptr(), words * 4, out.shape[0])
@@ -106,9 +110,15 @@ class Grammars:
         """Room for the masks of `rows` requests: int32 words of 32 tokens each, every token allowed."""
         return torch.full((rows, (self.vocab + 31) // 32), -1, dtype=torch.int32, pin_memory=pin)
 
-    def consume(self, matchers: list, tokens: list[int]) -> None:
-        """Each matcher (None: none) takes its request's new token, in parallel."""
-        pairs = [(matcher, token) for matcher, token in zip(matchers, tokens) if matcher is not None]
+    def defer(self, matchers: list, tokens: list[int]) -> None:
+        """Each matcher (None: none) is to take its request's new token: at the next settle, which the engine calls
+        while the device computes the next logits."""
+        self.pending = {id(matcher): (matcher, token) for matcher, token in zip(matchers, tokens) if matcher is not None}
+
+    def settle(self, matchers: list | None = None) -> None:
+        """The matchers (all where None) take the tokens deferred for them."""
+        keys = list(self.pending) if matchers is None else [id(m) for m in matchers if id(m) in self.pending]
+        pairs = [self.pending.pop(key) for key in keys]
         if pairs and not all(self.executor.consume_token_par(pairs)):
             raise RuntimeError("a grammar refused a token its mask allowed")
 
