@@ -7,7 +7,9 @@ Input (https://platform.openai.com/docs/guides/batch; the openapi spec's BatchRe
 [...], "max_tokens": 1000}}`. A .jsonl whose first line has `custom_id` and `body` is one. Each line becomes a row:
 custom_id → the id; /v1/chat/completions' body.messages → a conversation (splitwiser.conversation, rendered with the
 model's chat template), /v1/completions' body.prompt (one string) → the prompt as it is (no template); max_tokens
-(or max_completion_tokens) and temperature → the row's own (data.max_new_tokens_column, data.temperature_column).
+(or max_completion_tokens) and temperature → the row's own (data.max_new_tokens_column, data.temperature_column);
+a chat request's response_format `{"type": "json_schema", "json_schema": {"schema": {...}}}` or `{"type":
+"json_object"}` → the row's own JSON schema (data.json_schema_column: its answer is JSON that matches it).
 top_p, stop, n and seed are the job's for every row: a request may repeat them, not change them. Any other body
 field changes what the API would answer in a way the engine cannot honour, and refuses its request (the row goes
 to errors.parquet naming it), unless its value is the API's default (`"logprobs": false`, `"presence_penalty": 0`)
@@ -38,13 +40,13 @@ from splitwiser.output import atomic_write
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 # The columns the reader makes, and the data options a batch job runs with (configure).
 COLUMNS = {"id_column": "custom_id", "messages_column": "messages", "max_new_tokens_column": "max_tokens",
-           "temperature_column": "temperature"}
+           "temperature_column": "temperature", "json_schema_column": "json_schema"}
 # Per endpoint, the documented body fields honoured: the prompt, the per-request settings, the job's settings that a
 # request may repeat, and those that change nothing in the answer (model: the job's model answers; user, metadata:
 # labels).
 FIELDS = {
     CHAT: {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "n", "seed", "model",
-           "user", "metadata"},
+           "user", "metadata", "response_format"},
     COMPLETIONS: {"prompt", "max_tokens", "temperature", "top_p", "stop", "n", "seed", "model", "user"},
 }
 DEFAULTS = {"stream": False, "logprobs": False, "echo": False, "best_of": 1, "presence_penalty": 0,
@@ -111,8 +113,25 @@ def _settings(url: str, body: dict, sampling: SamplingConfig) -> tuple[dict, str
     temperature = given.get("temperature")
     if temperature is not None and not (type(temperature) in (int, float) and 0 <= temperature <= 2):
         return {}, f"body.temperature={json.dumps(temperature)}: must be a number from 0 to 2"
+    schema, why = _response_schema(given.get("response_format"))
+    if why:
+        return {}, why
     return {"max_tokens": str(next(iter(limits.values()))) if limits else None,
-            "temperature": None if temperature is None else str(temperature)}, None
+            "temperature": None if temperature is None else str(temperature), "json_schema": schema}, None
+
+
+def _response_schema(response_format) -> tuple[str | None, str | None]:
+    """The JSON schema (as text) a response_format asks the answer to match (None: free text), or why it cannot."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if response_format is None or kind == "text":
+        return None, None
+    if kind == "json_object":
+        return json.dumps({"type": "object"}), None
+    schema = (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    if not isinstance(schema, dict):
+        return None, (f"body.response_format={json.dumps(response_format)}: give type text, json_object, or json_schema "
+                      "with json_schema.schema an object")
+    return json.dumps(schema), None
 
 
 def _prompt(url: str, body: dict) -> tuple[str | None, str | None]:
@@ -142,7 +161,7 @@ def _request(request: dict, sampling: SamplingConfig) -> tuple[dict, str | None]
     """One line's row (COLUMNS' values), and why it cannot be generated, if so."""
     custom_id = request.get("custom_id")
     row = {"custom_id": custom_id if type(custom_id) is str and custom_id.strip() else None, "messages": None,
-           "max_tokens": None, "temperature": None}
+           "max_tokens": None, "temperature": None, "json_schema": None}
     if row["custom_id"] is None:
         return row, "missing custom_id" if custom_id is None else f"custom_id {json.dumps(custom_id)} is not a string"
     if not isinstance(request.get("body"), dict):

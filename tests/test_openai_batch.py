@@ -169,8 +169,9 @@ def test_a_request_may_repeat_the_jobs_settings_not_change_them():
     assert got["n"][0].startswith("body.n=2: this job runs every request with sampling.n=1")
     assert got["seed"][0].startswith("body.seed=42: this job runs every request with sampling.seed=0")
     assert got["stop"][0].startswith('body.stop="\\n": this job runs every request with sampling.stop=["\\n", "END"]')
-    for name, field in (("logprobs", "logprobs"), ("tools", "tools"), ("format", "response_format")):
+    for name, field in (("logprobs", "logprobs"), ("tools", "tools")):
         assert got[name][0].startswith(f"body.{field} is not supported"), got[name]
+    assert got["format"][0].startswith("body.response_format={}: give type text, json_object, or json_schema")
     assert got["both"][0] == "body.max_tokens and body.max_completion_tokens differ: give one"
     assert got["bad-max"][0] == "body.max_tokens=0: must be a whole number of at least 1"
     assert got["hot"][0] == "body.temperature=3: must be a number from 0 to 2"
@@ -227,3 +228,27 @@ def test_a_resumed_batch_job_writes_the_same_results(batch_job, tmp_path):
 
 def replace_created(response: dict | None) -> dict | None:
     return response and {**response, "body": {**response["body"], "created": 0}}
+
+
+def test_response_format_constrains_each_request_as_the_api_does(tmp_path):
+    """A json_schema request's answer matches its schema, a json_object request's is a JSON object, a text request's
+    is free; a schema llguidance refuses goes to the request's error line."""
+    schema = {"type": "object", "properties": {"urgent": {"type": "boolean"}, "organ": {"enum": ["lung", "heart"]}},
+              "required": ["urgent", "organ"], "additionalProperties": False}
+    lines = [request("schema", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema,
+                                                                                       "strict": True}}),
+             request("object", response_format={"type": "json_object"}),
+             request("text", response_format={"type": "text"}),
+             request("bad", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}),
+             request("malformed", response_format={"type": "json_schema"})]
+    (tmp_path / "batch.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    run(job_config(f"data.path={tmp_path / 'batch.jsonl'}", f"output.dir={tmp_path / 'out'}",
+                   "engine.max_new_tokens=48", "output.format=openai_batch"))
+    results = {r["custom_id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    content = {k: r["response"]["body"]["choices"][0]["message"]["content"] for k, r in results.items() if r["response"]}
+    answer = json.loads(content["schema"])
+    assert set(answer) == {"urgent", "organ"} and type(answer["urgent"]) is bool and answer["organ"] in ("lung", "heart")
+    assert isinstance(json.loads(content["object"]), dict)
+    assert set(content) == {"schema", "object", "text"}
+    assert results["bad"]["error"]["message"].startswith("json_schema: llguidance cannot compile it")
+    assert results["malformed"]["error"]["message"].startswith('body.response_format={"type": "json_schema"}')
