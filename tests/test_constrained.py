@@ -54,8 +54,8 @@ def test_every_answer_validates_against_the_schema(tmp_path, temperature):
 
 def test_a_sampled_constrained_answer_does_not_depend_on_the_batch(tmp_path):
     settings = (f"sampling.json_schema={SCHEMA_PATH}", "sampling.temperature=0.8")
-    two = job(tmp_path / "two", 8, *settings, "engine.batch_size=2")
-    eight = job(tmp_path / "eight", 8, *settings, "engine.batch_size=8")
+    two = job(tmp_path / "two", 6, *settings, "engine.batch_size=2")
+    eight = job(tmp_path / "eight", 6, *settings, "engine.batch_size=8")
     assert {k: r["output_token_ids"] for k, r in two.items()} == {k: r["output_token_ids"] for k, r in eight.items()}
 
 
@@ -76,7 +76,7 @@ class MostLikelyAccepted(LogitsProcessor):
 
 
 def test_greedy_constrained_tokens_are_the_most_likely_the_grammar_accepts(tmp_path, default_model):
-    requests = workload(default_model, write_workload(SAMPLE, 6, tmp_path / "w.csv"), PromptConfig())
+    requests = workload(default_model, write_workload(SAMPLE, 4, tmp_path / "w.csv"), PromptConfig())
     sampling = SamplingConfig(json_schema=str(SCHEMA_PATH))
     length = slot_length(max(r.prompt_tokens for r in requests), NEW)
     engine = make_engine(default_model, EngineConfig(batch_size=2, max_new_tokens=NEW), length, len(requests),
@@ -106,12 +106,13 @@ def test_a_regex_and_a_choice(tmp_path):
 def test_per_row_schemas_beside_unconstrained_rows(tmp_path):
     """A row's schema from its column; a row with an empty cell generates what it would without constraints (the
     same tokens), and a row with a schema llguidance refuses goes to errors.parquet with the reason."""
-    schemas = [json.dumps(SCHEMA), json.dumps(URGENT), "", '{"type": "nope"}'] * 3
-    data = write_csv(tmp_path / "d.csv", [row | {"schema": schema} for row, schema in zip(sample_rows(12), schemas)])
-    rows = job(tmp_path / "rows", 12, f"data.path={data}", "data.json_schema_column=schema", "engine.batch_size=4")
-    plain = job(tmp_path / "plain", 12, f"data.path={data}", "engine.batch_size=4")
+    schemas = [json.dumps(SCHEMA), json.dumps(URGENT), "", '{"type": "nope"}'] * 2
+    data = write_csv(tmp_path / "d.csv", [row | {"schema": schema} for row, schema in zip(sample_rows(8), schemas)])
+    short = (f"data.path={data}", "engine.batch_size=4", "engine.max_new_tokens=64")
+    rows = job(tmp_path / "rows", 8, *short, "data.json_schema_column=schema")
+    plain = job(tmp_path / "plain", 8, *short)
     failed = errors(tmp_path / "rows")
-    assert len(rows) == 9 and len(failed) == 3
+    assert len(rows) == 6 and len(failed) == 2
     assert all(e.startswith("schema: llguidance cannot compile it: ") and "nope" in e for e in failed.values())
     for (row_id, row), schema in zip(rows.items(), [s for s in schemas if "nope" not in s]):
         if schema:
@@ -150,10 +151,16 @@ def test_expand_json_gives_each_property_a_column(tmp_path):
         assert {k: row[k] for k in SCHEMA["properties"]} == json.loads(row["generation"])
 
 
+WORKERS_SETTINGS = (f"sampling.json_schema={SCHEMA_PATH}", "engine.batch_size=2")
+
+
+@pytest.fixture(scope="module")
+def single_answers(tmp_path_factory):
+    return job(tmp_path_factory.mktemp("single"), 6, *WORKERS_SETTINGS)
+
+
 @pytest.mark.parametrize("mode", ["colocated", "split"])
-def test_workers_give_the_single_process_answers(tmp_path, mode):
-    settings = (f"sampling.json_schema={SCHEMA_PATH}", "engine.batch_size=2")
-    single = job(tmp_path / "single", 6, *settings)
-    workers = job(tmp_path / mode, 6, *settings, "procs=2", f"mode={mode}")
-    assert {k: r["generation"] for k, r in workers.items()} == {k: r["generation"] for k, r in single.items()}
+def test_workers_give_the_single_process_answers(tmp_path, single_answers, mode):
+    workers = job(tmp_path, 6, *WORKERS_SETTINGS, "procs=2", f"mode={mode}")
+    assert {k: r["generation"] for k, r in workers.items()} == {k: r["generation"] for k, r in single_answers.items()}
 
