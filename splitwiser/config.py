@@ -249,7 +249,9 @@ class SamplingConfig:
     @property
     def grammar(self) -> str | None:
         """The grammar every answer matches (llguidance's text, compiled once), or None."""
-        from splitwiser import grammar  # llguidance: loaded by jobs that constrain their answers
+        if not (self.json_schema or self.regex or self.choice):
+            return None
+        from splitwiser import grammar  # llguidance and torch: imported by jobs that constrain their answers alone
         if self.json_schema:
             return grammar.from_json_schema(self.json_schema, "sampling.json_schema")
         if self.regex:
