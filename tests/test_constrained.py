@@ -19,6 +19,7 @@ from splitwiser.config import EngineConfig, PromptConfig, SamplingConfig
 from splitwiser.bench import workload, write_workload
 from splitwiser.engine import Choice, eos_ids, grammars_of, make_engine
 from splitwiser.job import run
+from splitwiser.merge import merge_tasks
 from splitwiser.plan import slot_length
 
 SCHEMA_PATH = ROOT / "data" / "radiology.schema.json"
@@ -164,3 +165,18 @@ def test_workers_give_the_single_process_answers(tmp_path, single_answers, mode)
     workers = job(tmp_path, 6, *WORKERS_SETTINGS, "procs=2", f"mode={mode}")
     assert {k: r["generation"] for k, r in workers.items()} == {k: r["generation"] for k, r in single_answers.items()}
 
+
+
+def test_array_tasks_and_a_rerun_keep_the_parsed_answers(tmp_path):
+    """data.parts: each task's parsed column, the rerun of a finished task (nothing generated) and jobs.merge's
+    merged file keep the answers' values, typed by the schema."""
+    for part in (0, 1):
+        job(tmp_path / f"task-{part}", 6, f"sampling.json_schema={SCHEMA_PATH}", "data.parts=2", f"data.part={part}")
+    rerun = job(tmp_path / "task-0", 6, f"sampling.json_schema={SCHEMA_PATH}", "data.parts=2", "data.part=0")
+    merge_tasks(str(tmp_path))
+    merged = pq.read_table(tmp_path / "generations.parquet")
+    assert merged.num_rows == 6 and str(merged.schema.field("parsed").type) == (
+        "struct<impression: string, urgent: bool, findings: list<element: string>>")
+    for row in merged.to_pylist():
+        assert row["parsed"] == json.loads(row["generation"])
+    assert {k: r["parsed"] for k, r in rerun.items()} == {r["id"]: r["parsed"] for r in merged.to_pylist() if r["id"] in rerun}
