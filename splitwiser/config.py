@@ -256,7 +256,7 @@ class SamplingConfig:
             return grammar.from_json_schema(self.json_schema, "sampling.json_schema")
         if self.regex:
             return grammar.from_regex(self.regex)
-        return grammar.from_choice(tuple(self.choice)) if self.choice else None
+        return grammar.from_choice(tuple(self.choice))
 
     @property
     def greedy(self) -> bool:
