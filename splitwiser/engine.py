@@ -33,7 +33,7 @@ from splitwiser import sampler
 from splitwiser.blocks import KVBlocks, block_keys, needed
 from splitwiser.config import EngineConfig, SamplingConfig
 from splitwiser.errors import UnsupportedModel, UserError
-from splitwiser.grammar import Grammars, allowed
+from splitwiser.grammar import Grammars, allowed, incomplete
 from splitwiser.memory import forward_bytes, free_memory, gigabytes, kv_slot_bytes
 from splitwiser.plan import MAX_SLOTS
 from splitwiser.models import LoadedModel
@@ -572,23 +572,20 @@ class ContinuousEngine:
         if not slots:
             return
         now = time.perf_counter_ns()
-        incomplete = set()
+        matchers = [self.matchers[slot] for slot in slots]
         if self.grammars is not None:
-            self.grammars.settle([self.matchers[slot] for slot in slots])
-            incomplete = {slot for slot in slots if self.matchers[slot] and not self.matchers[slot].is_accepting()}
+            self.grammars.settle(matchers)
         self.finished[slots] = False
         outputs, counts = self.output[slots].tolist(), self.generated[slots].tolist()
         logprobs = self.logprobs[slots].tolist() if self.logprobs is not None else [None] * len(slots)
         self._release(slots, release)
-        for slot, tokens, generated, token_logprobs in zip(slots, outputs, counts, logprobs):
+        for slot, matcher, tokens, generated, token_logprobs in zip(slots, matchers, outputs, counts, logprobs):
             generation = running.pop(slot)
             generation.token_ids = tokens[:generated]
             generation.logprobs = token_logprobs and token_logprobs[:generated]
             generation.finish_reason = "stop" if tokens[generated - 1] in self.eos_ids else "length"
             generation.finish_ns = now
-            if slot in incomplete:
-                generation.error = (f"its answer ended ({generation.finish_reason}, {generated} tokens) before its "
-                                    "constraint was complete")
+            generation.error = incomplete(matcher, generation.finish_reason, generated)
             yield generation
 
     def _release(self, slots: list[int], release: Callable[[int], None]) -> None:
@@ -710,7 +707,6 @@ class ContinuousEngine:
             return
         logits = self._launch(("forward", batch), lambda: self._forward(batch))
         start = time.perf_counter()
-        self.grammars.settle()
         self.grammars.masks(self.matchers[:batch], self.masks_host)
         self.constraint_s += time.perf_counter() - start
         self.masks[:batch].copy_(self.masks_host[:batch], non_blocking=True)

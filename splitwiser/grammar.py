@@ -12,11 +12,18 @@ max_new_tokens, or at a stop string) is incomplete: an error, never a half-done 
 import functools
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import llguidance
 import llguidance.hf
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: torch's bit expansion
+    triton = None
 
 from splitwiser.errors import UserError
 
@@ -74,6 +81,8 @@ class Grammars:
     """A model's matchers: one per constrained request, on its tokenizer and vocabulary, and their token masks.
     `default`: the job's grammar (of sampling.json_schema, regex or choice), for a request without its own."""
 
+    CHUNK = 128  # the matchers whose masks one call to llguidance's executor makes
+
     def __init__(self, tokenizer, eos_ids: set[int], vocab: int, default: str | None):
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=sorted(eos_ids))
         self.vocab, self.default = vocab, default
@@ -81,6 +90,7 @@ class Grammars:
         self.executor = llguidance.LLExecutor(min(4, os.cpu_count() or 1))
         self._fresh: dict[str, llguidance.LLMatcher] = {}  # grammar → its matcher before any token (compiled once)
         self.pending: dict[int, tuple[llguidance.LLMatcher, int]] = {}  # id(matcher) → (it, the token it takes next)
+        self.maker = ThreadPoolExecutor(1, thread_name_prefix="splitwiser-masks")  # calls the executor, chunk by chunk
 
     def of(self, request) -> str | None:
         return request.grammar or self.default
@@ -90,41 +100,80 @@ class Grammars:
         if grammar not in self._fresh:
             self._fresh[grammar] = llguidance.LLMatcher(self.tokenizer, grammar)
         matcher = self._fresh[grammar].deep_copy()
-        if tokens and not matcher.consume_tokens(list(tokens)):
-            raise RuntimeError(f"the grammar refused tokens it allowed: {matcher.get_error()}")
+        if tokens:
+            matcher.consume_tokens(list(tokens))  # a refusal leaves it in error: incomplete() says why
         return matcher
 
     def masks(self, matchers: list, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The bitmask [len(matchers), words] of the tokens each matcher allows next (every token where None),
-        into `out` where given (pinned memory, for a copy to the device that does not wait)."""
+        """The bitmask [len(matchers), words] of the tokens each matcher allows next, once it has taken the token
+        deferred for it (every token where None), into `out` where given (pinned memory, for a copy to the device
+        that does not wait). In chunks: llguidance's threads make a chunk's masks, without the GIL, while the next
+        chunk's matchers take their tokens here."""
         out = self.bitmask(len(matchers)) if out is None else out
-        rows = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
-        if len(rows) < len(matchers):
+        if None in matchers:
             out[[row for row, matcher in enumerate(matchers) if matcher is None]] = -1
-        if rows:  # llguidance.torch's fill_next_token_bitmask_par, whose module costs 1.5 s of torch.compile imports
-            words = out.shape[1]
-            self.executor.unsafe_compute_mask_ptr(rows, out.data_ptr(), words * 4, out.shape[0])
+        rows = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
+        chunks = [rows[start:start + self.CHUNK] for start in range(0, len(rows), self.CHUNK)]
+        made = []
+        for chunk in chunks:
+            self.settle([matcher for matcher, _ in chunk])
+            made.append(self.maker.submit(self._fill, chunk, out))
+        for chunk in made:
+            chunk.result()
         return out[:len(matchers)]
+
+    def _fill(self, rows: list[tuple[llguidance.LLMatcher, int]], out: torch.Tensor) -> None:
+        # llguidance.torch's fill_next_token_bitmask_par, whose module costs 1.5 s of torch.compile imports
+        self.executor.unsafe_compute_mask_ptr(rows, out.data_ptr(), out.shape[1] * 4, out.shape[0])
 
     def bitmask(self, rows: int, pin: bool = False) -> torch.Tensor:
         """Room for the masks of `rows` requests: int32 words of 32 tokens each, every token allowed."""
         return torch.full((rows, (self.vocab + 31) // 32), -1, dtype=torch.int32, pin_memory=pin)
 
     def defer(self, matchers: list, tokens: list[int]) -> None:
-        """Each matcher (None: none) is to take its request's new token: at the next settle, which the engine calls
-        while the device computes the next logits."""
+        """Each matcher (None: none) is to take its request's new token: as its next mask is made (masks), which the
+        engine asks for while the device computes the next logits, or as its request ends (settle)."""
         self.pending = {id(matcher): (matcher, token) for matcher, token in zip(matchers, tokens) if matcher is not None}
 
-    def settle(self, matchers: list | None = None) -> None:
-        """The matchers (all where None) take the tokens deferred for them."""
-        keys = list(self.pending) if matchers is None else [id(m) for m in matchers if id(m) in self.pending]
-        for matcher, token in (self.pending.pop(key) for key in keys):  # in turn: faster than the executor's threads
-            if not matcher.consume_token(token):
-                raise RuntimeError(f"a grammar refused a token its mask allowed: {matcher.get_error()}")
+    def settle(self, matchers: list) -> None:
+        """The matchers take the tokens deferred for them (in turn: faster than llguidance's threads). A matcher that
+        refuses its token is left in error: its mask allows only EOS, and incomplete() says why."""
+        for key in [id(matcher) for matcher in matchers if id(matcher) in self.pending]:
+            matcher, token = self.pending.pop(key)
+            matcher.consume_token(token)
+
+
+def incomplete(matcher: llguidance.LLMatcher | None, finish_reason: str, tokens: int) -> str | None:
+    """Why an answer that ended is not one its grammar accepts (None where it is, or has no grammar)."""
+    if matcher is None or matcher.is_accepting():
+        return None
+    if matcher.is_error():  # a token its mask allowed, refused: the grammar library's own words, on one line
+        return f"its grammar refused its answer: {' '.join(matcher.get_error().split())}"
+    return f"its answer ended ({finish_reason}, {tokens} tokens) before its constraint was complete"
 
 
 def allowed(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """The logits [B, vocab] with the tokens the bitmasks [B, words] leave out at -inf (static shapes: capturable)."""
+    if triton is not None and logits.is_cuda and logits.stride(1) == 1:
+        batch, vocab = logits.shape
+        out = torch.empty(batch, vocab, dtype=logits.dtype, device=logits.device)
+        _allowed[(batch, triton.cdiv(vocab, ALLOWED_BLOCK))](logits, masks, out, vocab, logits.stride(0),
+                                                              masks.stride(0), BLOCK=ALLOWED_BLOCK)
+        return out
     shifts = torch.arange(32, device=masks.device, dtype=torch.int32)
     keep = ((masks[:, :, None] >> shifts) & 1).flatten(1)[:, :logits.shape[-1]].bool()
     return logits.masked_fill(~keep, float("-inf"))
+
+
+ALLOWED_BLOCK = 4096
+
+if triton is not None:
+    @triton.jit
+    def _allowed(logits_ptr, masks_ptr, out_ptr, vocab, stride_logits, stride_masks, BLOCK: tl.constexpr):
+        # one pass over the logits, where torch's expansion of the bits makes [B, vocab] int32 temporaries
+        row, tokens = tl.program_id(0), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = tokens < vocab
+        words = tl.load(masks_ptr + row * stride_masks + tokens // 32, mask=inside, other=0)
+        keep = ((words >> (tokens % 32)) & 1) != 0
+        x = tl.load(logits_ptr + row * stride_logits + tokens, mask=inside)
+        tl.store(out_ptr + row * vocab + tokens, tl.where(keep, x, float("-inf")), mask=inside)

@@ -18,6 +18,7 @@ from conftest import ROOT, SAMPLE, job_config, run_cli, sample_rows, write_csv
 from splitwiser.config import EngineConfig, PromptConfig, SamplingConfig
 from splitwiser.bench import workload, write_workload
 from splitwiser.engine import Choice, eos_ids, grammars_of, make_engine
+from splitwiser.grammar import incomplete
 from splitwiser.job import run
 from splitwiser.merge import merge_tasks
 from splitwiser.plan import slot_length
@@ -92,6 +93,22 @@ def test_greedy_constrained_tokens_are_the_most_likely_the_grammar_accepts(tmp_p
                                               eos_token_id=sorted(eos_ids(default_model)),
                                               logits_processor=LogitsProcessorList([processor]))
         assert ours[request.id] == output[0, request.prompt_tokens:].tolist(), request.id
+
+
+def test_a_refused_token_ends_its_request_with_the_reason_not_the_job(default_model):
+    """A matcher that refuses a token (which its mask should have kept out) stays in error: its mask then allows only
+    EOS, so its request ends at the next token, and the request's error says what the grammar library said."""
+    grammars = grammars_of(default_model, Choice(SamplingConfig(regex="[0-9]+"), constrained=True))
+    matcher = grammars.matcher(grammars.default)
+    grammars.defer([matcher], default_model.tokenizer.encode("a"))
+    mask = grammars.masks([matcher])[0]
+    allowed = np.flatnonzero(np.unpackbits(mask.numpy().view(np.uint8), bitorder="little"))
+    assert allowed.tolist() == sorted(eos_ids(default_model))
+    error = incomplete(matcher, "stop", 2)
+    assert error.startswith("its grammar refused its answer: ") and "\n" not in error, error
+    resumed = grammars.matcher(grammars.default, default_model.tokenizer.encode("7a"))  # after a preemption
+    assert incomplete(resumed, "length", 2).startswith("its grammar refused its answer: ")
+    assert incomplete(grammars.matcher(grammars.default, default_model.tokenizer.encode("7")), "stop", 1) is None
 
 
 def test_a_regex_and_a_choice(tmp_path):

@@ -20,6 +20,7 @@ from conftest import SAMPLE, job_config, run_cli
 from splitwiser.bench import workload, write_workload
 from splitwiser.config import EngineConfig, ModelConfig, PromptConfig, SamplingConfig
 from splitwiser.engine import Choice, ContinuousEngine, GenerateEngine, make_engine
+from splitwiser.grammar import allowed
 from splitwiser.job import run
 from splitwiser.plan import choose_procs, slot_length
 from splitwiser.models import load_model
@@ -203,6 +204,16 @@ def test_constrained_answers_inside_cuda_graphs_equal_the_eager_step(tmp_path):
         assert set(json.loads(loaded.tokenizer.decode(g.token_ids, skip_special_tokens=True))) == {
             "impression", "urgent", "findings"}
     print(f"constrained in CUDA graphs: 48/48 identical to eager, {len(complete)} complete JSON answers")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_token_masks_kernel_equals_the_bit_expansion(dtype):
+    """grammar.allowed's Triton kernel leaves exactly the tokens torch's expansion of the bitmask leaves (a vocabulary
+    that is not a multiple of 32 or of the kernel's block, rows of every token, of none, of random ones)."""
+    logits = torch.randn(37, 128_256 + 5, dtype=dtype, device="cuda")
+    masks = torch.randint(-2**31, 2**31 - 1, (37, (logits.shape[1] + 31) // 32), dtype=torch.int32, device="cuda")
+    masks[0], masks[1] = -1, 0
+    assert torch.equal(allowed(logits, masks).cpu(), allowed(logits.cpu(), masks.cpu()))
 
 
 def single_and(tmp_path, *overrides: str) -> dict:
