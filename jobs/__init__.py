@@ -16,7 +16,12 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from splitwiser import WORKER_PRELOAD
+# Threads that wait by sleeping instead of spinning, in every command (torch reads this as it is imported): beside
+# other work (the grammar library's threads, tokenizers, the workers) spinning ones take its CPUs, which costs far
+# more than spinning gains on an idle CPU (bench/NOTES.md, runs 17 and 30).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from splitwiser import WORKER_PRELOAD  # noqa: E402 (after the wait policy: nothing here imports torch yet)
 from splitwiser.config import JobConfig, register_configs, to_job_config
 from splitwiser.errors import UserError, WorkersFailed
 
@@ -73,18 +78,14 @@ def cpu_threads(requested: int | None) -> tuple[int, str]:
 
 def set_up_job_process(job: JobConfig) -> None:
     """For a process that runs jobs (jobs.run, jobs.nightly), before it imports torch:
-    - The CPU threads (cpu_threads), as OMP_NUM_THREADS, and OMP_WAIT_POLICY=PASSIVE unless set: torch reads them
-      when imported, in this process and in the workers (forked from the fork server, which inherits the
-      environment).
+    - The CPU threads (cpu_threads), as OMP_NUM_THREADS: torch reads it when imported, in this process and in the
+      workers (forked from the fork server, which inherits the environment).
     - A job with worker processes forks them from a server that imports WORKER_PRELOAD (torch,
       transformers, datasets) once. Started here, before this process imports the same modules, the two
       imports run side by side instead of one after the other. (gpus=auto on a node with several GPUs
       is only known after torch is imported: there the server starts with the first worker.)"""
     threads, source = cpu_threads(job.engine.cpu_threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    # Threads that wait by sleeping instead of spinning: beside other work they no longer take its CPUs, which
-    # costs far more on a shared CPU than spinning gains on an idle one (bench/NOTES.md, run 17).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     log.info("cpu threads: %d (from %s), OMP_WAIT_POLICY=%s", threads, source, os.environ["OMP_WAIT_POLICY"])
     if job.procs == "auto" or job.mode_for(job.least_devices()) != "single":
         multiprocessing.set_forkserver_preload(WORKER_PRELOAD)

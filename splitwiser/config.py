@@ -247,6 +247,12 @@ class SamplingConfig:
                 if getattr(self, name) != getattr(default, name)]
 
     @property
+    def schema(self) -> dict | None:
+        """sampling.json_schema's schema, read and parsed."""
+        from splitwiser import grammar
+        return grammar.json_schema(self.json_schema, "sampling.json_schema") if self.json_schema else None
+
+    @property
     def grammar(self) -> str | None:
         """The grammar every answer matches (llguidance's text, compiled once), or None."""
         if not (self.json_schema or self.regex or self.choice):

@@ -225,8 +225,7 @@ def _prefill_slots(runner: SlotRunner, requests: tuple[Request], slots: tuple[in
     seen = prompt_tokens_seen(requests, logits.shape[-1]).to(device) if choice.sampling.repetition_penalty != 1 else None
     choosing = logits
     if grammars is not None:
-        starts = [grammars.of(r) and grammars.matcher(grammars.of(r)) for r in requests]
-        choosing = allowed(logits, grammars.masks(starts).to(device))
+        choosing = allowed(logits, grammars.masks([grammars.of(r) for r in requests]).to(device))
     tokens = sampler.next_tokens(choosing, choice.sampling, keys, torch.zeros_like(keys), temperature, seen)
     logprobs = sampler.token_logprobs(logits, tokens).tolist() if choice.sampling.logprobs else [None] * len(requests)
     # .tolist() waits for the prefill: in mode=split the keys are in the slots before a token worker hears of them
@@ -531,8 +530,8 @@ class ContinuousEngine:
 
     def _constrain(self, slot: int, request: Request, tokens: list[int]) -> None:
         """A constrained request's matcher in its slot, after its tokens so far."""
-        if self.grammars is not None and self.grammars.of(request):
-            self.matchers[slot] = self.grammars.matcher(self.grammars.of(request), tokens)
+        if self.grammars is not None:
+            self.matchers[slot] = self.grammars.of(request, tokens)
 
     def _stopped(self, slots: torch.Tensor | slice) -> torch.Tensor | bool:
         """Whether the slots' outputs end in a stop string (False without stop strings)."""

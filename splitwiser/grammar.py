@@ -12,7 +12,6 @@ max_new_tokens, or at a stop string) is incomplete: an error, never a half-done 
 import functools
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import llguidance
@@ -41,14 +40,17 @@ def json_schema(schema: str, setting: str) -> dict:
     return parsed
 
 
-@functools.lru_cache(maxsize=1024)
 def from_json_schema(schema: str, setting: str) -> str:
     """The grammar of a JSON schema (json_schema's text or path). Raises UserError naming `setting` where llguidance
     cannot compile it."""
+    return _compiled_schema(json.dumps(json_schema(schema, setting), sort_keys=True), setting)
+
+
+@functools.lru_cache(maxsize=1024)  # by the schema itself: a file may change under its path between two jobs
+def _compiled_schema(schema: str, setting: str) -> str:
     # Compact JSON, no whitespace between its tokens: a model given free whitespace may spend its tokens on newlines
     compact = {"whitespace_flexible": False}
-    return _checked(llguidance.LLMatcher.grammar_from_json_schema(json_schema(schema, setting), defaults=compact),
-                    setting)
+    return _checked(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=compact), setting)
 
 
 @functools.lru_cache(maxsize=16)
@@ -81,8 +83,6 @@ class Grammars:
     """A model's matchers: one per constrained request, on its tokenizer and vocabulary, and their token masks.
     `default`: the job's grammar (of sampling.json_schema, regex or choice), for a request without its own."""
 
-    CHUNK = 128  # the matchers whose masks one call to llguidance's executor makes
-
     def __init__(self, tokenizer, eos_ids: set[int], vocab: int, default: str | None):
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=sorted(eos_ids))
         self.vocab, self.default = vocab, default
@@ -90,13 +90,15 @@ class Grammars:
         self.executor = llguidance.LLExecutor(min(4, os.cpu_count() or 1))
         self._fresh: dict[str, llguidance.LLMatcher] = {}  # grammar → its matcher before any token (compiled once)
         self.pending: dict[int, tuple[llguidance.LLMatcher, int]] = {}  # id(matcher) → (it, the token it takes next)
-        self.maker = ThreadPoolExecutor(1, thread_name_prefix="splitwiser-masks")  # calls the executor, chunk by chunk
 
-    def of(self, request) -> str | None:
-        return request.grammar or self.default
+    def of(self, request, tokens: list[int] = ()) -> llguidance.LLMatcher | None:
+        """The matcher of a request's grammar (its own, or the job's) after `tokens`, its tokens so far (None: the
+        request is unconstrained)."""
+        grammar = request.grammar or self.default
+        return grammar and self.matcher(grammar, tokens)
 
     def matcher(self, grammar: str, tokens: list[int] = ()) -> llguidance.LLMatcher:
-        """A new matcher of the grammar, after `tokens` (a request's tokens so far)."""
+        """A new matcher of the grammar, after `tokens`."""
         if grammar not in self._fresh:
             self._fresh[grammar] = llguidance.LLMatcher(self.tokenizer, grammar)
         matcher = self._fresh[grammar].deep_copy()
@@ -107,24 +109,15 @@ class Grammars:
     def masks(self, matchers: list, out: torch.Tensor | None = None) -> torch.Tensor:
         """The bitmask [len(matchers), words] of the tokens each matcher allows next, once it has taken the token
         deferred for it (every token where None), into `out` where given (pinned memory, for a copy to the device
-        that does not wait). In chunks: llguidance's threads make a chunk's masks, without the GIL, while the next
-        chunk's matchers take their tokens here."""
+        that does not wait)."""
         out = self.bitmask(len(matchers)) if out is None else out
         if None in matchers:
-            out[[row for row, matcher in enumerate(matchers) if matcher is None]] = -1
+            out.numpy()[[row for row, matcher in enumerate(matchers) if matcher is None]] = -1  # torch's threads wake
+        self.settle(matchers)
         rows = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
-        chunks = [rows[start:start + self.CHUNK] for start in range(0, len(rows), self.CHUNK)]
-        made = []
-        for chunk in chunks:
-            self.settle([matcher for matcher, _ in chunk])
-            made.append(self.maker.submit(self._fill, chunk, out))
-        for chunk in made:
-            chunk.result()
+        if rows:  # llguidance.torch's fill_next_token_bitmask_par, whose module costs 1.5 s of torch.compile imports
+            self.executor.unsafe_compute_mask_ptr(rows, out.data_ptr(), out.shape[1] * 4, out.shape[0])
         return out[:len(matchers)]
-
-    def _fill(self, rows: list[tuple[llguidance.LLMatcher, int]], out: torch.Tensor) -> None:
-        # llguidance.torch's fill_next_token_bitmask_par, whose module costs 1.5 s of torch.compile imports
-        self.executor.unsafe_compute_mask_ptr(rows, out.data_ptr(), out.shape[1] * 4, out.shape[0])
 
     def bitmask(self, rows: int, pin: bool = False) -> torch.Tensor:
         """Room for the masks of `rows` requests: int32 words of 32 tokens each, every token allowed."""

@@ -6,6 +6,7 @@ prepare the requests, generate, and write the merged outputs and the manifest.
 """
 
 import contextlib
+import hashlib
 import logging
 import os
 import platform
@@ -22,7 +23,7 @@ import pyarrow as pa
 import torch
 from datasets import Dataset
 
-from splitwiser import grammar, openai_batch, parsed
+from splitwiser import openai_batch, parsed
 from splitwiser.colocated import generate_units, run_colocated
 from splitwiser.config import JobConfig, SamplingConfig, to_plain_dict
 from splitwiser.data import data_path, kept_column, read_dataset
@@ -49,8 +50,7 @@ def parsed_of(job: JobConfig) -> Callable[[pa.Table], pa.Table] | None:
     """sampling.json_schema: what adds the answers' values to generations.parquet (parsed.with_parsed)."""
     if not job.sampling.json_schema:
         return None
-    schema = grammar.json_schema(job.sampling.json_schema, "sampling.json_schema")
-    return partial(parsed.with_parsed, schema=schema, expand=job.output.expand_json)
+    return partial(parsed.with_parsed, schema=job.sampling.schema, expand=job.output.expand_json)
 
 
 def fingerprint(job: JobConfig) -> dict:
@@ -73,7 +73,7 @@ def _changed_sampling(job: JobConfig) -> dict:
     changed = {k: v for k, v in to_plain_dict(job.sampling).items()
                if v != defaults[k] and (job.sampled or k in greedy_settings)}
     if job.sampling.json_schema:  # the schema itself: a file's may change under the same path
-        changed["json_schema"] = job.sampling.grammar
+        changed["json_schema"] = hashlib.sha256(job.sampling.grammar.encode()).hexdigest()
     per_row = {k: getattr(job.data, k) for k in ("max_new_tokens_column", "temperature_column", "json_schema_column")
                if getattr(job.data, k)}
     return ({"sampling": changed} if changed else {}) | per_row
@@ -162,8 +162,7 @@ def checked_inputs(job: JobConfig) -> tuple[JobConfig, OutputDir, Dataset, Plan]
     job = openai_batch.configure(job)  # an OpenAI batch file: its requests' columns
     check_kept(job.output.keep_columns)
     if job.output.expand_json and job.sampling.json_schema:
-        schema = grammar.json_schema(job.sampling.json_schema, "sampling.json_schema")
-        parsed.check_expand(schema, [*GENERATION_SCHEMA.names, *METRICS, *job.output.keep_columns])
+        parsed.check_expand(job.sampling.schema, [*GENERATION_SCHEMA.names, *METRICS, *job.output.keep_columns])
     out = OutputDir(job.output.dir)
     out.check(fingerprint(job), job.output.overwrite)
     rows = read_dataset(job.data, job.prompt, job.output.keep_columns, job.sampling)
