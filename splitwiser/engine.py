@@ -264,6 +264,17 @@ class Admitted:
     cached: list[int]  # the cached blocks it starts with, held for it
 
 
+@dataclass
+class InFlight:
+    """A decode step the host has not taken in yet (ContinuousEngine._land): its results' copies back (pinned
+    memory), the event after which they are there, and the requests it ran (slot → generation, as it was launched)."""
+    tokens: torch.Tensor  # [slots] each slot's new token
+    finished: torch.Tensor  # [slots] whether it ended the slot's request
+    logprobs: torch.Tensor | None  # [slots] the new token's log-probability (sampling.logprobs)
+    copied: torch.cuda.Event | None
+    ran: list[tuple[int, Generation]]
+
+
 class ContinuousEngine:
     # Admit new prompts once this fraction of the slots (and of the KV blocks) is free, or nothing is running:
     # fewer, larger prefills, each one launch-bound like a decode step.
@@ -292,7 +303,7 @@ class ContinuousEngine:
         self.keys = torch.zeros(slots, dtype=torch.long, device=device)  # each request's sampling key
         self.active = torch.zeros(slots, dtype=torch.bool, device=device)
         self.finished = torch.zeros(slots, dtype=torch.bool, device=device)
-        self.output = torch.zeros(slots, cfg.max_new_tokens, dtype=torch.long, device=device)
+        self.output = torch.zeros(slots, cfg.max_new_tokens, dtype=torch.long, device=device)  # for stop strings
         # each request's own max_new_tokens
         self.limit = torch.full((slots,), cfg.max_new_tokens, dtype=torch.long, device=device)
         self.eos_ids = set() if cfg.ignore_eos else eos_ids(loaded)
@@ -301,6 +312,12 @@ class ContinuousEngine:
         self.use_graphs = cfg.cuda_graphs and device.type == "cuda"
         self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}  # _launch
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # The host takes a step's tokens in while the device computes the next one: each running request's tokens
+        # and log-probabilities grow on the host (Generation.token_ids), from copies of each step's results into
+        # two pinned buffers, in turn.
+        self.copies = [self._host_copies(slots) for _ in range(2)]
+        self.in_flight: InFlight | None = None
+        self.done: list[Generation] = []  # requests that ended, not yet handed out
         self.prefill_groups = 0
         self.oom_splits = 0  # prefill groups split because they ran out of memory
         self.moved = 0  # requests moved to a lower slot (engine.compact)
@@ -316,7 +333,7 @@ class ContinuousEngine:
         sampling, device = self.choice.sampling, loaded.device
         vocab = loaded.model.get_output_embeddings().weight.shape[0]
         self.temperature = torch.zeros(slots, device=device) if self.choice.sampled else None
-        self.logprobs = torch.zeros(slots, self.cfg.max_new_tokens, device=device) if sampling.logprobs else None
+        self.logprobs = torch.zeros(slots, device=device) if sampling.logprobs else None  # of each step's tokens
         self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device) \
             if sampling.repetition_penalty != 1 else None
         self.stops = stop_table(loaded.tokenizer, sampling.stop, vocab, device)
@@ -341,8 +358,8 @@ class ContinuousEngine:
             if waiting and (len(slots.free) >= admit_at and self._blocks_free() >= self.ADMIT_FRACTION
                             or not slots.running):
                 for group, start in self._prefill_groups(self._admit(waiting, slots)):
-                    yield from self._prefill(group, start, slots)
-                    yield from self._collect(slots.running, slots.release)
+                    self._prefill(group, start, slots)
+                    yield from self._handed_out()
             if not slots.running:  # every request may have ended at its first token: more may come
                 if waiting or not read_all:
                     continue
@@ -350,9 +367,9 @@ class ContinuousEngine:
             self._grow(slots, waiting)
             if self.cfg.compact:
                 self._move(slots.compaction())
-            self._decode(slots.width())
+            self._decode(slots.width(), slots.running, slots.release)
             slots.advance()
-            yield from self._collect(slots.running, slots.release)
+            yield from self._handed_out()
 
     def run_handed_over(self, receive: Callable[[bool], list[Handoff] | None],
                         release: Callable[[int], None]) -> Iterator[Generation]:
@@ -366,12 +383,14 @@ class ContinuousEngine:
             if handoffs is None:
                 more, handoffs = False, []
             for handoff in handoffs:
-                self._start(handoff.slots, handoff.first_tokens, [g.request for g in handoff.generations])
                 running.update(zip(handoff.slots, handoff.generations))
-            yield from self._collect(running, release)  # a first token may already end a request
+                self._start(handoff.slots, handoff.first_tokens, handoff.generations, running, release)
             if running:
-                self._decode(decode_width(running, self.cfg.batch_size))
-                yield from self._collect(running, release)
+                self._decode(decode_width(running, self.cfg.batch_size), running, release)
+                # at once: a slot released here is prefilled by a prompt worker (another process) while no step of
+                # this engine is in flight, which would write the old request's next key into it
+                self._land(running, release)
+            yield from self._handed_out()
 
     @property
     def kv_peak_tokens(self) -> int:
@@ -458,10 +477,11 @@ class ContinuousEngine:
                 return candidates[:size], start
             size = fit
 
-    def _prefill(self, admitted: list[Admitted], start_at: int, free: Slots) -> Iterator[Generation]:
+    def _prefill(self, admitted: list[Admitted], start_at: int, free: Slots) -> None:
         """Prefills the group into free slots (from position start_at: cached blocks hold those before) and makes
-        them running; yields the requests that did not fit in memory. A preempted request keeps the tokens it had:
-        its prefill recomputes their KV, and its next input is its last token, as before."""
+        them running; the requests that did not fit in memory, or ended at their first token, are done. A preempted
+        request keeps the tokens it had: its prefill recomputes their KV, and its next input is its last token, as
+        before."""
         start = time.perf_counter_ns()
         slots = [free.take() for _ in admitted]
         group, prompts = [a.generation for a in admitted], [a.prompt for a in admitted]
@@ -482,30 +502,28 @@ class ContinuousEngine:
             if isinstance(first, OutOfMemory):
                 self._release([slot], free.release)
                 generation.error, generation.finish_ns = first.error(generation.request.prompt_tokens), now
-                yield generation
+                self.done.append(generation)
             else:
                 if generation.token_ids:  # preempted before: its next input is the token it had
                     first = FirstToken(generation.token_ids[-1], generation.logprobs and generation.logprobs[-1])
                 free.start(slot, generation, prompt.prompt_tokens)
-                started.append((slot, first, prompt))
+                started.append((slot, first, prompt, generation))
         if started:
-            self._start(*map(list, zip(*started)))
-            self._resume([(slot, free.running[slot]) for slot, _, _ in started if free.running[slot].token_ids])
+            slots, firsts, prompts, generations = map(list, zip(*started))
+            self._start(slots, firsts, generations, free.running, free.release, prompts)
         self.prefill_groups += 1
 
-    def _resume(self, resumed: list[tuple[int, Generation]]) -> None:
-        """Preempted requests, prefilled again and started with their last token as the next input: the tokens they
-        had generated back in their output rows."""
-        for slot, generation in resumed:
-            count = len(generation.token_ids)
-            self._constrain(slot, generation.request, generation.token_ids)
-            self.output[slot, :count] = torch.tensor(generation.token_ids)
-            self.generated[slot] = count
-            if self.logprobs is not None:
-                self.logprobs[slot, :count] = torch.tensor(generation.logprobs)
-
-    def _start(self, slots: list[int], first_tokens: list[FirstToken], requests: list[Request]) -> None:
-        """Makes prefilled slots running: their first token is the next input, at the position after the prompt."""
+    def _start(self, slots: list[int], first_tokens: list[FirstToken], generations: list[Generation],
+               running: dict[int, Generation], release: Callable[[int], None],
+               requests: list[Request] | None = None) -> None:
+        """Makes prefilled slots running (`running` has them): their first token is the next input, at the position
+        after the prompt (`requests`: what was prefilled, where not the generations' requests); a request that ends
+        at its first token is done. A preempted request starts again with the tokens it had."""
+        requests = requests or [g.request for g in generations]
+        for generation, first in zip(generations, first_tokens):
+            if not generation.token_ids:
+                generation.token_ids = [first.token]
+                generation.logprobs = None if self.logprobs is None else [first.logprob]
         on_device = partial(torch.tensor, device=self.device)
         slot_ids, first = on_device(slots), on_device([f.token for f in first_tokens])
         self.tokens[slot_ids] = first
@@ -514,19 +532,21 @@ class ContinuousEngine:
         self.limit[slot_ids] = on_device([r.max_new_tokens or self.cfg.max_new_tokens for r in requests])
         if self.temperature is not None:
             self.temperature[slot_ids] = on_device([self.choice.temperature(r) for r in requests])
-        if self.logprobs is not None:
-            self.logprobs[slot_ids, 0] = on_device([f.logprob for f in first_tokens])
         if self.seen is not None:
             self.seen[slot_ids] = False
             for slot, request in zip(slots, requests):
                 self.seen[slot, on_device(request.input_ids)] = True
             self.seen[slot_ids, first] = True
-        for slot, request, token in zip(slots, requests, first_tokens):
-            self._constrain(slot, request, [token.token])
         self.generated[slot_ids] = 1
         self.output[slot_ids, 0] = first
-        self.finished[slot_ids] = torch.isin(first, self.eos) | (self.limit[slot_ids] == 1) | self._stopped(slot_ids)
-        self.active[slot_ids] = ~self.finished[slot_ids]
+        for slot, generation in zip(slots, generations):
+            self._constrain(slot, generation.request, generation.token_ids)
+            if len(generation.token_ids) > 1:  # resumed: its tokens back in its output row
+                self.output[slot, :len(generation.token_ids)] = on_device(generation.token_ids)
+                self.generated[slot] = len(generation.token_ids)
+        ended = torch.isin(first, self.eos) | (self.limit[slot_ids] == 1) | self._stopped(slot_ids)
+        self.active[slot_ids] = ~ended
+        self._finish([slot for slot, end in zip(slots, ended.tolist()) if end], running, release)
 
     def _constrain(self, slot: int, request: Request, tokens: list[int]) -> None:
         """A constrained request's matcher in its slot, after its tokens so far."""
@@ -554,7 +574,7 @@ class ContinuousEngine:
         rows, at = torch.arange(batch, device=self.device), generated.clamp(max=self.cfg.max_new_tokens - 1)
         self.output[rows, at] = next_tokens
         if self.logprobs is not None:
-            self.logprobs[rows, at] = sampler.token_logprobs(logits, next_tokens)
+            self.logprobs[:batch] = sampler.token_logprobs(logits, next_tokens)
         if seen is not None:
             seen[rows, next_tokens] |= active
         generated += active
@@ -565,27 +585,51 @@ class ContinuousEngine:
         self.finished[:batch] = finished
         self.active[:batch] = active & ~finished
 
-    def _collect(self, running: dict[int, Generation], release: Callable[[int], None]) -> Iterator[Generation]:
-        """Hands out the requests that finished (the step's one host synchronisation) and releases their slots."""
-        slots = self.finished.nonzero().flatten().tolist()
+    def _land(self, running: dict[int, Generation], release: Callable[[int], None]) -> None:
+        """Takes in the step in flight, once its copies are on the host: each request it ran that still runs gets its
+        new token (in a constrained job, deferred to its matcher), and those it ended are done. A request that ended
+        (or was preempted) after the step was launched ran in it as a free slot: nothing of it is read."""
+        flight, self.in_flight = self.in_flight, None
+        if flight is None:
+            return
+        if flight.copied is not None:
+            flight.copied.synchronize()
+        tokens, finished = flight.tokens.tolist(), flight.finished.tolist()
+        logprobs = None if flight.logprobs is None else flight.logprobs.tolist()
+        now_in = {id(generation): slot for slot, generation in running.items()}  # compaction may have moved it
+        landed, ended = [], []
+        for slot, generation in flight.ran:
+            if id(generation) not in now_in:
+                continue
+            generation.token_ids.append(tokens[slot])
+            if logprobs is not None:
+                generation.logprobs.append(logprobs[slot])
+            landed.append((now_in[id(generation)], tokens[slot]))
+            if finished[slot]:
+                ended.append(now_in[id(generation)])
+        if self.grammars is not None:
+            self.grammars.defer([self.matchers[slot] for slot, _ in landed], [token for _, token in landed])
+        self._finish(ended, running, release)
+
+    def _finish(self, slots: list[int], running: dict[int, Generation], release: Callable[[int], None]) -> None:
+        """The requests in `slots`, whose tokens are all on the host, ended: done, and their slots released."""
         if not slots:
             return
         now = time.perf_counter_ns()
         matchers = [self.matchers[slot] for slot in slots]
         if self.grammars is not None:
             self.grammars.settle(matchers)
-        self.finished[slots] = False
-        outputs, counts = self.output[slots].tolist(), self.generated[slots].tolist()
-        logprobs = self.logprobs[slots].tolist() if self.logprobs is not None else [None] * len(slots)
         self._release(slots, release)
-        for slot, matcher, tokens, generated, token_logprobs in zip(slots, matchers, outputs, counts, logprobs):
+        for slot, matcher in zip(slots, matchers):
             generation = running.pop(slot)
-            generation.token_ids = tokens[:generated]
-            generation.logprobs = token_logprobs and token_logprobs[:generated]
-            generation.finish_reason = "stop" if tokens[generated - 1] in self.eos_ids else "length"
+            generation.finish_reason = "stop" if generation.token_ids[-1] in self.eos_ids else "length"
             generation.finish_ns = now
-            generation.error = incomplete(matcher, generation.finish_reason, generated)
-            yield generation
+            generation.error = incomplete(matcher, generation.finish_reason, len(generation.token_ids))
+            self.done.append(generation)
+
+    def _handed_out(self) -> Iterator[Generation]:
+        done, self.done = self.done, []
+        yield from done
 
     def _release(self, slots: list[int], release: Callable[[int], None]) -> None:
         """Gives the slots of requests that ended or were preempted back (release), and their KV blocks."""
@@ -609,20 +653,20 @@ class ContinuousEngine:
     def _grow(self, slots: Slots, waiting: deque[Generation]) -> None:
         """KV blocks on demand, before a decode step: one more to each running request whose next position is past
         its blocks, where too few are free after preempting the newest running requests (Slots.growth)."""
-        growing, preempted = slots.growth(BLOCK_TOKENS * self.blocks.entries, self.blocks.available(),
-                                          self.blocks.freed_by)
+        growth = partial(slots.growth, BLOCK_TOKENS * self.blocks.entries, blocks_of=self.blocks.freed_by)
+        growing, preempted = growth(self.blocks.available())
+        if preempted:  # the step in flight first: the requests it ended give their blocks back
+            self._land(slots.running, slots.release)
+            growing, preempted = growth(self.blocks.available())
         for slot in preempted:
             self._preempt(slot, slots, waiting)
         if growing:
             self.blocks.extend(growing)
 
     def _preempt(self, slot: int, slots: Slots, waiting: deque[Generation]) -> None:
-        """Stops a running request and gives its KV blocks back; it waits first in line with the tokens it has (read
-        back: a host synchronisation, rare), and its next prefill computes their KV again (_admitted)."""
+        """Stops a running request (no step in flight) and gives its KV blocks back; it waits first in line with the
+        tokens it has, and its next prefill computes their KV again (_admitted)."""
         generation = slots.running.pop(slot)
-        count = int(slots.position[slot]) - generation.request.prompt_tokens + 1
-        generation.token_ids = self.output[slot, :count].tolist()
-        generation.logprobs = None if self.logprobs is None else self.logprobs[slot, :count].tolist()
         self._release([slot], slots.release)
         waiting.appendleft(generation)
         self.preempted += 1
@@ -644,7 +688,7 @@ class ContinuousEngine:
     def _per_slot_state(self) -> list[torch.Tensor]:
         """Every tensor with a row per slot that a decode step reads or writes (but the block table)."""
         state = [self.tokens, self.positions, self.generated, self.keys, self.active, self.finished, self.output,
-                 self.limit, self.temperature, self.logprobs, self.seen]
+                 self.limit, self.temperature, self.seen]
         return [tensor for tensor in state if tensor is not None]
 
     def warm_up(self) -> None:
@@ -653,7 +697,7 @@ class ContinuousEngine:
         it runs touch nothing that is read later."""
         if self.use_graphs:
             for batch in self.buckets():
-                self._decode(batch)
+                self._decode(batch, {}, lambda slot: None)
             torch.cuda.synchronize(self.device)
 
     def buckets(self) -> list[int]:
@@ -679,11 +723,11 @@ class ContinuousEngine:
         for batch in self.buckets():
             self.positions.fill_(max(0, min(self.runner.max_len - 1 - self.cfg.max_new_tokens // 2,
                                             pool_tokens // batch - 1)))
-            self._decode(batch)  # captured, or warmed up, outside the timing
+            self._decode(batch, {}, lambda slot: None)  # captured, or warmed up, outside the timing
             synchronize()
             start = time.perf_counter()
             for _ in range(steps):
-                self._decode(batch)
+                self._decode(batch, {}, lambda slot: None)
             synchronize()
             tokens_per_s[batch] = batch * steps / (time.perf_counter() - start)
         for tensor, old in zip(state, saved):
@@ -696,21 +740,41 @@ class ContinuousEngine:
         best = max(probe.values())
         self.cfg = replace(self.cfg, batch_size=min(b for b, tokens_per_s in probe.items() if tokens_per_s >= 0.95 * best))
 
-    def _decode(self, batch: int) -> None:
-        """One decode step of slots 0..batch-1. A constrained job's runs in two parts: while the device computes the
-        logits, the matchers take the tokens of the step before and the host computes the token masks that the
-        second part applies."""
+    def _decode(self, batch: int, running: dict[int, Generation], release: Callable[[int], None]) -> None:
+        """One decode step of slots 0..batch-1, left in flight; while the device computes it, the host takes in the
+        step before (_land). A constrained job's step runs in two parts: the matchers take the tokens of the step
+        before and the host makes the token masks that the second part applies."""
         self.decode_steps += 1
         if self.grammars is None:
             self._launch(("step", batch), lambda: self._advance(batch, self._forward(batch)))
-            return
-        logits = self._launch(("forward", batch), lambda: self._forward(batch))
-        start = time.perf_counter()
-        self.grammars.masks(self.matchers[:batch], self.masks_host)
-        self.constraint_s += time.perf_counter() - start
-        self.masks[:batch].copy_(self.masks_host[:batch], non_blocking=True)
-        self._launch(("advance", batch), lambda: self._advance(batch, logits))
-        self.grammars.defer(self.matchers[:batch], self.tokens[:batch].tolist())
+            self._land(running, release)
+        else:
+            logits = self._launch(("forward", batch), lambda: self._forward(batch))
+            self._land(running, release)
+            start = time.perf_counter()
+            self.grammars.masks(self.matchers[:batch], self.masks_host)
+            self.constraint_s += time.perf_counter() - start
+            self.masks[:batch].copy_(self.masks_host[:batch], non_blocking=True)
+            self._launch(("advance", batch), lambda: self._advance(batch, logits))
+        self._send_back(batch, running)
+
+    def _host_copies(self, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        pin = self.device.type == "cuda"
+        return (torch.zeros(slots, dtype=torch.long, pin_memory=pin), torch.zeros(slots, dtype=torch.bool, pin_memory=pin),
+                None if self.logprobs is None else torch.zeros(slots, pin_memory=pin))
+
+    def _send_back(self, batch: int, running: dict[int, Generation]) -> None:
+        """The step's new tokens (and their log-probabilities) and ends, copied to the host as the step completes."""
+        tokens, finished, logprobs = self.copies[self.decode_steps % 2]
+        tokens[:batch].copy_(self.tokens[:batch], non_blocking=True)
+        finished[:batch].copy_(self.finished[:batch], non_blocking=True)
+        if logprobs is not None:
+            logprobs[:batch].copy_(self.logprobs[:batch], non_blocking=True)
+        copied = None
+        if self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        self.in_flight = InFlight(tokens, finished, logprobs, copied, list(running.items()))
 
     def _launch(self, key: tuple[str, int], work: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
         """work() (a part of a decode step), replayed as a CUDA graph where graphs are on: its result is the graph's."""
