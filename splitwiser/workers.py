@@ -299,7 +299,7 @@ def supervise(workers: dict[int, mp.Process], events: mp.Queue, progress, on_exi
     """Follows the started workers' events until every one has exited and all_done() holds: their rows written go
     to progress(rows, tokens) and the totals, UnitStarted and UnitDone to on_unit(event). on_exit(rank, code) is
     called, every turn, for each worker that has exited with a non-zero code."""
-    totals, failures = Totals(), []
+    totals, failures, ended = Totals(), [], False
     try:
         while not all_done() or any(w.is_alive() for w in workers.values()):
             try:
@@ -316,8 +316,10 @@ def supervise(workers: dict[int, mp.Process], events: mp.Queue, progress, on_exi
                     raise UserError(failures[-1].user_error)
                 detail = exception_line(failures[-1].traceback) if failures else "killed"
                 raise WorkersFailed(f"all workers exited with work left ({detail}); rerun the job to resume")
-    finally:  # ours to end, on success, error or interrupt alike
-        end_workers(workers.values(), wait_s=60 if all_done() else 0)
+        ended = True
+    finally:  # ours to end, on success, error or interrupt alike: after an error at once (a prompt worker whose
+        # token worker died would wait for free slots for ever)
+        end_workers(workers.values(), wait_s=60 if ended else 0)
     for failure in failures:  # the others finished its work; say what happened
         log.warning("a worker failed, its work was done by the others:\n%s", failure.traceback)
     return totals
