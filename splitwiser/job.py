@@ -86,14 +86,22 @@ def installed_version(package: str) -> str | None:
         return None
 
 
-def environment(loaded: LoadedModel) -> dict:
-    commit = os.environ.get("SPLITWISER_GIT_COMMIT")  # where the code runs from a copy without git history
+def git_commit(checkout: Path = Path(__file__).parent) -> str | None:
+    """The checkout's commit, `-dirty` after it where tracked files differ from it (the code that ran is not that
+    commit's); None outside a git checkout."""
+    git = partial(subprocess.run, capture_output=True, text=True, cwd=checkout, timeout=5)
+    try:
+        commit = git(["git", "rev-parse", "HEAD"]).stdout.strip()
+        changed = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
     if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-        except OSError:
-            commit = None
+        return None
+    return commit + ("-dirty" if changed else "")
+
+
+def environment(loaded: LoadedModel) -> dict:
+    commit = os.environ.get("SPLITWISER_GIT_COMMIT") or git_commit()  # the variable: a copy without git history
     device = torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else platform.processor() or "cpu"
     return {
         "device": str(loaded.device), "device_name": device, "dtype": str(loaded.dtype).removeprefix("torch."),

@@ -2,6 +2,7 @@
 directory (the project's bench/RESULTS.md only when asked): systems in the benchmark's process and one that runs
 as a real job with two worker processes."""
 
+import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -10,6 +11,7 @@ import pytest
 from conftest import ROOT, run_cli
 from splitwiser.bench import System
 from splitwiser.errors import UserError
+from splitwiser.job import git_commit
 
 
 def test_quick_benchmark_writes_results_report_and_plots():
@@ -46,3 +48,21 @@ def test_quick_benchmark_writes_results_report_and_plots():
 def test_a_bad_few_shot_header_is_one_line(header_tokens, headers, mode):
     with pytest.raises(UserError, match="header_tokens"):
         System(name="continuous", header_tokens=header_tokens, headers=headers, mode=mode)
+
+
+def test_the_recorded_commit_says_when_the_code_differs_from_it(tmp_path):
+    """A result names the commit of the code that made it: `-dirty` where tracked files were changed since; none
+    outside a git checkout."""
+    repo, plain = tmp_path / "repo", tmp_path / "plain"
+    repo.mkdir(), plain.mkdir()
+    git = lambda *args: subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,  # noqa: E731
+                                       text=True).stdout.strip()
+    git("init", "-q")
+    (repo / "engine.py").write_text("fast = True\n")
+    git("add", "engine.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "engine")
+    (repo / "notes.txt").write_text("untracked")
+    assert git_commit(repo) == git("rev-parse", "HEAD")
+    (repo / "engine.py").write_text("fast = False\n")
+    assert git_commit(repo) == git("rev-parse", "HEAD") + "-dirty"
+    assert git_commit(plain) is None
