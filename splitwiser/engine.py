@@ -10,8 +10,9 @@
   recomputed later: scheduler.Slots.growth), a prefix cache (a prompt's first blocks read from the cache where an
   earlier prompt computed the same tokens), continuous batching (new prompts are prefilled into free slots
   between decode steps, so prefill and decode overlap in one process), the running requests kept in the
-  lowest slots (scheduler.Slots) so that each decode step is as wide as the bucket of how many run, and on
-  CUDA the decode step replayed as a CUDA graph.
+  lowest slots (scheduler.Slots) so that each decode step is as wide as the bucket of how many run, on CUDA the
+  decode step replayed as a CUDA graph, and one step in flight: the host takes a step's tokens in (and ends its
+  finished requests) while the device computes the next.
 - `GenerateEngine` (engine.kind=generate): transformers' `generate`, batch by batch. The
   reference for correctness and the paper's baseline.
 Both give the tokens `model.generate(do_sample=False)` gives each prompt alone. A batch (prefill group,
@@ -293,8 +294,8 @@ class ContinuousEngine:
                                  kv=kv)
         self.blocks = KVBlocks(kv, cache=cfg.share_prefix) if paged else None
         self.kv_tokens = kv.spare * BLOCK_TOKENS  # the KV cache's size
-        # Per-slot state lives on the device, so that a decode step (bookkeeping included) is one
-        # CUDA graph and the host reads back only which slots finished.
+        # Per-slot state lives on the device, so that a decode step (bookkeeping included) is one CUDA graph and the
+        # host reads back only each slot's new token and whether it finished (_send_back).
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # last token: the next input
         # where that token sits; a free slot is parked (_park)
         self.parked = 0 if paged else self.runner.max_len - 1
