@@ -112,6 +112,9 @@ class PromptConfig:
     # A prompt longer than the model's context leaves room for: error (the row goes to errors.parquet)
     # or truncate (the end of its longest value is cut until it fits; generations.parquet says prompt_truncated).
     too_long: str = "error"
+    # A reasoning model's thinking switch, where its chat template has one (Qwen3's enable_thinking): false answers
+    # at once, true thinks first; unset: the template's default. Refused where the template has no such switch.
+    thinking: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _check_choice("prompt.style", self.style, ("auto", "chat", "plain"))

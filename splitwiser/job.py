@@ -58,11 +58,17 @@ def fingerprint(job: JobConfig) -> dict:
     return {
         "model": job.model.path, "weights": job.model.weights, "dtype": job.model.dtype,
         "tokenizer": job.model.tokenizer, "data": str(data_path(job.data.path)),
-        "text_column": job.data.text_column, "part": [job.data.part, job.data.parts], "prompt": to_plain_dict(job.prompt),
+        "text_column": job.data.text_column, "part": [job.data.part, job.data.parts], "prompt": _prompt(job),
         "max_new_tokens": job.engine.max_new_tokens, "ignore_eos": job.engine.ignore_eos,
         **_changed_sampling(job),  # none: as jobs were before sampling
         **({"messages_column": job.data.messages_column} if job.data.messages_column else {}),
     }
+
+
+def _prompt(job: JobConfig) -> dict:
+    """The prompt settings, without prompt.thinking where unset: as jobs were before the setting."""
+    prompt = to_plain_dict(job.prompt)
+    return prompt if job.prompt.thinking is not None else {k: v for k, v in prompt.items() if k != "thinking"}
 
 
 def _changed_sampling(job: JobConfig) -> dict:

@@ -49,11 +49,23 @@ def build_prompts(rows: list[str | dict[str, str]], prompt: PromptConfig,
     rows = [row if isinstance(row, dict) else {"text": row} for row in rows]
     if not uses_chat(prompt, tokenizer):
         return [prompt.template.format(**row) for row in rows]
-    # One call for the batch: the template renders each conversation as alone, at half the cost of a call each.
-    return tokenizer.apply_chat_template(
-        [[{"role": "system", "content": prompt.instruction.format(**row)},
-          {"role": "user", "content": prompt.chat_message.format(**row)}] for row in rows],
-        tokenize=False, add_generation_prompt=True)
+    return render_chat([[{"role": "system", "content": prompt.instruction.format(**row)},
+                         {"role": "user", "content": prompt.chat_message.format(**row)}] for row in rows],
+                       prompt, tokenizer)
+
+
+def render_chat(conversations: list[list[dict[str, str]]], prompt: PromptConfig,
+                tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The conversations through the model's chat template, each ending where the assistant answers, with the
+    template's thinking switch where prompt.thinking sets it. One call for the batch: the template renders each
+    conversation as alone, at half the cost of a call each."""
+    switch = {}
+    if prompt.thinking is not None:
+        if "enable_thinking" not in str(tokenizer.chat_template):
+            raise UserError(f"prompt.thinking={str(prompt.thinking).lower()}: the model's chat template has no "
+                            "thinking switch (enable_thinking); leave prompt.thinking unset")
+        switch = {"enable_thinking": prompt.thinking}
+    return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True, **switch)
 
 
 def special_tokens(tokenizer: PreTrainedTokenizerBase) -> re.Pattern:
@@ -138,6 +150,9 @@ class _Encoder:
                  text_column: str):
         self.prompt, self.tokenizer, self.max_prompt_tokens = prompt, tokenizer, max_prompt_tokens
         chat = uses_chat(prompt, tokenizer)
+        if prompt.thinking is not None and not chat:
+            raise UserError(f"prompt.thinking={str(prompt.thinking).lower()}: a chat template's switch, and this job's "
+                            "prompts are plain (prompt.style, or a model without a chat template)")
         self.adds_special = not chat  # a chat template writes its own special tokens
         self.columns = prompt.columns(text_column, chat)  # placeholder → column, of the template in use
         self.specials = special_tokens(tokenizer)
@@ -228,8 +243,7 @@ class _ChatEncoder(_Encoder):
     def render(self, rows: list[dict[str, str]]) -> list[str]:
         """The prompts of rows: a conversation with the chat template (one call for them all), a raw prompt as it is."""
         chats = [row for row in rows if RAW not in row]
-        rendered = iter(self.tokenizer.apply_chat_template([self.messages(row) for row in chats], tokenize=False,
-                                                           add_generation_prompt=True) if chats else [])
+        rendered = iter(render_chat([self.messages(row) for row in chats], self.prompt, self.tokenizer) if chats else [])
         return [row[RAW] if RAW in row else next(rendered) for row in rows]
 
     def tokenize(self, rows: list[dict[str, str]]) -> tuple[list[str], list[list[int]]]:
