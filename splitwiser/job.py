@@ -66,9 +66,8 @@ def fingerprint(job: JobConfig) -> dict:
 
 
 def _prompt(job: JobConfig) -> dict:
-    """The prompt settings, without prompt.thinking where unset: as jobs were before the setting."""
-    prompt = to_plain_dict(job.prompt)
-    return prompt if job.prompt.thinking is not None else {k: v for k, v in prompt.items() if k != "thinking"}
+    """The prompt settings that are set (an optional one left unset, as prompt.thinking: as jobs were before it)."""
+    return {k: v for k, v in to_plain_dict(job.prompt).items() if v is not None}
 
 
 def _changed_sampling(job: JobConfig) -> dict:
