@@ -53,7 +53,7 @@ def generate_units(engine, work: Work, units: Iterable[int], worker: int, progre
     generated, source = 0, requests()
     with PartWriter(work.out, engine.tokenizer, engine.cfg.batch_size, worker, gpu_index(engine.device),
                     work.run_index, work.job_start_ns, progress, on_write=written,
-                    stop=work.choice.sampling.stop) as writer:
+                    stop=work.choice.sampling.stop, thinking=work.choice.thinking) as writer:
         for generation in engine.run(source):
             writer.add(generation)
             generated += len(generation.token_ids)

@@ -112,8 +112,9 @@ class PromptConfig:
     # A prompt longer than the model's context leaves room for: error (the row goes to errors.parquet)
     # or truncate (the end of its longest value is cut until it fits; generations.parquet says prompt_truncated).
     too_long: str = "error"
-    # A reasoning model's thinking switch, where its chat template has one (Qwen3's enable_thinking): false answers
-    # at once, true thinks first; unset: the template's default. Refused where the template has no such switch.
+    # A reasoning model's thinking (its chat template's enable_thinking, where it has that switch): true thinks first,
+    # its thinking (before its </think> token) in the `reasoning` column and a constraint on the answer after it alone;
+    # false answers at once; unset: the template's default, the whole text the answer (splitwiser/reasoning.py).
     thinking: Optional[bool] = None
 
     def __post_init__(self) -> None:

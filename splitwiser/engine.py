@@ -30,7 +30,7 @@ from itertools import count, islice
 
 import torch
 
-from splitwiser import sampler
+from splitwiser import reasoning, sampler
 from splitwiser.blocks import KVBlocks, block_keys, needed
 from splitwiser.config import EngineConfig, SamplingConfig
 from splitwiser.errors import UnsupportedModel, UserError
@@ -182,10 +182,12 @@ class FirstToken:
 class Choice:
     """How an engine chooses tokens: the sampling settings, whether any row may be sampled (JobConfig.sampled: a row
     of data.temperature_column may be, with sampling.temperature=0), and whether any row's answer is constrained
-    (JobConfig.constrained: a row of data.json_schema_column may be, without sampling.json_schema)."""
+    (JobConfig.constrained: a row of data.json_schema_column may be, without sampling.json_schema), and whether the
+    model thinks first (prompt.thinking=true: a constraint applies to the answer after its thinking, reasoning.py)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sampled: bool = False
     constrained: bool = False
+    thinking: bool = False
 
     def temperature(self, request: Request) -> float:
         return self.sampling.temperature if request.temperature is None else request.temperature
@@ -199,7 +201,8 @@ def grammars_of(loaded: LoadedModel, choice: Choice) -> Grammars | None:
     if not choice.constrained:
         return None
     vocab = loaded.model.get_output_embeddings().weight.shape[0]
-    return Grammars(loaded.tokenizer, eos_ids(loaded), vocab, choice.sampling.grammar)
+    thinking_end = reasoning.end_token(loaded.tokenizer) if choice.thinking else None
+    return Grammars(loaded.tokenizer, eos_ids(loaded), vocab, choice.sampling.grammar, thinking_end)
 
 
 def prefill_group(runner: SlotRunner, requests: list[Request], slots: list[int], memory_cap_mb: int | None,

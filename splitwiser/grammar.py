@@ -79,13 +79,24 @@ def _checked(grammar: str, setting: str) -> str:
     return grammar
 
 
+def after_thinking(grammar: str, end: int) -> str:
+    """The grammar of any tokens but `end` (a reasoning model's thinking), then `end`, then whitespace and an answer
+    that `grammar` matches: the constraint of prompt.thinking=true (reasoning.py)."""
+    answer = json.loads(grammar) if grammar.lstrip().startswith("{") else {"grammars": [{"lark_grammar": grammar}]}
+    first = answer["grammars"][0]
+    first["name"] = first.get("name") or "answer"
+    thinking = {"lark_grammar": f"start: <[^{end}]>* <[{end}]> /[ \\n]*/ @{first['name']}"}
+    return json.dumps({**answer, "grammars": [thinking, *answer["grammars"]]})
+
+
 class Grammars:
     """A model's matchers: one per constrained request, on its tokenizer and vocabulary, and their token masks.
-    `default`: the job's grammar (of sampling.json_schema, regex or choice), for a request without its own."""
+    `default`: the job's grammar (of sampling.json_schema, regex or choice), for a request without its own.
+    `thinking_end`: a reasoning model's `</think>` token (prompt.thinking=true): grammars apply after it."""
 
-    def __init__(self, tokenizer, eos_ids: set[int], vocab: int, default: str | None):
+    def __init__(self, tokenizer, eos_ids: set[int], vocab: int, default: str | None, thinking_end: int | None = None):
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=sorted(eos_ids))
-        self.vocab, self.default = vocab, default
+        self.vocab, self.default, self.thinking_end = vocab, default, thinking_end
         # More threads made 512 masks slower on the H200 machine's 16 cores (bench/NOTES.md, run 29)
         self.executor = llguidance.LLExecutor(min(4, os.cpu_count() or 1))
         self._fresh: dict[str, llguidance.LLMatcher] = {}  # grammar → its matcher before any token (compiled once)
@@ -100,7 +111,8 @@ class Grammars:
     def matcher(self, grammar: str, tokens: list[int] = ()) -> llguidance.LLMatcher:
         """A new matcher of the grammar, after `tokens`."""
         if grammar not in self._fresh:
-            self._fresh[grammar] = llguidance.LLMatcher(self.tokenizer, grammar)
+            whole = grammar if self.thinking_end is None else after_thinking(grammar, self.thinking_end)
+            self._fresh[grammar] = llguidance.LLMatcher(self.tokenizer, whole)
         matcher = self._fresh[grammar].deep_copy()
         if tokens:
             matcher.consume_tokens(list(tokens))  # a refusal leaves it in error: incomplete() says why

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def choice_of(job: JobConfig) -> Choice:
-    return Choice(job.sampling, job.sampled, job.constrained)
+    return Choice(job.sampling, job.sampled, job.constrained, job.prompt.thinking is True)
 
 
 def parsed_of(job: JobConfig) -> Callable[[pa.Table], pa.Table] | None:

@@ -207,8 +207,7 @@ def _digest(*parts) -> str:
 
 def _body(samples: list[dict], chat: bool, model: str, ident: str, fingerprint: str, created: int) -> dict:
     """A chat.completion or text_completion object of a request's generations (its sampling.n samples, in order)."""
-    choices = [{"index": i, **({"message": {"role": "assistant", "content": s["generation"], "refusal": None}}
-                               if chat else {"text": s["generation"]}),
+    choices = [{"index": i, **({"message": _message(s)} if chat else {"text": s["generation"]}),
                 "logprobs": None, "finish_reason": s["finish_reason"]} for i, s in enumerate(samples)]
     prompt_tokens, completion_tokens = samples[0]["prompt_tokens"], sum(s["generated_tokens"] for s in samples)
     return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{ident}",
@@ -216,6 +215,14 @@ def _body(samples: list[dict], chat: bool, model: str, ident: str, fingerprint: 
             "system_fingerprint": fingerprint, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _message(sample: dict) -> dict:
+    """A chat answer's message; a reasoning model's thinking (prompt.thinking=true) as vLLM writes it."""
+    message = {"role": "assistant", "content": sample["generation"], "refusal": None}
+    if sample.get("reasoning") is not None:
+        message["reasoning_content"] = sample["reasoning"]
+    return message
 
 
 def _grouped(directory: Path) -> tuple[dict[str, list[dict]], dict[str, deque]]:

@@ -16,11 +16,13 @@ import shutil
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from splitwiser import reasoning
 from splitwiser.errors import UserError
 from splitwiser.request import Generation
 from splitwiser.stop import cut
@@ -34,7 +36,8 @@ GENERATION_SCHEMA = pa.schema([
     ("reference", pa.string()),
     ("prompt", pa.string()),
     ("prompt_truncated", pa.bool_()),  # prompt.too_long=truncate cut the end of the text to fit the context
-    ("generation", pa.string()),
+    ("generation", pa.string()),  # the answer (prompt.thinking=true: the text after the thinking)
+    ("reasoning", pa.string()),  # prompt.thinking=true: the thinking before the answer (else null)
     ("prompt_tokens", pa.int32()),
     ("generated_tokens", pa.int32()),
     ("output_token_ids", pa.list_(pa.int32())),
@@ -344,9 +347,11 @@ class PartWriter:
     nothing failed."""
 
     def __init__(self, out: OutputDir, tokenizer, rows: int, worker: int, gpu: int | None, run_index: int,
-                 job_start_ns: int, progress, on_write=lambda written: None, stop: list[str] = ()):
+                 job_start_ns: int, progress, on_write=lambda written: None, stop: list[str] = (),
+                 thinking: bool = False):
         self.out, self.tokenizer, self.rows, self.worker, self.gpu = out, tokenizer, rows, worker, gpu
         self.stop = list(stop)  # sampling.stop
+        self.thinking_end = reasoning.end_token(tokenizer) if thinking else None  # prompt.thinking=true
         self.run_index, self.job_start_ns, self.progress, self.on_write = run_index, job_start_ns, progress, on_write
         self.finished: list[Generation] = []
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="part-writer")
@@ -391,7 +396,16 @@ class PartWriter:
             self.out.write_errors(failed)
         generated = [g for g in finished if not g.error]
         texts = self.tokenizer.batch_decode([g.token_ids for g in generated], skip_special_tokens=True)
-        self.out.write_part([self.row(g, self.cut_at_stop(g, text)) for g, text in zip(generated, texts)])
+        texts = [self.cut_at_stop(g, text) for g, text in zip(generated, texts)]
+        self.out.write_part([self.row(g, *answer) for g, answer in zip(generated, self.apart(generated, texts))])
+
+    def apart(self, generated: list[Generation], texts: list[str]) -> list[tuple[str, str | None]]:
+        """Each generation's (answer, reasoning): with prompt.thinking=true, the texts after its thinking and of it."""
+        if self.thinking_end is None or not generated:
+            return [(text, None) for text in texts]
+        thinking, answers = zip(*(reasoning.parts(g.token_ids, self.thinking_end) for g in generated))
+        decode = partial(self.tokenizer.batch_decode, skip_special_tokens=True)
+        return [(answer, reasoning.thinking_text(thought)) for answer, thought in zip(decode(answers), decode(thinking))]
 
     def cut_at_stop(self, g: Generation, text: str) -> str:
         """The text before the first stop string, and the generation's tokens up to the one that completed it."""
@@ -403,7 +417,7 @@ class PartWriter:
         g.logprobs = g.logprobs and g.logprobs[:tokens]
         return text
 
-    def row(self, g: Generation, text: str) -> dict:
+    def row(self, g: Generation, text: str, thinking: str | None) -> dict:
         """A part file's row (PART_SCHEMA): the request's, its generation's, and its timing, in ms from the run's
         start."""
         ms = lambda ns: (ns - self.job_start_ns) / 1e6  # noqa: E731
@@ -411,7 +425,7 @@ class PartWriter:
         return {
             "id": request.id, "sample": request.sample, "reference": request.reference, "prompt": request.prompt,
             "prompt_truncated": request.prompt_truncated, "generation": text.strip(),
-            "prompt_tokens": request.prompt_tokens, "generated_tokens": len(g.token_ids),
+            "reasoning": thinking, "prompt_tokens": request.prompt_tokens, "generated_tokens": len(g.token_ids),
             "output_token_ids": g.token_ids, "output_logprobs": g.logprobs, "finish_reason": g.finish_reason,
             "worker": self.worker, "gpu": self.gpu,
             "prefill_worker": self.worker if g.prefill_worker is None else g.prefill_worker,

@@ -24,7 +24,7 @@ from typing import NamedTuple
 from datasets import Dataset, Features, Sequence, Value, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from splitwiser import conversation, grammar
+from splitwiser import conversation, grammar, reasoning
 from splitwiser.config import DataConfig, PromptConfig
 from splitwiser.data import READ_ERROR
 from splitwiser.errors import UserError
@@ -59,13 +59,21 @@ def render_chat(conversations: list[list[dict[str, str]]], prompt: PromptConfig,
     """The conversations through the model's chat template, each ending where the assistant answers, with the
     template's thinking switch where prompt.thinking sets it. One call for the batch: the template renders each
     conversation as alone, at half the cost of a call each."""
-    switch = {}
-    if prompt.thinking is not None:
-        if "enable_thinking" not in str(tokenizer.chat_template):
-            raise UserError(f"prompt.thinking={str(prompt.thinking).lower()}: the model's chat template has no "
-                            "thinking switch (enable_thinking); leave prompt.thinking unset")
-        switch = {"enable_thinking": prompt.thinking}
-    return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True, **switch)
+    return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True,
+                                         **thinking_switch(prompt.thinking, tokenizer))
+
+
+def thinking_switch(thinking: bool | None, tokenizer: PreTrainedTokenizerBase) -> dict[str, bool]:
+    """The chat template's argument for prompt.thinking. true: the model thinks (a template without the switch, as
+    the DeepSeek-R1 distills', always does), which needs its `</think>` token (reasoning.py); false: it answers at
+    once, which needs the switch. Raises UserError where the model lacks what the setting needs."""
+    has_switch = "enable_thinking" in str(tokenizer.chat_template)
+    if thinking:
+        reasoning.end_token(tokenizer)
+    elif thinking is False and not has_switch:
+        raise UserError("prompt.thinking=false: the model's chat template has no thinking switch (enable_thinking); "
+                        "leave prompt.thinking unset")
+    return {"enable_thinking": thinking} if thinking is not None and has_switch else {}
 
 
 def special_tokens(tokenizer: PreTrainedTokenizerBase) -> re.Pattern:

@@ -1,6 +1,5 @@
 """Prompt templates over any columns of the dataset (issue 17): `{indication}`, `{findings}`, ... beside `{text}`."""
 
-import copy
 import hashlib
 import json
 from dataclasses import replace
@@ -157,35 +156,3 @@ def test_a_nightly_key_follows_every_named_column(tmp_path):
     salt = json.dumps({k: v for k, v in fingerprint(default).items() if k not in ("data", "part")}, sort_keys=True)
     before = hashlib.sha256(json.dumps([salt, "r1", "x"]).encode()).hexdigest()
     assert nightly.row_keys(default, ["r1"], ["x"]) == [before]
-
-
-# A reasoning model's chat template in miniature (Qwen3's switch): with enable_thinking false the answer starts after
-# an empty thinking block.
-THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-                     "{% if add_generation_prompt %}<|im_start|>assistant\n"
-                     "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
-                     "{% endif %}")
-
-
-@pytest.mark.parametrize("thinking, closed", [(False, True), (True, False), (None, False)])
-def test_the_thinking_switch_reaches_a_chat_template_that_has_one(tmp_path, default_model, thinking, closed):
-    tokenizer = copy.deepcopy(default_model.tokenizer)
-    tokenizer.chat_template = THINKING_TEMPLATE
-    prompt = replace(job_config().prompt, style="chat", thinking=thinking)
-    cfg = DataConfig(path=str(write_csv(tmp_path / "r.csv", ROWS)))
-    requests, errors, _ = prepare_requests(read_dataset(cfg, prompt), cfg, prompt, tokenizer, 1000, {})
-    assert len(errors) == 0 and len(requests) == len(ROWS)
-    for request in requests:
-        assert request["prompt"].endswith("<think>\n\n</think>\n\n") == closed, request["prompt"]
-        assert request["input_ids"] == tokenizer(request["prompt"], add_special_tokens=False).input_ids
-
-
-def test_the_thinking_switch_is_refused_where_the_template_has_none(tmp_path, default_model):
-    """SmolLM2's template has no thinking switch: one line, before any row is generated; a plain prompt neither."""
-    assert_user_error(run_cli("prompt.thinking=false", "data.limit=2", f"output.dir={tmp_path}/o"),
-                      "prompt.thinking=false: the model's chat template has no thinking switch")
-    assert not list(tmp_path.rglob("generations.parquet"))
-    cfg = DataConfig(path=str(write_csv(tmp_path / "r.csv", ROWS)))
-    with pytest.raises(UserError, match="prompt.thinking=true: a chat template's switch"):
-        prepare_requests(read_dataset(cfg, plain(thinking=True)), cfg, plain(thinking=True), default_model.tokenizer,
-                         1000, {})
