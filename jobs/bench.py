@@ -31,9 +31,10 @@ log = logging.getLogger("splitwiser.bench")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def model_config(cfg: DictConfig, name: str) -> DictConfig:
+def model_config(cfg: DictConfig, model: str) -> DictConfig:
     """A model of the grid, with random weights: conf/model/NAME.yaml, or a real model's shape, bench/shapes/NAME
-    (its config.json alone)."""
+    (its config.json alone); NAME:fp8, the same with model.quantization=fp8."""
+    name, _, quantization = model.partition(":")
     conf, shape = ROOT / "conf/model" / f"{name}.yaml", ROOT / "bench/shapes" / name
     if not conf.exists() and not (shape / "config.json").exists():
         shapes = sorted(p.parent.name for p in (ROOT / "bench/shapes").glob("*/config.json"))
@@ -42,7 +43,7 @@ def model_config(cfg: DictConfig, name: str) -> DictConfig:
                                 OmegaConf.load(conf) if conf.exists() else {"name": name, "path": str(shape)})
     model_cfg.path = cfg.model_paths.get(name, model_cfg.path)
     model_cfg.tokenizer = cfg.tokenizer or model_cfg.tokenizer
-    model_cfg.weights, model_cfg.dtype = "random", cfg.dtype
+    model_cfg.weights, model_cfg.dtype, model_cfg.quantization = "random", cfg.dtype, quantization or None
     return model_cfg
 
 
@@ -69,8 +70,9 @@ def main(cfg: DictConfig) -> None:
             requests = workload(loaded, data, PromptConfig(style=style))
             long = workload(loaded, long_data, PromptConfig(style=style)) if long_data else []
             # The same model and requests for the systems that run as jobs.
-            job_overrides = [f"model={model_name}", f"model.path={model_cfg.path}", "model.weights=random",
-                             f"model.dtype={cfg.dtype}", f"prompt.style={style}"]
+            job_overrides = [f"model={model_cfg.name}", f"model.path={model_cfg.path}", "model.weights=random",
+                             f"model.dtype={cfg.dtype}", f"prompt.style={style}",
+                             *([f"model.quantization={model_cfg.quantization}"] if model_cfg.quantization else [])]
             if model_cfg.tokenizer:
                 job_overrides.append(f"model.tokenizer={model_cfg.tokenizer}")
         measured = with_headers(with_long_rows(requests, long[:system.long_rows]), system)

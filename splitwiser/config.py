@@ -37,9 +37,14 @@ class ModelConfig:
     dtype: str = "auto"  # auto (float32 on CPU, float16 on GPU) | float32 | float16 | bfloat16
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     cache_dir: str = "~/.cache/splitwiser"
+    # fp8: the linear layers' weights in 8-bit floats, their products on the GPU's FP8 units (splitwiser/fp8.py);
+    # needs a GPU of compute capability 8.9+ (Ada, Hopper). Unset: the weights in model.dtype.
+    quantization: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_choice("model.weights", self.weights, ("pretrained", "random"))
+        if self.quantization is not None:
+            _check_choice("model.quantization", self.quantization, ("fp8",))
         _check_choice("model.dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise UserError(f"model.device={self.device} is not one of auto, cpu, cuda, cuda:N")

@@ -62,6 +62,7 @@ def fingerprint(job: JobConfig) -> dict:
         "max_new_tokens": job.engine.max_new_tokens, "ignore_eos": job.engine.ignore_eos,
         **_changed_sampling(job),  # none: as jobs were before sampling
         **({"messages_column": job.data.messages_column} if job.data.messages_column else {}),
+        **({"quantization": job.model.quantization} if job.model.quantization else {}),
     }
 
 

@@ -232,6 +232,9 @@ def own_memory(model: torch.nn.Module) -> None:
 def load_model(cfg: ModelConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.quantization:
+        from splitwiser import fp8  # and Triton: imported by the jobs that quantize alone
+        fp8.check_device(device)
     source = locate(cfg.path)
     if source.endswith(".gguf"):
         if not os.path.isfile(source):
@@ -248,6 +251,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         if device.type == "cpu":
             own_memory(model)
     model.to(device).eval()
+    if cfg.quantization:
+        fp8.quantize(model)
 
     tokenizer_source = locate(cfg.tokenizer) if cfg.tokenizer else source
     tokenizer_option = "model.tokenizer" if cfg.tokenizer or cfg.weights == "random" else "model.path"
@@ -259,6 +264,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         raise UserError(f"tokenizer {tokenizer_source} has {len(tokenizer)} tokens, "
                         f"more than the model's vocabulary ({model.config.vocab_size})")
     context_length = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    log.info("model %s (%s weights, %s, %s) from %s", cfg.name, cfg.weights, dtype, device, source)
+    log.info("model %s (%s weights, %s, %s) from %s", cfg.name, cfg.weights,
+             f"{dtype}, linear layers fp8" if cfg.quantization else dtype, device, source)
     return LoadedModel(model, tokenizer, device, dtype, int(context_length), source)
 

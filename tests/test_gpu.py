@@ -18,6 +18,7 @@ import test_families_dense
 import test_families_windowed
 from conftest import SAMPLE, job_config, run_cli
 from splitwiser.bench import workload, write_workload
+from splitwiser import fp8
 from splitwiser.config import EngineConfig, ModelConfig, PromptConfig, SamplingConfig
 from splitwiser.engine import Choice, ContinuousEngine, GenerateEngine, make_engine
 from splitwiser.grammar import allowed
@@ -216,10 +217,12 @@ def test_token_masks_kernel_equals_the_bit_expansion(dtype):
     assert torch.equal(allowed(logits, masks).cpu(), allowed(logits.cpu(), masks.cpu()))
 
 
-def single_and(tmp_path, *overrides: str) -> dict:
-    """Runs the same fp32 job in one process and with `overrides`; asserts equal outputs; returns the latter's manifest."""
+def single_and(tmp_path, *overrides: str, both: tuple[str, ...] = ()) -> dict:
+    """Runs the same fp32 job (with `both`) in one process and with `overrides`; asserts equal outputs; returns the
+    latter's manifest."""
     common = [f"model.path={model_dir()}", "model.weights=random", "model.dtype=float32", "data.limit=64",
-              "engine.ignore_eos=true", "engine.max_new_tokens=16", "engine.batch_size=8", "output.progress=false"]
+              "engine.ignore_eos=true", "engine.max_new_tokens=16", "engine.batch_size=8", "output.progress=false",
+              *both]
     single = run_cli(*common, f"output.dir={tmp_path}/single", "gpus=1")
     multi = run_cli(*common, f"output.dir={tmp_path}/multi", *overrides)
     assert single.returncode == 0 and multi.returncode == 0, multi.stderr[-3000:]
@@ -254,3 +257,35 @@ def test_one_model_copy_per_gpu_gives_the_one_gpu_outputs(tmp_path, gpus, mode):
     write_timeline(tmp_path / "multi", tmp_path / "timeline.png")
     print(f"gpus={gpus} mode={mode}: {manifest['runs'][-1]['engine']['kind']}, "
           f"{manifest['runs'][-1]['generated_tokens_per_s']} tok/s")
+
+
+def test_fp8_quantizer_kernel_equals_torchs():
+    """fp8.quantize_rows' Triton kernel gives torch's scales and e4m3 values (rows of every magnitude, one of zeros,
+    a width that is no multiple of the kernel's block)."""
+    x = torch.randn(300, 4100, device="cuda", dtype=torch.bfloat16) * torch.logspace(-4, 4, 300, device="cuda")[:, None]
+    x[7] = 0
+    values, scale = fp8.quantize_rows(x)
+    torch_values, torch_scale = fp8.quantize_rows(x.cpu())
+    torch.testing.assert_close(scale.cpu(), torch_scale, rtol=1e-6, atol=0)
+    same = (values.cpu().float() == torch_values.float()).float().mean().item()
+    print(f"fp8 quantizer: {same:.5%} of values identical to torch's")
+    assert same > 0.999  # a division rounded the other way moves a value by one e4m3 step, rarely
+    torch.testing.assert_close(values.cpu().float(), torch_values.float(), rtol=0.125, atol=2 ** -9)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "live"])
+def test_fp8_engine_equals_generate_on_the_same_fp8_model(attention, tmp_path):
+    """model.quantization=fp8 with float32 activations: each token's input is scaled alone, so a request's tokens do
+    not depend on its batch; the fast engine (CUDA graphs) gives generate's tokens on the same quantized model."""
+    model = ModelConfig(path=model_dir(), weights="random", dtype="float32", device="cuda", quantization="fp8")
+    fast, reference = both_engines(model, requests=40, max_new_tokens=16, slots=16, attention=attention,
+                                   tmp_path=tmp_path)
+    matches = sum(f == r for f, r in zip(fast, reference))
+    print(f"fp8 {attention}: {matches}/40 requests identical")
+    assert matches == 40
+
+
+@pytest.mark.parametrize("mode", ["colocated", "split"])
+def test_fp8_workers_share_the_quantized_model_and_match_single(tmp_path, mode):
+    manifest = single_and(tmp_path, "procs=2", f"mode={mode}", "gpus=1", both=("model.quantization=fp8",))
+    assert manifest["fingerprint"]["quantization"] == "fp8"

@@ -22,7 +22,7 @@ from splitwiser.prepare import prepare_requests
 from splitwiser.request import Request
 from test_constrained import SCHEMA, SCHEMA_PATH, errors, outputs
 from test_errors import assert_user_error
-from test_openai_batch import request
+from test_openai_batch import request as batch_line
 from test_templates import ROWS, plain
 
 # A reasoning model's chat template in miniature (Qwen3's switch): with enable_thinking false the answer starts after
@@ -101,7 +101,7 @@ def test_the_reasoning_column_without_a_constraint_and_without_thinking(tmp_path
 
 def test_a_batch_files_answers_carry_their_reasoning(tmp_path, thinking_model):
     """output.format=openai_batch: the thinking as vLLM writes it, message.reasoning_content, beside the answer."""
-    lines = [request(f"request-{i}", messages=[{"role": "user", "content": row["findings"]}], max_tokens=48)
+    lines = [batch_line(f"request-{i}", messages=[{"role": "user", "content": row["findings"]}], max_tokens=48)
              for i, row in enumerate(sample_rows(2))]
     (tmp_path / "batch.jsonl").write_text("".join(f"{line}\n" for line in lines))
     rows = thinking_job(tmp_path / "out", thinking_model, 2, f"data.path={tmp_path / 'batch.jsonl'}",
