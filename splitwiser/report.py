@@ -84,13 +84,14 @@ def write_report(rows: list[dict], path: Path, results: Path) -> None:
                        "job_s": row.get("job_s") or round(row["warmup_s"] + row["run_s"] * full / row["requests"], 2)}
             lines.append("| " + " | ".join(str(derived.get(c, row.get(c, ""))) for c in COLUMNS) + " |")
         lines.append("")
+        stem = f"{model.replace(':', '-')}-{new_tokens}"  # NAME:fp8: no colon in a file's name
         if ok:
-            lines += [f"![throughput]({write_throughput_plot(ok, path.parent / f'throughput-{model}-{new_tokens}.png').name})",
+            lines += [f"![throughput]({write_throughput_plot(ok, path.parent / f'throughput-{stem}.png').name})",
                       ""]
         if any(r.get("latency_ms") for r in ok):
-            lines += [f"![latency]({write_latency_cdf(ok, path.parent / f'latency-{model}-{new_tokens}.png').name})", ""]
+            lines += [f"![latency]({write_latency_cdf(ok, path.parent / f'latency-{stem}.png').name})", ""]
         if any(r.get("procs", 1) > 1 for r in ok):
-            lines += [f"![workers]({write_procs_plot(ok, path.parent / f'procs-{model}-{new_tokens}.png').name})", ""]
+            lines += [f"![workers]({write_procs_plot(ok, path.parent / f'procs-{stem}.png').name})", ""]
     path.write_text("\n".join(lines))
 
 

@@ -260,6 +260,7 @@ def test_one_model_copy_per_gpu_gives_the_one_gpu_outputs(tmp_path, gpus, mode):
 def test_fp8_quantizer_kernel_equals_torchs():
     """fp8.quantize_rows' Triton kernel gives torch's scales and e4m3 values (rows of every magnitude, one of zeros,
     a width that is no multiple of the kernel's block)."""
+    torch.manual_seed(0)
     x = torch.randn(300, 4100, device="cuda", dtype=torch.bfloat16) * torch.logspace(-4, 4, 300, device="cuda")[:, None]
     x[7] = 0
     values, scale = fp8.quantize_rows(x)
@@ -267,7 +268,7 @@ def test_fp8_quantizer_kernel_equals_torchs():
     torch.testing.assert_close(scale.cpu(), torch_scale, rtol=1e-6, atol=0)
     same = (values.cpu().float() == torch_values.float()).float().mean().item()
     print(f"fp8 quantizer: {same:.5%} of values identical to torch's")
-    assert same > 0.999  # a division rounded the other way moves a value by one e4m3 step, rarely
+    assert same > 0.9999  # both divide in IEEE arithmetic and round to nearest even; the product 1/448 may differ
     torch.testing.assert_close(values.cpu().float(), torch_values.float(), rtol=0.125, atol=2 ** -9)
 
 
