@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import test_families_dense
+import test_families_moe
 import test_families_windowed
 from conftest import SAMPLE, job_config, run_cli
 from splitwiser.bench import workload, write_workload
@@ -91,11 +92,12 @@ def tokenizer_model():
     return load_model(ModelConfig(path=model_dir(), weights="random", device="cpu"))
 
 
-@pytest.mark.parametrize("name", [*test_families_dense.CONFIGS, *test_families_windowed.CONFIGS])
+@pytest.mark.parametrize("name", [*test_families_dense.CONFIGS, *test_families_windowed.CONFIGS,
+                                  *test_families_moe.CONFIGS])
 def test_family_with_cuda_graphs_and_the_live_kernel_equals_generate(tmp_path, tokenizer_model, name):
     """Each family's tiny model of tests/test_families_*.py in fp32 on the GPU: CUDA graphs, the Triton decode
     kernel with its sliding windows and soft-caps, against generate."""
-    configs = {**test_families_dense.CONFIGS, **test_families_windowed.CONFIGS}
+    configs = {**test_families_dense.CONFIGS, **test_families_windowed.CONFIGS, **test_families_moe.CONFIGS}
     check_family(tmp_path, tokenizer_model, configs[name](len(tokenizer_model.tokenizer)), device="cuda")
 
 

@@ -1,11 +1,12 @@
-"""Writes the config.json of real model shapes into bench/shapes/NAME/ (python bench/shapes/make.py bench/shapes):
+"""Writes the config.json of real model shapes into bench/shapes/NAME/ (python bench/shapes/make.py bench/shapes
+[NAME ...]: those alone):
 the benchmark runs them with random weights, so no hub is needed. Layer sizes as the published models have them;
 Mistral's and Phi-3.5's vocabularies are raised to 49,152, the benchmark tokenizer's (SmolLM2's), since a model
 may not have fewer tokens than its tokenizer."""
 import sys
 from pathlib import Path
-from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
-                          Qwen3Config)
+from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+                          Qwen2Config, Qwen3Config, Qwen3MoeConfig)
 
 llama3_rope = lambda factor: {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 8192}
@@ -48,8 +49,18 @@ SHAPES = {
                               original_max_position_embeddings=4096,
                               rope_scaling={"type": "longrope", "short_factor": [1.0] * 48,
                                             "long_factor": [1.0 + i / 16 for i in range(48)]}),
+    "qwen3-30b-a3b": Qwen3MoeConfig(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                    num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
+                                    rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6),
+    "mixtral-8x7b": MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                  num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                                  num_experts_per_tok=2, vocab_size=32000, rope_theta=1000000.0,
+                                  max_position_embeddings=32768, rms_norm_eps=1e-5),
 }
 for name, config in SHAPES.items():
+    if len(sys.argv) > 2 and name not in sys.argv[2:]:
+        continue
     out = Path(sys.argv[1]) / name
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
