@@ -1,4 +1,4 @@
-"""FP8 weights (model.quantization=fp8). On the CPU: a job refuses it in one line (no FP8 matrix units), and the
+"""FP8 weights (model.quantization=fp8). On the CPU: a job refuses it (no FP8 matrix units) before the model loads; the
 arithmetic is checked through torch's own CPU _scaled_mm on the real default model: each quantized layer within
 e4m3's error of the layer it replaces, the model's next-token choices mostly unchanged, the output head and
 embeddings as they were. On the GPU (tests/test_gpu.py): the Triton quantizer, and jobs with CUDA graphs."""
@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
+from splitwiser.config import ModelConfig
+from splitwiser.errors import UserError
 from splitwiser.fp8 import E4M3_MAX, FP8Linear, quantize
-from test_errors import assert_user_error
+from splitwiser.models import load_model
 from test_families import prompts
 
 
-def test_fp8_is_refused_on_the_cpu_in_one_line(tmp_path):
-    assert_user_error(run_cli("model.quantization=fp8", "model.device=cpu", "data.limit=2", f"output.dir={tmp_path}/o"),
-                      "model.quantization=fp8: the CPU has no FP8 matrix units")
-    assert not list(tmp_path.rglob("generations.parquet"))
+def test_fp8_is_refused_on_the_cpu_before_the_model_loads():
+    with pytest.raises(UserError, match="^model.quantization=fp8: the CPU has no FP8 matrix units"):
+        load_model(ModelConfig(path="no/such/model", device="cpu", quantization="fp8"))
 
 
 @pytest.fixture(scope="module")

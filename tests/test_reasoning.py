@@ -67,9 +67,10 @@ def thinking_job(out, model, rows: int, *overrides: str) -> dict[str, dict]:
 def test_thinking_then_an_answer_that_validates(tmp_path, thinking_model):
     """The constraint applies after </think>: the thinking is free text (in `reasoning`), the answer (in `generation`
     and `parsed`) validates against the schema; a row cut short goes to errors.parquet with the reason."""
-    rows = thinking_job(tmp_path, thinking_model, 8, "prompt.thinking=true", f"sampling.json_schema={SCHEMA_PATH}")
+    rows = thinking_job(tmp_path, thinking_model, 6, "prompt.thinking=true", f"sampling.json_schema={SCHEMA_PATH}",
+                        "engine.max_new_tokens=120")
     tokenizer = AutoTokenizer.from_pretrained(thinking_model)
-    assert len(rows) >= 6, errors(tmp_path)
+    assert len(rows) >= 3, errors(tmp_path)
     assert all("before its constraint was complete" in e for e in errors(tmp_path).values())
     for row in rows.values():
         tokens = row["output_token_ids"]
@@ -81,14 +82,22 @@ def test_thinking_then_an_answer_that_validates(tmp_path, thinking_model):
 
 
 def test_the_reasoning_column_without_a_constraint_and_without_thinking(tmp_path, thinking_model):
-    """Unconstrained: the text before </think> in `reasoning`, after it in `generation` (a row cut short while
-    thinking: all reasoning). prompt.thinking unset: the whole text in `generation` (</think> is not a special token:
-    it stays in the text) and `reasoning` null."""
-    apart = thinking_job(tmp_path / "apart", thinking_model, 3, "prompt.thinking=true", "engine.max_new_tokens=48")
-    whole = thinking_job(tmp_path / "whole", thinking_model, 3, "engine.max_new_tokens=48")
+    """Unconstrained, from an OpenAI batch file: the text before </think> in `reasoning` (and results.jsonl's
+    message.reasoning_content, as vLLM writes it), after it in `generation` (a request cut short while thinking: all
+    reasoning). prompt.thinking unset: the whole text in `generation` (</think> is not a special token: it stays in
+    the text) and `reasoning` null."""
+    instruction = job_config().prompt.instruction
+    lines = [batch_line(f"request-{i}", max_tokens=48,
+                        messages=[{"role": "system", "content": instruction},
+                                  {"role": "user", "content": f"Findings: {row['findings']}\nImpression:"}])
+             for i, row in enumerate(sample_rows(3))]
+    (tmp_path / "batch.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    batch = (f"data.path={tmp_path / 'batch.jsonl'}", "output.format=openai_batch")
+    apart = thinking_job(tmp_path / "apart", thinking_model, 3, *batch, "prompt.thinking=true")
+    whole = thinking_job(tmp_path / "whole", thinking_model, 3, *batch)
     tokenizer = AutoTokenizer.from_pretrained(thinking_model)
     ended = [END_THINK in row["output_token_ids"] for row in apart.values()]
-    assert any(ended) and not all(ended)  # both cases, in these rows
+    assert any(ended) and not all(ended)  # both cases, in these requests
     for row_id, row in apart.items():
         tokens = row["output_token_ids"]
         assert tokens == whole[row_id]["output_token_ids"]  # the same prompt: the template's switch is not given
@@ -97,19 +106,9 @@ def test_the_reasoning_column_without_a_constraint_and_without_thinking(tmp_path
         assert row["generation"] == tokenizer.decode(tokens[end + 1:], skip_special_tokens=True).strip()
         assert whole[row_id]["reasoning"] is None
         assert whole[row_id]["generation"] == tokenizer.decode(tokens, skip_special_tokens=True).strip()
-
-
-def test_a_batch_files_answers_carry_their_reasoning(tmp_path, thinking_model):
-    """output.format=openai_batch: the thinking as vLLM writes it, message.reasoning_content, beside the answer."""
-    lines = [batch_line(f"request-{i}", messages=[{"role": "user", "content": row["findings"]}], max_tokens=48)
-             for i, row in enumerate(sample_rows(2))]
-    (tmp_path / "batch.jsonl").write_text("".join(f"{line}\n" for line in lines))
-    rows = thinking_job(tmp_path / "out", thinking_model, 2, f"data.path={tmp_path / 'batch.jsonl'}",
-                        "output.format=openai_batch", "prompt.thinking=true")
-    results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    for result in results:
+    for result in map(json.loads, (tmp_path / "apart" / "results.jsonl").read_text().splitlines()):
         [choice] = result["response"]["body"]["choices"]
-        row = rows[result["custom_id"]]
+        row = apart[result["custom_id"]]
         assert choice["message"]["content"] == row["generation"]
         assert choice["message"]["reasoning_content"] == row["reasoning"] != ""
 
@@ -145,14 +144,14 @@ def test_the_thinking_switch_reaches_a_chat_template_that_has_one(tmp_path, thin
         assert request["input_ids"] == tokenizer(request["prompt"], add_special_tokens=False).input_ids
 
 
-@pytest.mark.parametrize("setting, said", [
-    ("prompt.thinking=false", "prompt.thinking=false: the model's chat template has no thinking switch"),
-    ("prompt.thinking=true", "prompt.thinking=true: the model's tokenizer has no </think> token"),
-])
-def test_what_a_thinking_setting_needs_is_checked_before_any_row(tmp_path, setting, said):
+def test_what_a_thinking_setting_needs_is_checked_before_any_row(tmp_path, default_model):
     """SmolLM2 has neither a thinking switch nor a </think> token: one line, before any row is generated."""
-    assert_user_error(run_cli(setting, "data.limit=2", f"output.dir={tmp_path}/o"), said)
+    assert_user_error(run_cli("prompt.thinking=false", "data.limit=2", f"output.dir={tmp_path}/o"),
+                      "prompt.thinking=false: the model's chat template has no thinking switch")
     assert not list(tmp_path.rglob("generations.parquet"))
+    cfg, prompt = DataConfig(path=str(write_csv(tmp_path / "r.csv", ROWS))), replace(job_config().prompt, thinking=True)
+    with pytest.raises(UserError, match="prompt.thinking=true: the model's tokenizer has no </think> token"):
+        prepare_requests(read_dataset(cfg, prompt), cfg, prompt, default_model.tokenizer, 1000, {})
 
 
 def test_plain_prompts_refuse_the_thinking_switch(tmp_path, thinking_model):
