@@ -1,6 +1,7 @@
 """The nightly job's recovery and the array merge's checks, without a cluster (tests/test_slurm.py
 runs both through the sbatch scripts)."""
 
+import json
 from datetime import date
 
 import pyarrow.parquet as pq
@@ -11,6 +12,7 @@ from splitwiser.errors import UserError
 from splitwiser.job import run
 from splitwiser.merge import merge_tasks
 from splitwiser.nightly import latest, nightly
+from test_constrained import URGENT
 
 
 def test_a_killed_night_is_finished_by_the_next_run(tmp_path):
@@ -80,3 +82,21 @@ def test_latest_refuses_a_directory_that_is_no_nightly_root(tmp_path):
     (tmp_path / "generations.parquet").touch()
     with pytest.raises(UserError, match=r"is no nightly root: it holds one job's outputs"):
         latest(str(tmp_path))
+
+
+def test_constrained_nights_generate_only_changed_rows_and_keep_parsed_answers(tmp_path):
+    """sampling.json_schema through the nightly job: the second night generates the changed report alone, and
+    latest.parquet holds every id's answer with its parsed value."""
+    schema = tmp_path / "urgent.json"
+    schema.write_text(json.dumps(URGENT))
+    rows, data, root = sample_rows(3), tmp_path / "reports.csv", tmp_path / "nightly"
+    overrides = [f"data.path={data}", f"output.dir={root}", "engine.max_new_tokens=16", f"sampling.json_schema={schema}"]
+    write_csv(data, rows)
+    [first] = nightly(job_config(*overrides), date(2026, 11, 24))
+    write_csv(data, [{**rows[0], "findings": rows[0]["findings"] + " Addendum: no change."}, *rows[1:]])
+    [second] = nightly(job_config(*overrides), date(2026, 11, 25))
+    assert first["rows"]["ok"] == 3 and second["rows"] == {"input": 1, "ok": 1, "failed": 0}
+    table = pq.read_table(latest(str(root))["path"])
+    assert table.num_rows == 3 and "parsed" in table.column_names
+    for row in table.to_pylist():
+        assert row["parsed"] == json.loads(row["generation"]) and isinstance(row["parsed"]["urgent"], bool)
