@@ -35,10 +35,15 @@ def quantize(model: nn.Module) -> nn.Module:
     weights freed as its FP8 copy is made, so memory never holds both for the whole model)."""
     head = model.get_output_embeddings()
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child is not head and fits(child):
-                setattr(parent, name, FP8Linear(child))
+        quantize_children(parent, head)
     return model
+
+
+def quantize_children(parent: nn.Module, head: nn.Module) -> None:
+    """Each linear layer directly under `parent`, but the output head, as an FP8Linear."""
+    for name, child in list(parent.named_children()):
+        if type(child) is nn.Linear and child is not head and fits(child):
+            setattr(parent, name, FP8Linear(child))
 
 
 def fits(linear: nn.Linear) -> bool:

@@ -220,6 +220,32 @@ def random_weights_config(cfg: ModelConfig, source: str):
         return AutoConfig.for_model(cfg.architecture)
 
 
+@torch.no_grad()
+def random_model(config, dtype: torch.dtype, device: torch.device, quantize: bool) -> torch.nn.Module:
+    """A model of `config` with random weights (transformers' own initialisation, seeded: the same model in every
+    process and run), made where it runs a module at a time, each linear layer quantized as soon as it is made
+    where `quantize`: memory never holds the whole model in `dtype` (Llama-3.3-70B's 140 GB in bf16 is more than one
+    GPU holds; in fp8 it fits)."""
+    if quantize:
+        from splitwiser import fp8
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    head = model.get_output_embeddings()
+
+    def make(module: torch.nn.Module) -> None:  # children first, as transformers initialises
+        for child in module.children():
+            make(child)
+        module.to_empty(device=device, recurse=False)
+        model._init_weights(module)
+        if quantize:
+            fp8.quantize_children(module, head)
+
+    make(model)
+    model.tie_weights()  # the head made apart above: tied again where the config ties it
+    return model
+
+
 def own_memory(model: torch.nn.Module) -> None:
     """On the CPU, transformers leaves the weights memory-mapped from their safetensors file: a file cut short or
     rewritten in place (cp over it) while the job runs then kills it with SIGBUS, without a word. Copied into the
@@ -242,17 +268,15 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         source = str(convert_gguf(Path(source), model_cache_dir(cfg)))
 
     if cfg.weights == "random":
-        config = random_weights_config(cfg, source)
-        torch.manual_seed(0)  # the same random model in every process and run
-        with device:  # initialised where it runs: seconds faster on a GPU than on the CPU
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = random_model(random_weights_config(cfg, source), dtype, device, cfg.quantization == "fp8")
     else:
         model = _from_pretrained(AutoModelForCausalLM, source, "model.path", dtype=dtype)
         if device.type == "cpu":
             own_memory(model)
-    model.to(device).eval()
-    if cfg.quantization:
-        fp8.quantize(model)
+        model.to(device)
+        if cfg.quantization:
+            fp8.quantize(model)
+    model.eval()
 
     tokenizer_source = locate(cfg.tokenizer) if cfg.tokenizer else source
     tokenizer_option = "model.tokenizer" if cfg.tokenizer or cfg.weights == "random" else "model.path"

@@ -289,6 +289,30 @@ def test_fp8_engine_nearly_equals_generate_on_the_same_fp8_model(attention, tmp_
     assert identical >= 0.5 * 40 and same_tokens >= 0.8 * 40 * 16
 
 
+def test_fp8_random_weights_are_quantized_as_they_are_made():
+    """The 8B shape with model.quantization=fp8 and random weights: memory never holds the bf16 model (what lets the
+    70B shape fit one GPU), every linear layer but the head is FP8, and the logits are near the bf16 model's, the
+    same seeded weights."""
+    shape = dict(path="bench/shapes/llama3.1-8b", tokenizer=model_dir(), weights="random", dtype="bfloat16",
+                 device="cuda")
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    quantized = load_model(ModelConfig(**shape, quantization="fp8")).model
+    peak = torch.cuda.max_memory_allocated() - before
+    plain = load_model(ModelConfig(**shape)).model
+    bf16_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())
+    print(f"fp8 8B random: peak {peak / 2**30:.1f} GiB while made, the bf16 model {bf16_bytes / 2**30:.1f} GiB")
+    assert peak < 0.65 * bf16_bytes
+    assert sum(isinstance(m, fp8.FP8Linear) for m in quantized.modules()) == 7 * 32
+    ids = torch.arange(1000, 1064, device="cuda")[None]
+    with torch.no_grad():
+        ours, reference = quantized(ids).logits.float(), plain(ids).logits.float()
+    error = ((ours - reference).norm() / reference.norm()).item()
+    print(f"fp8 8B random: logits' relative error {error:.4f} against bf16")
+    assert error < 0.25
+
+
 @pytest.mark.parametrize("mode", ["colocated", "split"])
 def test_fp8_workers_share_the_quantized_model(tmp_path, mode):
     """Two workers on the one quantized model (CUDA IPC of its e4m3 buffers): every row, nearly the single process's
