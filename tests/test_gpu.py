@@ -291,8 +291,9 @@ def test_fp8_engine_nearly_equals_generate_on_the_same_fp8_model(attention, tmp_
 
 def test_fp8_random_weights_are_quantized_as_they_are_made():
     """The 8B shape with model.quantization=fp8 and random weights: memory never holds the bf16 model (what lets the
-    70B shape fit one GPU), every linear layer but the head is FP8, and the logits are near the bf16 model's, the
-    same seeded weights."""
+    70B shape fit one GPU), every linear layer but the head is FP8, each within e4m3's error of the bf16 model's
+    layer (the same seeded weights). The whole model's logits are printed, not bounded: through 32 random layers
+    each layer's few % compound (bench/NOTES.md run 32)."""
     shape = dict(path="bench/shapes/llama3.1-8b", tokenizer=model_dir(), weights="random", dtype="bfloat16",
                  device="cuda")
     torch.cuda.empty_cache()
@@ -304,13 +305,22 @@ def test_fp8_random_weights_are_quantized_as_they_are_made():
     bf16_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())
     print(f"fp8 8B random: peak {peak / 2**30:.1f} GiB while made, the bf16 model {bf16_bytes / 2**30:.1f} GiB")
     assert peak < 0.65 * bf16_bytes
-    assert sum(isinstance(m, fp8.FP8Linear) for m in quantized.modules()) == 7 * 32
-    ids = torch.arange(1000, 1064, device="cuda")[None]
+    errors = {}
     with torch.no_grad():
+        for name, layer in quantized.named_modules():
+            if isinstance(layer, fp8.FP8Linear):
+                x = torch.randn(64, layer.in_features, device="cuda", dtype=torch.bfloat16)
+                reference = plain.get_submodule(name)(x).float()
+                error = ((layer(x).float() - reference).norm() / reference.norm()).item()
+                errors.setdefault(name.rsplit(".", 1)[-1], []).append(error)
+        ids = torch.arange(1000, 1064, device="cuda")[None]
         ours, reference = quantized(ids).logits.float(), plain(ids).logits.float()
-    error = ((ours - reference).norm() / reference.norm()).item()
-    print(f"fp8 8B random: logits' relative error {error:.4f} against bf16")
-    assert error < 0.25
+    assert sum(map(len, errors.values())) == 7 * 32
+    print("fp8 8B random, relative error per layer type (largest):",
+          {kind: round(max(e), 4) for kind, e in errors.items()},
+          f"logits {((ours - reference).norm() / reference.norm()).item():.3f}, next tokens "
+          f"{(ours.argmax(-1) == reference.argmax(-1)).float().mean().item():.0%} the same")
+    assert max(max(e) for e in errors.values()) < 0.08
 
 
 @pytest.mark.parametrize("mode", ["colocated", "split"])
