@@ -369,6 +369,9 @@ class ContinuousEngine:
                     continue
                 return
             self._grow(slots, waiting)
+            if not slots.running:  # the step that _grow landed to preempt ended every request
+                yield from self._handed_out()
+                continue
             if self.cfg.compact:
                 self._move(slots.compaction())
             self._decode(slots.width(), slots.running, slots.release)

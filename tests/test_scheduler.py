@@ -154,6 +154,22 @@ def test_requests_preempted_for_want_of_kv_blocks_keep_their_tokens(default_mode
         assert outputs[r.id] == reference_generation(default_model.model, torch.tensor([r.input_ids]), r.max_new_tokens)
 
 
+def test_requests_that_all_end_on_the_step_landed_to_preempt_end_the_run_cleanly(default_model):
+    """Two 8-token prompts, 25 tokens each, 64 KV positions (4 blocks): as their next position (32) needs a third
+    block each, none is free, and the step in flight, landed before preempting, ends both (found at the 70B shape
+    with 1,024 slots: the engine then decoded an empty batch)."""
+    ids = prompts(default_model.tokenizer, lengths=(400,))[0]
+    requests = [Request(id=str(n), prompt="", input_ids=ids[n:n + 8], prompt_tokens=8, max_new_tokens=25)
+                for n in range(2)]
+    cfg = EngineConfig(batch_size=2, max_new_tokens=25, prefill_tokens=512, kv_tokens=64, ignore_eos=True)
+    engine = make_engine(default_model, cfg, slot_length(8, 25), len(requests))
+    outputs = {g.request.id: g.token_ids for g in engine.run(requests)}
+    assert engine.kv_tokens == 64 and engine.preempted == 0
+    for r in requests:  # generate stops at EOS, if the model gives it; the engine was told to go on
+        reference = reference_generation(default_model.model, torch.tensor([r.input_ids]), 25)
+        assert len(outputs[r.id]) == 25 and outputs[r.id][:len(reference)] == reference
+
+
 def test_preempted_requests_sample_as_if_never_preempted(default_model):
     """Sampled with a repetition penalty, logprobs and a constraint (sampling.regex): a request preempted and started
     again draws the same tokens (its sampling key, step count and grammar state go with it) and the same
