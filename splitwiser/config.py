@@ -163,15 +163,14 @@ class EngineConfig:
     # continuous: KV slots + continuous batching + CUDA graphs; generate: transformers' generate.
     kind: str = "continuous"
     # continuous: KV slots (the running batch); generate: requests per batch. auto: 16 on CPU; on a GPU
-    # 256 for generate, and for continuous the most slots (up to 2048) whose KV cache fits in half
-    # the free memory; the choice is in the manifest.
+    # 256 for generate, and for continuous up to 2048 slots, probed for the fastest; the choice is in the manifest.
     batch_size: Any = "auto"
     max_new_tokens: int = 64
     ignore_eos: bool = False  # always generate max_new_tokens (fixed-length timing runs)
     prefill_tokens: int = 8192  # continuous: padded prompt tokens per prefill forward
     # continuous: the KV cache's size in tokens, in blocks of 16 that the running requests share (each takes them as
     # it grows; the newest are preempted where they run out). auto: all that the slots could use with the job's
-    # longest requests, within the free memory (half of it with batch_size=auto, else 90%); the manifest has it.
+    # longest requests, within the free memory but what the steps take (at least a tenth); the manifest has it.
     kv_tokens: Any = "auto"
     # continuous: the prefix cache: a prompt's full KV blocks stay cached, and a later prompt that starts with the
     # same tokens (an instruction, a template's head, few-shot examples) reads them (not in mode=split)

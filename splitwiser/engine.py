@@ -35,7 +35,7 @@ from splitwiser.blocks import KVBlocks, block_keys, needed
 from splitwiser.config import EngineConfig, SamplingConfig
 from splitwiser.errors import UnsupportedModel, UserError
 from splitwiser.grammar import Grammars, allowed, incomplete
-from splitwiser.memory import forward_bytes, free_memory, gigabytes, kv_slot_bytes
+from splitwiser.memory import forward_bytes, free_memory, gigabytes, kv_slot_bytes, step_bytes
 from splitwiser.plan import MAX_SLOTS
 from splitwiser.models import LoadedModel
 from splitwiser.request import Generation, Request
@@ -826,13 +826,15 @@ def kv_capacity(loaded: LoadedModel, cfg: EngineConfig, slots: int, slot_length:
                 prompt_lengths: tuple[int, ...] = ()) -> int:
     """engine.kv_tokens as a number. auto: the most that `slots` requests can hold at once (the longest prompts'
     blocks with max_new_tokens each; without prompt_lengths, slots × slot_length), within each of `engines`
-    engines' share of the free memory (half of it with engine.batch_size=auto, else 90%: the rest for the
-    forwards).
+    engines' share of the free memory but what their steps take (memory.step_bytes, at least a tenth of it).
     Raises UserError where the KV caches do not fit or cannot hold the longest request."""
-    token_bytes = kv_slot_bytes(loaded.model.config, loaded.dtype, 1)
+    config = loaded.model.config
+    token_bytes = kv_slot_bytes(config, loaded.dtype, 1)
     free = free_memory(loaded.device)
-    fraction = 0.5 if cfg.batch_size == "auto" else 0.9
-    fit = None if free is None else int(free * fraction / (engines * token_bytes))
+    fit = None
+    if free is not None:
+        steps = max(free // 10, engines * step_bytes(config, loaded.dtype, slots, cfg.prefill_tokens))
+        fit = max(0, (free - steps) // (engines * token_bytes))
     whose = "its KV cache needs" if engines == 1 else f"the KV caches of {engines} workers on {loaded.device} need"
     if cfg.kv_tokens != "auto" and fit is not None and cfg.kv_tokens > fit:
         raise UserError(f"engine.kv_tokens={cfg.kv_tokens}: {whose} {gigabytes(engines * cfg.kv_tokens * token_bytes)}, "

@@ -26,6 +26,14 @@ def forward_bytes(config, dtype: torch.dtype, sequences: int, tokens: int, cache
     return activations * dtype.itemsize + sequences * kv_slot_bytes(config, dtype, cached_tokens)
 
 
+def step_bytes(config, dtype: torch.dtype, slots: int, prefill_tokens: int) -> int:
+    """A rough estimate of what an engine's steps take beyond the weights and the KV cache: the widest decode step's
+    and a prefill group's activations, and the decode step's float32 logits with the sampler's copies of them."""
+    mlp = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * config.hidden_size)
+    activations = (slots + prefill_tokens) * (4 * config.hidden_size + mlp) * dtype.itemsize
+    return activations + 3 * slots * config.vocab_size * 4
+
+
 def free_memory(device: torch.device) -> int | None:
     """Bytes that new allocations on `device` can take: the GPU's free memory, or the host's MemAvailable (Linux;
     None where it is not known)."""

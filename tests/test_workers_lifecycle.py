@@ -137,7 +137,7 @@ def test_a_kv_cache_is_as_large_as_the_memory_allows_and_no_larger(default_model
     size over the memory, or under the longest request, is refused in one line."""
     free_tokens = free_memory(default_model.device) // kv_slot_bytes(default_model.model.config, default_model.dtype, 1)
     assert resolve_engine(default_model, EngineConfig(batch_size=16), 256, requests=16).kv_tokens == 16 * 256
-    huge = resolve_engine(default_model, EngineConfig(batch_size=10**6), free_tokens // 10, requests=10**6)
+    huge = resolve_engine(default_model, EngineConfig(batch_size=1024), free_tokens // 100, requests=1024)
     assert huge.kv_tokens <= free_tokens and huge.kv_tokens >= free_tokens // 10
     with pytest.raises(UserError, match=r"^engine.kv_tokens=\d+: its KV cache needs [\d,.]+ GB, [\d,.]+ GB free; at "
                                         r"most engine.kv_tokens=\d+ fits$"):
