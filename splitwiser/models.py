@@ -220,26 +220,34 @@ def random_weights_config(cfg: ModelConfig, source: str):
         return AutoConfig.for_model(cfg.architecture)
 
 
-@torch.no_grad()
 def random_model(config, dtype: torch.dtype, device: torch.device, quantize: bool) -> torch.nn.Module:
     """A model of `config` with random weights (transformers' own initialisation, seeded: the same model in every
-    process and run), made where it runs a module at a time, each linear layer quantized as soon as it is made
-    where `quantize`: memory never holds the whole model in `dtype` (Llama-3.3-70B's 140 GB in bf16 is more than one
-    GPU holds; in fp8 it fits)."""
-    if quantize:
-        from splitwiser import fp8
+    process and run), made where it runs. Quantized (fp8), it is made a module at a time (made_by_modules), so that
+    memory never holds the whole model in `dtype`: Llama-3.3-70B's 140 GB in bf16 is more than one GPU holds, in fp8
+    it fits. Unquantized, it is made whole, as before that path (bench/NOTES.md run 32: GPU worker tests to rerun)."""
     torch.manual_seed(0)
+    if quantize:
+        from splitwiser import fp8  # and Triton: imported by the jobs that quantize alone
+        return made_by_modules(config, dtype, device, fp8.quantize_children)
+    with device:  # initialised where it runs: seconds faster on a GPU than on the CPU
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+@torch.no_grad()
+def made_by_modules(config, dtype: torch.dtype, device: torch.device, then=lambda module, head: None):
+    """A model of `config` built on the meta device, then each module's own tensors made on `device` and initialised
+    by transformers' _init_weights, children first; then(module, head) right after each module (e.g. quantizing its
+    linear layers while the rest of the model is not yet made)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     head = model.get_output_embeddings()
 
-    def make(module: torch.nn.Module) -> None:  # children first, as transformers initialises
+    def make(module: torch.nn.Module) -> None:
         for child in module.children():
             make(child)
         module.to_empty(device=device, recurse=False)
         model._init_weights(module)
-        if quantize:
-            fp8.quantize_children(module, head)
+        then(module, head)
 
     make(model)
     model.tie_weights()  # the head made apart above: tied again where the config ties it

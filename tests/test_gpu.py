@@ -13,6 +13,7 @@ from dataclasses import replace
 import pyarrow.parquet as pq
 import pytest
 import torch
+from transformers import AutoConfig
 
 import test_families_dense
 import test_families_moe
@@ -25,7 +26,7 @@ from splitwiser.engine import Choice, ContinuousEngine, GenerateEngine, make_eng
 from splitwiser.grammar import allowed
 from splitwiser.job import run
 from splitwiser.plan import choose_procs, slot_length
-from splitwiser.models import load_model
+from splitwiser.models import load_model, made_by_modules
 from splitwiser.report import write_timeline
 from test_families import check_family
 
@@ -301,7 +302,8 @@ def test_fp8_random_weights_are_quantized_as_they_are_made():
     torch.cuda.reset_peak_memory_stats()
     quantized = load_model(ModelConfig(**shape, quantization="fp8")).model
     peak = torch.cuda.max_memory_allocated() - before
-    plain = load_model(ModelConfig(**shape)).model
+    torch.manual_seed(0)  # as random_model seeds: the same weights, unquantized
+    plain = made_by_modules(AutoConfig.from_pretrained(shape["path"]), torch.bfloat16, torch.device("cuda"))
     bf16_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())
     print(f"fp8 8B random: peak {peak / 2**30:.1f} GiB while made, the bf16 model {bf16_bytes / 2**30:.1f} GiB")
     assert peak < 0.65 * bf16_bytes

@@ -10,7 +10,7 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, 
                           MixtralConfig, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig)
 
 from splitwiser.config import ModelConfig
-from splitwiser.models import convert_gguf, locate, random_model
+from splitwiser.models import convert_gguf, locate, made_by_modules
 
 
 def test_the_same_gguf_elsewhere_reuses_its_conversion(tmp_path, default_model):
@@ -43,12 +43,12 @@ FAMILIES = {
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_random_weights_made_a_module_at_a_time_are_the_models_own_initialisation(name):
-    """random_model builds on the meta device and makes each module's tensors in turn (what lets a 70B model be
+    """made_by_modules builds on the meta device and makes each module's tensors in turn (what lets a 70B model be
     quantized as it is made): the same buffers as transformers' from_config (RoPE's frequencies, Gemma's embedding
     scale), the same parameters with the same spread (no uninitialised memory), the head tied where it was."""
     config = FAMILIES[name]
     reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model = random_model(config, torch.float32, torch.device("cpu"), quantize=False)
+    model = made_by_modules(config, torch.float32, torch.device("cpu"))
     buffers = dict(model.named_buffers())
     assert buffers.keys() == dict(reference.named_buffers()).keys()
     for key, buffer in reference.named_buffers():
