@@ -364,14 +364,13 @@ class ContinuousEngine:
                 for group, start in self._prefill_groups(self._admit(waiting, slots)):
                     self._prefill(group, start, slots)
                     yield from self._handed_out()
-            if not slots.running:  # every request may have ended at its first token: more may come
+            self._grow(slots, waiting)
+            # every request may have ended at its first token, or in the step _grow landed to preempt: more may come
+            if not slots.running:
+                yield from self._handed_out()
                 if waiting or not read_all:
                     continue
                 return
-            self._grow(slots, waiting)
-            if not slots.running:  # the step that _grow landed to preempt ended every request
-                yield from self._handed_out()
-                continue
             if self.cfg.compact:
                 self._move(slots.compaction())
             self._decode(slots.width(), slots.running, slots.release)

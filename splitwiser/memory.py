@@ -29,8 +29,7 @@ def forward_bytes(config, dtype: torch.dtype, sequences: int, tokens: int, cache
 def step_bytes(config, dtype: torch.dtype, slots: int, prefill_tokens: int) -> int:
     """A rough estimate of what an engine's steps take beyond the weights and the KV cache: the widest decode step's
     and a prefill group's activations, and the decode step's float32 logits with the sampler's copies of them."""
-    mlp = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * config.hidden_size)
-    activations = (slots + prefill_tokens) * (4 * config.hidden_size + mlp) * dtype.itemsize
+    activations = forward_bytes(config, dtype, slots + prefill_tokens, 1)  # a token each: no prompt's scores
     return activations + 3 * slots * config.vocab_size * 4
 
 
