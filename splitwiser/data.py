@@ -20,7 +20,7 @@ request that cannot be honoured. splitwiser.prepare turns the rows into requests
 
 import codecs
 import csv
-import io
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
 REPLACED = "\ufffd"  # what stands for bytes that are not UTF-8
 READ_ERROR = "__splitwiser_read_error__"  # read_dataset's column, where a row has one: why it cannot be used
+CSV_CHUNK_ROWS = 65_536  # rows of a CSV's cells held as Python strings at most while it is read
 KEPT = "__splitwiser_kept__"  # the prefix of read_dataset's columns of output.keep_columns (kept_column)
 
 
@@ -115,27 +116,51 @@ def _conversations(values: list, column: str, reasons: list[str | None]) -> tupl
 def _read_csv(path: Path, cfg: DataConfig, named: list[str], keep: list[str] = ()) -> _Read:
     """Every cell as its exact text, None where empty. Python's csv module, not a reader that infers types or
     missing values (`007` would become 7, `NA` missing); and a line with more fields than the header is set
-    aside with its number, not read with its columns shifted. A line with fewer fields has the rest empty."""
-    text, replaced = _decode(path, cfg.encoding)
-    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long report is one field
-    separator = delimiter(cfg, text.split("\n", 1)[0])
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
-    header = next(reader, [])
-    where = {name: header.index(name) for name in _wanted(cfg, [*named, *keep]) if name in header}
-    columns, reasons = {name: [] for name in where}, []
-    line = reader.line_num + 1
-    for fields in reader:
-        if fields:  # a blank line is no row
-            extra = len(fields) > len(header)
-            reasons.append(f"line {line} has {len(fields)} fields, the header {len(header)}" if extra else None)
-            for name, i in where.items():
-                columns[name].append((fields[i] or None) if i < len(fields) and not extra else None)
+    aside with its number, not read with its columns shifted. A line with fewer fields has the rest empty.
+    The file is read as it is parsed, its cells kept as Arrow strings every CSV_CHUNK_ROWS rows: a file of a
+    million rows never sits in memory as text or as Python strings at once. Bytes that are not of the encoding
+    are read again as U+FFFD (the file read a second time: one bad row must not reject the file)."""
+    try:
+        return _read_csv_as(path, cfg, named, keep, errors="strict")
+    except UnicodeDecodeError:
+        return _read_csv_as(path, cfg, named, keep, errors="replace")
+
+
+def _read_csv_as(path: Path, cfg: DataConfig, named: list[str], keep: list[str], errors: str) -> _Read:
+    codec = "utf-8-sig" if codecs.lookup(cfg.encoding).name == "utf-8" else cfg.encoding
+    csv.field_size_limit(max(csv.field_size_limit(), path.stat().st_size))  # a long report is one field
+    with open(path, encoding=codec, errors=errors, newline="") as file:
+        first = file.readline()
+        reader = csv.reader(itertools.chain([first], file), delimiter=delimiter(cfg, first.split("\n", 1)[0]))
+        header = next(reader, [])
+        where = {name: header.index(name) for name in _wanted(cfg, [*named, *keep]) if name in header}
+        columns, chunks, reasons = {name: [] for name in where}, {name: [] for name in where}, []
         line = reader.line_num + 1
-    arrays = {name: pa.array(values, pa.string()) for name, values in columns.items()}
-    if cfg.messages_column in columns:  # a conversation's JSON text
-        column = cfg.messages_column
-        arrays[column], reasons = _conversations(columns[column], column, reasons)
-    return _Read(header, arrays, reasons, replaced, {name: arrays[name] for name in keep if name in arrays})
+        for fields in reader:
+            if fields:  # a blank line is no row
+                extra = len(fields) > len(header)
+                reasons.append(f"line {line} has {len(fields)} fields, the header {len(header)}" if extra else None)
+                for name, i in where.items():
+                    columns[name].append((fields[i] or None) if i < len(fields) and not extra else None)
+                if len(reasons) % CSV_CHUNK_ROWS == 0:
+                    _keep_chunk(columns, chunks, reasons, cfg.messages_column)
+            line = reader.line_num + 1
+    _keep_chunk(columns, chunks, reasons, cfg.messages_column)
+    arrays = {name: pa.chunked_array(parts, pa.string()) for name, parts in chunks.items()}
+    return _Read(header, arrays, reasons, errors != "strict", {name: arrays[name] for name in keep if name in arrays})
+
+
+def _keep_chunk(columns: dict[str, list], chunks: dict[str, list[pa.Array]], reasons: list[str | None],
+                messages_column: str | None) -> None:
+    """The cells read since the last chunk as Arrow strings (a conversation's as its JSON text), the lists emptied."""
+    for name, values in columns.items():
+        if name == messages_column:
+            start = len(reasons) - len(values)
+            array, reasons[start:] = _conversations(values, name, reasons[start:])
+        else:
+            array = pa.array(values, pa.string())
+        chunks[name].append(array)
+        values.clear()
 
 
 def _json_object(value, where: str) -> tuple[dict, str | None]:
@@ -374,7 +399,8 @@ def read_dataset(cfg: DataConfig, prompt: PromptConfig | None = None, keep: list
     reasons = _bad_bytes(read, list(dict.fromkeys(checked)), cfg.encoding) if read.replaced else read.reasons
     columns = {**read.columns, **{kept_column(name): values for name, values in read.kept.items()},
                **({READ_ERROR: pa.array(reasons, pa.string())} if any(reasons) else {})}
-    ds = Dataset(pa.table(columns))
+    # A fingerprint of its own: datasets would hash (pickle) the whole table to make one, a copy of it in memory.
+    ds = Dataset(pa.table(columns), fingerprint="splitwiser-input")
     if cfg.limit is not None:
         ds = ds.select(range(min(cfg.limit, len(ds))))
     return ds

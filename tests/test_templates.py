@@ -1,5 +1,6 @@
 """Prompt templates over any columns of the dataset (issue 17): `{indication}`, `{findings}`, ... beside `{text}`."""
 
+import copy
 import hashlib
 import json
 from dataclasses import replace
@@ -14,7 +15,7 @@ from splitwiser.config import DataConfig, PromptConfig
 from splitwiser.data import read_dataset
 from splitwiser.errors import UserError
 from splitwiser.job import fingerprint
-from splitwiser.prepare import prepare_requests
+from splitwiser.prepare import build_prompts, prepare_requests
 from test_data_safety import INJECTION
 from test_errors import assert_user_error
 
@@ -156,3 +157,23 @@ def test_a_nightly_key_follows_every_named_column(tmp_path):
     salt = json.dumps({k: v for k, v in fingerprint(default).items() if k not in ("data", "part")}, sort_keys=True)
     before = hashlib.sha256(json.dumps([salt, "r1", "x"]).encode()).hexdigest()
     assert nightly.row_keys(default, ["r1"], ["x"]) == [before]
+
+
+@pytest.mark.parametrize("content", ["message['content'] | upper",  # changes every value: PROBES show it
+                                     "('FLAGGED ' if 'effusion' in message['content'] else '') + message['content']"])
+def test_a_chat_template_that_changes_or_inspects_values_renders_each_row(default_model, content):
+    """Prompts are made by filling the template rendered once with the row's values, where the template puts
+    values in as they are; one that changes a value (PROBES) or inspects it (seen in a batch's first rows: here
+    the sample's third report has an effusion) is rendered for each row: every prompt is the template's own."""
+    tokenizer = copy.deepcopy(default_model.tokenizer)
+    tokenizer.chat_template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ " + content +
+                               " }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                               "{% endif %}")
+    prompt = replace(job_config().prompt, style="chat")
+    cfg = DataConfig(path=str(SAMPLE), limit=200)
+    requests = prepare_requests(read_dataset(cfg, prompt), cfg, prompt, tokenizer, 1000, {}).requests
+    findings = {row["id"]: row["findings"].strip() for row in sample_rows(200)}
+    assert len(requests) > 150
+    for request in requests:
+        assert request["prompt"] == build_prompts([findings[request["id"]]], prompt, tokenizer)[0]
+    assert any("FLAGGED" in r["prompt"] or "LUNGS" in r["prompt"] for r in requests)
