@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -199,10 +200,10 @@ def estimate(job: JobConfig) -> dict:
     plan = plan.for_requests(requests, job.engine)
     engine = make_engine(loaded, job.engine, plan.slot_length, len(requests), choice_of(job),
                          plan.prompt_lengths)
-    tokens = sum(n or job.engine.max_new_tokens for n in requests["max_new_tokens"])  # None: the job's
+    tokens = sum(n or job.engine.max_new_tokens for n in requests["max_new_tokens"][:])  # None: the job's
     rate = decode_rate(engine) if len(requests) else None
     return {"rows": len(job.data.part_rows(len(rows))), "requests": len(requests), "reused": len(prepared.reused),
-            "errors": len(prepared.errors), "prompt_tokens": sum(requests["prompt_tokens"]),
+            "errors": len(prepared.errors), "prompt_tokens": sum(requests["prompt_tokens"][:]),
             "max_new_tokens": tokens, "device": str(loaded.device), "batch_size": engine.cfg.batch_size,
             "decode_tokens_per_s": rate and round(rate), "generate_s_at_most_tokens": rate and round(tokens / rate, 1),
             "estimate_took_s": round(time.perf_counter() - start, 1)}
@@ -252,9 +253,13 @@ class Run:
         self.probe: dict[int, float] | None = None  # engine.batch_size=auto on a GPU: the decode probe it chose from
 
     def __call__(self, rows, plan: Plan) -> dict:
-        prepared = self.prepare(rows)
-        plan = plan.for_requests(prepared.requests, self.job.engine)
-        work = self.work(prepared, plan)
+        try:
+            prepared = self.prepare(rows)
+            plan = plan.for_requests(prepared.requests, self.job.engine)
+            work = self.work(prepared, plan)
+        except UserError:  # refused before any generation (a disk too small): the requests written go
+            shutil.rmtree(self.out.shards, ignore_errors=True)
+            raise
         self.stages.done("prepare_s")
         engine, plan = self.warm_up(plan, work.requests)
         totals = self.generate(plan, engine, work)
@@ -265,18 +270,23 @@ class Run:
         """The rows of this part as requests, less those already done, and the errors."""
         job, loaded = self.job, self.models[0]
         max_prompt = loaded.context_length - job.engine.max_new_tokens
+        rows_here = len(job.data.part_rows(len(rows)))
+        # The least the requests take, before they are written: the part's texts and its generated tokens' ids.
+        check_free_space(self.out.path, rows.data.nbytes * rows_here // len(rows) + 4 * rows_here * job.engine.max_new_tokens)
+        shutil.rmtree(self.out.shards, ignore_errors=True)
+        self.out.shards.mkdir()
         prepared = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, self.prompts_done,
-                                    job.sampling.n, job.engine.max_new_tokens)
+                                    job.sampling.n, job.engine.max_new_tokens, self.out.shards / "prepared.arrow")
         log.info("%d rows: %d already done, %d to generate, %d set aside (errors.parquet)",
-                 len(job.data.part_rows(len(rows))), len(prepared.reused), len(prepared.requests), len(prepared.errors))
+                 rows_here, len(prepared.reused), len(prepared.requests), len(prepared.errors))
         return prepared
 
     def work(self, prepared: Prepared, plan: Plan) -> Work:
         """The requests as Arrow shards of work units, and what the engines need to know about them."""
         requests, cfg = prepared.requests, self.job.engine
         # The least the outputs take: shards of the prompts' token ids, and the generated token ids.
-        check_free_space(self.out.path, 4 * (sum(requests["prompt_tokens"]) + len(requests) * cfg.max_new_tokens))
-        shards = self.out.path / "shards"
+        check_free_space(self.out.path, 4 * (sum(requests["prompt_tokens"][:]) + len(requests) * cfg.max_new_tokens))
+        shards = self.out.shards / "requests"
         return Work(cfg=cfg, slot_length=plan.slot_length, choice=choice_of(self.job),
                     requests=len(requests), threads=torch.get_num_threads(),
                     shards=shards, unit_count=write_shards(requests, shards, plan.unit_rows), out=self.out,

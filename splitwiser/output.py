@@ -154,6 +154,7 @@ class OutputDir:
     def __init__(self, path: str):
         self.path = Path(path).expanduser()
         self.parts = self.path / "parts"
+        self.shards = self.path / "shards"  # the run's requests (prepare.py): the map's file, the work units' files
         self.error_parts = self.parts / "errors"  # rows that failed while generating (out of memory)
         self.corrupt_parts = self.parts / "corrupt"  # unreadable parts, moved aside: their rows are generated again
         self.job_id: str | None = None  # set by start_run; written into every part file

@@ -52,10 +52,11 @@ class Plan:
         most_procs = 2 if self.procs_auto is not None else self.procs
         workers = most_procs * len(self.devices)
         unit_rows = min(cfg.shard_rows, max(1, -(-len(requests) // (UNITS_PER_WORKER * workers))))
-        max_prompt_tokens = max(requests["prompt_tokens"], default=1)
+        prompt_tokens = requests["prompt_tokens"][:]  # a list at once: a column iterated is read row by row
+        max_prompt_tokens = max(prompt_tokens, default=1)
         return replace(self, unit_rows=unit_rows, max_prompt_tokens=max_prompt_tokens,
                        slot_length=slot_length(max_prompt_tokens, cfg.max_new_tokens),
-                       prompt_lengths=longest_prompts(requests["prompt_tokens"], cfg))
+                       prompt_lengths=longest_prompts(prompt_tokens, cfg))
 
     def with_procs(self, procs: int, reasons: dict) -> "Plan":
         """procs=auto, decided: more than one process on a device, or several devices, run colocated workers."""
