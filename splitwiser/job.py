@@ -272,7 +272,8 @@ class Run:
         max_prompt = loaded.context_length - job.engine.max_new_tokens
         rows_here = len(job.data.part_rows(len(rows)))
         # The least the requests take, before they are written: the part's texts and its generated tokens' ids.
-        check_free_space(self.out.path, rows.data.nbytes * rows_here // len(rows) + 4 * rows_here * job.engine.max_new_tokens)
+        check_free_space(self.out.path,
+                         rows.data.nbytes * rows_here // len(rows) + 4 * rows_here * job.engine.max_new_tokens)
         shutil.rmtree(self.out.shards, ignore_errors=True)
         self.out.shards.mkdir()
         prepared = prepare_requests(rows, job.data, job.prompt, loaded.tokenizer, max_prompt, self.prompts_done,

@@ -45,9 +45,9 @@ def fill(template: str, values: dict[str, str]) -> str:
     return SENTINELS.sub(lambda m: values[m.group(1)], template)
 
 
-# Values that a template which escapes, trims or inspects its values would not put into the prompt as they are.
 FILE_ROWS = 65_536  # requests per Arrow file of the shards (write_shards)
 CHECKED_ROWS = 4  # of each batch, rendered both ways (_Encoder.prompts)
+# Values that a template which escapes, trims or inspects its values would not put into the prompt as they are.
 PROBES = ("  a \"quoted\" 'b' <tag> &amp; \\ {c} [d]\nsecond line\t ", "x")
 
 
