@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from splitwiser.engine import make_engine
 from splitwiser.models import LoadedModel
-from splitwiser.output import PartWriter
+from splitwiser.output import PartWriter, part_rows
 from splitwiser.plan import Plan
 from splitwiser.prepare import load_shards, work_unit
 from splitwiser.request import Generation, Request
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def generate_units(engine, work: Work, units: Iterable[int], worker: int, progress,
                    unit_done: Callable[[int], None] = lambda unit: None) -> int:
     """Streams the requests of `units` (read lazily: the next unit only when the engine has room) through one
-    engine run, writing a part file every engine.batch_size finished rows. Calls unit_done(unit) once every
+    engine run, writing a part file every part_rows finished rows. Calls unit_done(unit) once every
     row of that unit is on disk. Returns the tokens generated."""
     unit_of: dict[tuple[str, int], int] = {}  # request key → its unit
     outstanding: dict[int, int] = {}  # unit → rows handed to the engine and not yet on disk
@@ -51,7 +51,8 @@ def generate_units(engine, work: Work, units: Iterable[int], worker: int, progre
                 unit_done(unit)
 
     generated, source = 0, requests()
-    with PartWriter(work.out, engine.tokenizer, engine.cfg.batch_size, worker, gpu_index(engine.device),
+    with PartWriter(work.out, engine.tokenizer, part_rows(engine.cfg.batch_size, work.requests), worker,
+                    gpu_index(engine.device),
                     work.run_index, work.job_start_ns, progress, on_write=written,
                     stop=work.choice.sampling.stop, thinking=work.choice.thinking) as writer:
         for generation in engine.run(source):

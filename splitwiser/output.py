@@ -338,8 +338,17 @@ class OutputDir:
         return manifest
 
 
+PARTS_PER_JOB = 1_000  # about the most part files a job writes (part_rows)
+
+
+def part_rows(batch_size: int, requests: int) -> int:
+    """Rows per part file: an engine batch's, or a thousandth of the job's requests where that is more (a CPU job
+    of a million rows at 16 a batch wrote 62,500 files, which the merge and a resume read one by one)."""
+    return max(batch_size, -(-requests // PARTS_PER_JOB))
+
+
 class PartWriter:
-    """Collects generations and writes them as part files of `rows` rows (the worker's batch size), then calls
+    """Collects generations and writes them as part files of `rows` rows (part_rows), then calls
     progress(rows, tokens) and on_write(generations) with the generations written.
 
     A part is decoded and written on a thread while the engine goes on (in one process the GPU would

@@ -18,7 +18,7 @@ from splitwiser.engine import ContinuousEngine, Handoff, OutOfMemory, grammars_o
 from splitwiser.errors import UnsupportedModel, UserError, WorkersFailed
 from splitwiser.families import adapter_for
 from splitwiser.models import LoadedModel
-from splitwiser.output import PartWriter
+from splitwiser.output import PartWriter, part_rows
 from splitwiser.plan import Plan
 from splitwiser.prepare import load_shards, work_unit
 from splitwiser.request import Generation, Request
@@ -140,7 +140,8 @@ def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Qu
         free_slots.put(slot)
     engine.warm_up()
     ready()
-    with PartWriter(work.out, loaded.tokenizer, work.cfg.batch_size, rank, gpu_index(loaded.device), work.run_index,
+    with PartWriter(work.out, loaded.tokenizer, part_rows(work.cfg.batch_size, work.requests), rank,
+                    gpu_index(loaded.device), work.run_index,
                     work.job_start_ns, progress_event(events, rank), stop=work.choice.sampling.stop,
                     thinking=work.choice.thinking) as writer:
         for generation in engine.run_handed_over(handoff_receiver(handoffs, prompt_procs), release=free_slots.put):
