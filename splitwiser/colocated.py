@@ -52,8 +52,7 @@ def generate_units(engine, work: Work, units: Iterable[int], worker: int, progre
 
     generated, source = 0, requests()
     with PartWriter(work.out, engine.tokenizer, part_rows(engine.cfg.batch_size, work.requests), worker,
-                    gpu_index(engine.device),
-                    work.run_index, work.job_start_ns, progress, on_write=written,
+                    gpu_index(engine.device), work.run_index, work.job_start_ns, progress, on_write=written,
                     stop=work.choice.sampling.stop, thinking=work.choice.thinking) as writer:
         for generation in engine.run(source):
             writer.add(generation)

@@ -224,7 +224,8 @@ def random_model(config, dtype: torch.dtype, device: torch.device, quantize: boo
     """A model of `config` with random weights (transformers' own initialisation, seeded: the same model in every
     process and run), made where it runs. Quantized (fp8), it is made a module at a time (made_by_modules), so that
     memory never holds the whole model in `dtype`: Llama-3.3-70B's 140 GB in bf16 is more than one GPU holds, in fp8
-    it fits. Unquantized, it is made whole, as before that path (bench/NOTES.md run 32: GPU worker tests to rerun)."""
+    it fits. Unquantized, it is made whole: workers sharing a model made a module at a time with a tied head end
+    with PyTorch's CUDA IPC warning (bench/NOTES.md run 33)."""
     torch.manual_seed(0)
     if quantize:
         from splitwiser import fp8  # and Triton: imported by the jobs that quantize alone

@@ -141,9 +141,8 @@ def token_worker(rank: int, loaded: LoadedModel, pool, work: Work, events: mp.Qu
     engine.warm_up()
     ready()
     with PartWriter(work.out, loaded.tokenizer, part_rows(work.cfg.batch_size, work.requests), rank,
-                    gpu_index(loaded.device), work.run_index,
-                    work.job_start_ns, progress_event(events, rank), stop=work.choice.sampling.stop,
-                    thinking=work.choice.thinking) as writer:
+                    gpu_index(loaded.device), work.run_index, work.job_start_ns, progress_event(events, rank),
+                    stop=work.choice.sampling.stop, thinking=work.choice.thinking) as writer:
         for generation in engine.run_handed_over(handoff_receiver(handoffs, prompt_procs), release=free_slots.put):
             writer.add(generation)
 
