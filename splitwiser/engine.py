@@ -818,7 +818,10 @@ def resolve_engine(loaded: LoadedModel, cfg: EngineConfig, slot_length: int, req
         slots = min(cfg.batch_size, decode_bucket(requests))
     if cfg.kind != "continuous":
         return replace(cfg, batch_size=slots)
-    return replace(cfg, batch_size=slots, kv_tokens=kv_capacity(loaded, cfg, slots, slot_length, share, prompt_lengths))
+    kv_tokens = kv_capacity(loaded, cfg, slots, slot_length, share, prompt_lengths)
+    if cfg.batch_size == "auto":
+        slots = min(slots, slots_the_pool_holds(cfg, kv_tokens, slot_length, prompt_lengths))
+    return replace(cfg, batch_size=slots, kv_tokens=kv_tokens)
 
 
 def kv_capacity(loaded: LoadedModel, cfg: EngineConfig, slots: int, slot_length: int, engines: int,
@@ -864,6 +867,19 @@ def auto_batch_size(loaded: LoadedModel, cfg: EngineConfig, requests: int) -> in
     slots = MAX_SLOTS  # the most worth having: more add latency, not throughput (bench/RESULTS.md)
     while slots > 8 and slots // 2 >= requests:
         slots //= 2
+    return slots
+
+
+def slots_the_pool_holds(cfg: EngineConfig, kv_tokens: int, slot_length: int, prompt_lengths: tuple[int, ...]) -> int:
+    """batch_size=auto: the widest bucket (at least 8) of requests that a KV pool of kv_tokens holds at once, each
+    holding its blocks for the prompt (the mean of the longest prompts, or the longest) and half of
+    engine.max_new_tokens: what a request holds on average over its life when answers run to the end. Wider, the
+    steps are fed by preempting requests and computing them again (bench/NOTES.md run 32)."""
+    prompt = sum(prompt_lengths) // len(prompt_lengths) if prompt_lengths else slot_length - cfg.max_new_tokens
+    held = kv_tokens // (needed(prompt + cfg.max_new_tokens // 2) * BLOCK_TOKENS)
+    slots = 8
+    while slots * 2 <= held:
+        slots *= 2
     return slots
 
 

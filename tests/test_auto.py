@@ -6,7 +6,7 @@ import json
 from conftest import SAMPLE, run_cli
 from splitwiser.bench import workload, write_workload
 from splitwiser.config import EngineConfig, PromptConfig
-from splitwiser.engine import ContinuousEngine
+from splitwiser.engine import ContinuousEngine, slots_the_pool_holds
 from splitwiser.plan import choose_procs, seconds_since_process_start, slot_length
 
 
@@ -28,6 +28,16 @@ def test_the_best_batch_is_the_smallest_within_five_percent_of_the_fastest(defau
     assert engine.cfg.batch_size == 32
     engine.use_best_batch_size({8: 100.0, 16: 300.0, 32: 200.0})  # a wider batch can be slower
     assert engine.cfg.batch_size == 16
+
+
+def test_auto_slots_are_as_many_requests_as_the_kv_pool_holds_at_once():
+    # run 32's 70B job: 204,736 positions, prompts of ~100 tokens, 128 new each (~11 blocks of 16 a request)
+    cfg = EngineConfig(batch_size="auto", max_new_tokens=128)
+    assert slots_the_pool_holds(cfg, 204_736, 228, (120,) * 1000 + (80,) * 1000) == 1024
+    assert slots_the_pool_holds(cfg, 4_000_000, 228, (100,) * 2048) >= 2048
+    assert slots_the_pool_holds(cfg, 228, 228, ()) == 8  # one longest request: the fewest slots
+    longer = EngineConfig(batch_size="auto", max_new_tokens=2048)
+    assert slots_the_pool_holds(longer, 204_736, 2148, (100,) * 2048) == 128
 
 
 def test_procs_auto_on_a_cpu_runs_one_process_and_says_why(tmp_path, default_model):
