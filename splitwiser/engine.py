@@ -659,7 +659,7 @@ class ContinuousEngine:
     def _grow(self, slots: Slots, waiting: deque[Generation]) -> None:
         """KV blocks on demand, before a decode step: one more to each running request whose next position is past
         its blocks, where too few are free after preempting the newest running requests (Slots.growth)."""
-        growth = partial(slots.growth, BLOCK_TOKENS * self.blocks.entries, blocks_of=self.blocks.freed_by)
+        growth = partial(slots.growth, BLOCK_TOKENS * self.blocks.entries[:slots.count], blocks_of=self.blocks.freed_by)
         growing, preempted = growth(self.blocks.available())
         if preempted:  # the step in flight first: the requests it ended give their blocks back
             self._land(slots.running, slots.release)

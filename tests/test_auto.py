@@ -2,6 +2,7 @@
 side, where both probe for real, is in test_gpu.py)."""
 
 import json
+from dataclasses import replace
 
 from conftest import SAMPLE, run_cli
 from splitwiser.bench import workload, write_workload
@@ -22,12 +23,18 @@ def test_the_probe_times_every_bucket_and_leaves_the_engine_as_it_was(tmp_path, 
     assert len(outputs) == 12 and outputs == {g.request.id: g.token_ids for g in fresh.run(requests)}
 
 
-def test_the_best_batch_is_the_smallest_within_five_percent_of_the_fastest(default_model):
-    engine = ContinuousEngine(default_model, EngineConfig(batch_size=64, max_new_tokens=4), 64)
+def test_the_best_batch_is_the_smallest_within_five_percent_of_the_fastest(tmp_path, default_model):
+    requests = workload(default_model, write_workload(SAMPLE, 18, tmp_path / "w.csv"), PromptConfig())
+    cfg = EngineConfig(batch_size=64, max_new_tokens=20)  # answers past a KV block: requests grow
+    engine = ContinuousEngine(default_model, cfg, slot_length(max(r.prompt_tokens for r in requests), 20))
     engine.use_best_batch_size({8: 100.0, 16: 180.0, 32: 192.0, 64: 200.0})
     assert engine.cfg.batch_size == 32
     engine.use_best_batch_size({8: 100.0, 16: 300.0, 32: 200.0})  # a wider batch can be slower
     assert engine.cfg.batch_size == 16
+    # fewer slots run than the engine has: 16 at once, each as it would alone
+    alone = ContinuousEngine(default_model, replace(cfg, batch_size=16), engine.runner.max_len)
+    assert {g.request.id: g.token_ids for g in engine.run(requests)} == \
+        {g.request.id: g.token_ids for g in alone.run(requests)}
 
 
 def test_auto_slots_are_as_many_requests_as_the_kv_pool_holds_at_once():
