@@ -197,6 +197,10 @@ class _Encoder:
             self.verbatim = False
         return self.build(rows, fast=False)
 
+    def texts(self, rows: list[dict[str, str]]) -> list[str]:
+        """The rows' prompts as tokenize makes them where no value holds a special token's text."""
+        return self.prompts(rows)
+
     def tokenize(self, rows: list[dict[str, str]]) -> tuple[list[str], list[list[int]]]:
         """Prompts and their token ids, in one call: the fast tokenizer encodes a batch in parallel."""
         if not rows:  # a batch whose every row is an error: the tokenizer and the chat template refuse []
@@ -284,6 +288,11 @@ class _ChatEncoder(_Encoder):
         chats = [row for row in rows if RAW not in row]
         rendered = iter(render_chat([self.messages(row) for row in chats], self.prompt, self.tokenizer) if chats else [])
         return [row[RAW] if RAW in row else next(rendered) for row in rows]
+
+    def texts(self, rows: list[dict[str, str]]) -> list[str]:
+        if not self.tokenizer.chat_template:  # tokenize makes every conversation's prompt empty (fit refuses it)
+            return [row.get(RAW, "") for row in rows]
+        return self.render(rows)
 
     def tokenize(self, rows: list[dict[str, str]]) -> tuple[list[str], list[list[int]]]:
         if not self.tokenizer.chat_template:  # no conversation can be rendered (fit says so), raw prompts can
@@ -375,11 +384,13 @@ def _to_requests(batch: dict, indices: list[int], data: DataConfig, start: int, 
     settings = [_row_settings(batch, i, data, max_new_tokens) for i in range(len(indices))]
     errors = [_row_error(ids, row, row_cells, read_error) or (setting if isinstance(setting, str) else None)
               for row, row_cells, read_error, setting in zip(rows, cells, read_errors, settings)]
-    good = [encoder.values(row_cells) for row_cells, error in zip(cells, errors) if error is None]
-    fitted = map(encoder.fit, good, *encoder.tokenize(good))  # the good rows tokenized in one call
+    good = [encoder.values(row_cells) if error is None else None for row_cells, error in zip(cells, errors)]
+    on_disk = _on_disk(done, [ids.by_row[row] for row in rows], good, samples, encoder)
+    new = [values for values, error, kept in zip(good, errors, on_disk) if error is None and not kept]
+    fitted = map(encoder.fit, new, *encoder.tokenize(new))  # the rows to generate tokenized in one call
     prepared, copies = [], []
-    for row, error, setting in zip(rows, errors, settings):
-        result = next(fitted) if error is None else error
+    for row, error, setting, kept in zip(rows, errors, settings, on_disk):
+        result = error or ((done[ids.by_row[row], 0], [], False) if kept else next(fitted))
         if isinstance(result, str):  # why the row cannot be generated
             error, result, setting = result, ("", [], False), {}
         prompt_text, token_ids, truncated = result
@@ -393,6 +404,17 @@ def _to_requests(batch: dict, indices: list[int], data: DataConfig, start: int, 
     if data.reference_column:
         out["reference"] = [value for value, n in zip(batch[data.reference_column], copies) for _ in range(n)]
     return out
+
+
+def _on_disk(done: dict[tuple[str, int], str], row_ids: list[str | None], good: list[dict | None], samples: int,
+             encoder: "_Encoder") -> list[bool]:
+    """For each row, whether every sample of it has a generation on disk made from the prompt it has now (as
+    rendered, untruncated): such rows are not tokenized (a resumed job's), the others are, and compared after."""
+    candidates = [i for i, values in enumerate(good) if values is not None and (row_ids[i], 0) in done]
+    on_disk = [False] * len(good)
+    for i, prompt_text in zip(candidates, encoder.texts([good[i] for i in candidates]) if candidates else []):
+        on_disk[i] = all(done.get((row_ids[i], sample)) == prompt_text for sample in range(samples))
+    return on_disk
 
 
 class Prepared(NamedTuple):

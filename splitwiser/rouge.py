@@ -6,9 +6,6 @@ not the job's torch and transformers (they start in a fraction of a second).
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 
-from rouge_score.rouge_scorer import RougeScorer
-from rouge_score.tokenizers import DefaultTokenizer
-
 METRICS = ("rouge1", "rouge2", "rougeL")
 ROWS_PER_PROCESS = 2000  # rouge-score takes ~0.3-1 ms a row: fewer rows than this per process are not worth one
 
@@ -29,6 +26,9 @@ def rouge_f1(generations: list[str], references: list[str | None], processes: in
 
 
 def _rouge_f1(generations: list[str], references: list[str | None]) -> dict[str, list[float | None]]:
+    from rouge_score.rouge_scorer import RougeScorer  # with nltk, ~0.3 s: imported by jobs that score only
+    from rouge_score.tokenizers import DefaultTokenizer
+
     # The tokenizer RougeScorer makes itself (use_stemmer=True), given: made by RougeScorer it logs a line per call.
     scorer = RougeScorer(list(METRICS), use_stemmer=True, tokenizer=DefaultTokenizer(use_stemmer=True))
     scores: dict[str, list[float | None]] = {metric: [] for metric in METRICS}

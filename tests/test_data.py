@@ -42,6 +42,36 @@ def test_limit_and_integer_ids(tmp_path, default_model, column):
     assert requests.features["id"].dtype == "string"  # what generations.parquet holds
 
 
+class CountingTokenizer:
+    """The real tokenizer, counting the texts it is asked to encode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.encoded = tokenizer, 0
+
+    def __call__(self, texts, **kwargs):
+        self.encoded += 1 if isinstance(texts, str) else len(texts)
+        return self.tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_rerun_tokenizes_only_the_rows_without_a_generation_of_their_prompt_on_disk(default_model):
+    cfg, prompt = DataConfig(path=str(SAMPLE), limit=20), job_config().prompt
+    first = prepare_requests(read_dataset(cfg), cfg, prompt, default_model.tokenizer, 1000, done={})
+    prompts = dict(zip(first.requests["id"], first.requests["prompt"]))
+    changed, missing = sorted(prompts)[3], sorted(prompts)[7]
+    done = {(row_id, 0): text + (" (an older text)" if row_id == changed else "")
+            for row_id, text in prompts.items() if row_id != missing}
+    counting = CountingTokenizer(default_model.tokenizer)
+    requests, errors, reused = prepare_requests(read_dataset(cfg), cfg, prompt, counting, 1000, done=done)
+    assert sorted(requests["id"]) == sorted([changed, missing]) and len(errors) == 0 and len(reused) == 18
+    assert counting.encoded == 2
+    again = dict(zip(requests["id"], requests["input_ids"]))
+    assert again == {row_id: ids for row_id, ids in zip(first.requests["id"], first.requests["input_ids"])
+                     if row_id in again}
+
+
 def test_prompts_longer_than_the_context_are_set_aside(default_model):
     cfg = DataConfig(path=str(SAMPLE), limit=4)
     requests, errors, _ = prepare_requests(read_dataset(cfg), cfg, job_config().prompt, default_model.tokenizer,
